@@ -1,0 +1,131 @@
+"""Bi-CMCI: bi-directional cross-attention for multi-level cross-modal interaction (§2.4, eq. 9).
+
+One :class:`BiCMCIStage` per CLIP-VV stage fuses that stage's patch features
+``F_patch^i ∈ R^{HiWi×C}`` with the text features ``F_text = [F_n, F_a] ∈ R^{2×C}``:
+
+1. self-attention within each modality: a deformable self-attention over the patch grid
+   (DAT: offsets predicted from the features, keys/values sampled with ``grid_sample``), and a
+   standard self-attention over the text tokens;
+2. text-to-visual cross-attention (patch queries, text keys/values): aligns the text with
+   the visual parts;
+3. visual-to-text cross-attention (text queries, patch keys/values): refines the text with
+   the local visual features;
+4. each patch's softmax over its cosine similarities to the refined normal and abnormal text
+   features gives the stage's normal and anomaly maps ``M_i^n, M_i^a`` (they sum to 1).
+
+The paper does not give the order of the blocks nor their width; this order (self, then
+bi-directional cross) and a 256-wide pre-norm residual layout are our choice
+(:class:`~kanoclip.config.BiCMCIConfig`). Summation over the stages and ``Norm`` are in
+:mod:`kanoclip.maps`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kanoclip.config import BiCMCIConfig
+
+
+class DeformableSelfAttention(nn.Module):
+    """Deformable multi-head self-attention over a patch grid (Xia et al., CVPR 2022).
+
+    Queries come from every patch; keys and values from features sampled at a coarser grid of
+    reference points moved by offsets that a small convolutional network predicts from the
+    queries. Input and output: ``(B, h*w, dim)``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, stride: int, kernel: int, offset_range: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.stride = stride
+        self.offset_range = offset_range
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.offset_net = nn.Sequential(
+            nn.Conv2d(dim, dim, kernel, stride=stride, padding=kernel // 2, groups=dim),  # depthwise
+            nn.GELU(),
+            nn.Conv2d(dim, 2, 1),  # (dx, dy) per reference point
+        )
+
+    def sampling_grid(self, q_map: torch.Tensor) -> torch.Tensor:
+        """Deformed sampling locations in ``grid_sample``'s [-1, 1] coordinates: ``(B, hk, wk, 2)``."""
+        offsets = self.offset_net(q_map)  # (B, 2, hk, wk)
+        b, _, hk, wk = offsets.shape
+        ys = torch.linspace(-1, 1, hk, device=q_map.device, dtype=q_map.dtype) if hk > 1 else q_map.new_zeros(1)
+        xs = torch.linspace(-1, 1, wk, device=q_map.device, dtype=q_map.dtype) if wk > 1 else q_map.new_zeros(1)
+        ref = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (hk, wk, 2) as (x, y)
+        # tanh bounds each offset to offset_range reference cells (a cell is 2/(n) wide).
+        scale = offsets.new_tensor([2.0 / max(wk, 1), 2.0 / max(hk, 1)]).view(1, 2, 1, 1) * self.offset_range
+        offsets = torch.tanh(offsets) * scale
+        return (ref.unsqueeze(0) + offsets.permute(0, 2, 3, 1)).clamp(-1, 1)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        b, n, dim = x.shape
+        h, w = grid
+        q = self.q(x)  # (B, N, dim)
+        q_map = q.transpose(1, 2).reshape(b, dim, h, w)
+        x_map = x.transpose(1, 2).reshape(b, dim, h, w)
+        points = self.sampling_grid(q_map)  # (B, hk, wk, 2)
+        sampled = F.grid_sample(x_map, points, mode="bilinear", align_corners=True)  # (B, dim, hk, wk)
+        sampled = sampled.flatten(2).transpose(1, 2)  # (B, Ns, dim)
+        k, v = self.kv(sampled).chunk(2, dim=-1)
+        heads = lambda t: t.view(b, -1, self.num_heads, dim // self.num_heads).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))  # (B, heads, N, dim/heads)
+        return self.proj(out.transpose(1, 2).reshape(b, n, dim))
+
+
+class _Attention(nn.Module):
+    """Pre-norm residual multi-head attention: ``x + MHA(LN(x), LN(context))``."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.norm_q(x)
+        kv = q if context is None else self.norm_kv(context)
+        return x + self.attn(q, kv, kv, need_weights=False)[0]
+
+
+class BiCMCIStage(nn.Module):
+    """Bi-CMCI for one stage: ``(patches (B, L, C), text (B, 2, C)) -> (B, 2, L)`` probabilities."""
+
+    def __init__(self, feature_dim: int, config: BiCMCIConfig, temperature: float) -> None:
+        super().__init__()
+        d = config.dim
+        self.temperature = temperature
+        self.in_visual = nn.Linear(feature_dim, d)
+        self.in_text = nn.Linear(feature_dim, d)
+        self.norm_deform = nn.LayerNorm(d)
+        self.deform = DeformableSelfAttention(d, config.num_heads, config.deform_stride, config.deform_kernel, config.offset_range)
+        self.text_self = _Attention(d, config.num_heads)
+        self.text_to_visual = _Attention(d, config.num_heads)
+        self.visual_to_text = _Attention(d, config.num_heads)
+
+    def forward(self, patches: torch.Tensor, text: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        v = self.in_visual(patches)  # (B, L, d)
+        t = self.in_text(text)  # (B, 2, d)
+        v = v + self.deform(self.norm_deform(v), grid)
+        t = self.text_self(t)
+        v_new = self.text_to_visual(v, context=t)  # visual parts attend to the text
+        t = self.visual_to_text(t, context=v)  # text refined by the local visual features
+        v = v_new
+        sims = F.normalize(t, dim=-1) @ F.normalize(v, dim=-1).transpose(1, 2)  # (B, 2, L)
+        return (sims / self.temperature).softmax(dim=1)
+
+
+class BiCMCI(nn.Module):
+    """One :class:`BiCMCIStage` per CLIP-VV stage."""
+
+    def __init__(self, feature_dim: int, num_stages: int, config: BiCMCIConfig, temperature: float) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(BiCMCIStage(feature_dim, config, temperature) for _ in range(num_stages))
+
+    def forward(self, stages: list[torch.Tensor], text: torch.Tensor, grid: tuple[int, int]) -> list[torch.Tensor]:
+        """``stages``: n x (B, L, C); ``text``: (B, 2, C). Returns n x (B, 2, L) [normal, abnormal]."""
+        return [block(patches, text, grid) for block, patches in zip(self.stages, stages)]

@@ -1,0 +1,71 @@
+"""Losses of the joint optimisation (paper §2.2.2 and §2.5, eq. 2, 3, 13-15)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kanoclip.config import LossConfig
+
+
+def kd_loss(knowledge: torch.Tensor, abnormal: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
+    """Knowledge-driven loss, eq. 2, averaged over classes.
+
+    ``L_KD = max(0, d(w̄k/‖w̄k‖, w̄a/‖w̄a‖) − d(w̄k/‖w̄k‖, w̄n/‖w̄n‖))`` with d the Euclidean distance.
+    Each argument holds raw text features ``(n_classes, n_i, C)`` whose mean over ``n_i`` is the
+    w̄ of eq. 2-3: ``knowledge`` the LLM + VQA descriptions, ``abnormal`` the LAPs, ``normal`` the LNPs.
+    """
+    wk = F.normalize(knowledge.mean(dim=-2), dim=-1)
+    wa = F.normalize(abnormal.mean(dim=-2), dim=-1)
+    wn = F.normalize(normal.mean(dim=-2), dim=-1)
+    return torch.clamp((wk - wa).norm(dim=-1) - (wk - wn).norm(dim=-1), min=0).mean()
+
+
+def focal_loss(prob: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, eps: float = 1e-6) -> torch.Tensor:
+    """Binary focal loss (Lin et al.) on probabilities ``prob`` against a 0/1 ``target``, mean over pixels."""
+    prob = prob.clamp(eps, 1 - eps)
+    p_t = torch.where(target > 0.5, prob, 1 - prob)
+    return (-((1 - p_t) ** gamma) * torch.log(p_t)).mean()
+
+
+def dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss ``1 − (2|P∩G| + ε) / (|P| + |G| + ε)`` per image, averaged; ``(B, H, W)``."""
+    inter = (prob * target).flatten(1).sum(dim=1)
+    total = prob.flatten(1).sum(dim=1) + target.flatten(1).sum(dim=1)
+    return (1 - (2 * inter + eps) / (total + eps)).mean()
+
+
+def global_loss(score: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Eq. 14: BCE between the global score in [0, 1] and the image label."""
+    return F.binary_cross_entropy(score.float().clamp(1e-6, 1 - 1e-6), label.float())
+
+
+def local_loss(normal: torch.Tensor, abnormal: torch.Tensor, mask: torch.Tensor, focal_gamma: float = 2.0) -> torch.Tensor:
+    """Eq. 15: ``Focal(M^a, G) + Dice(M^n, 1 − G) + Dice(M^a, G)`` on (B, H, W) maps."""
+    return focal_loss(abnormal, mask, focal_gamma) + dice_loss(normal, 1 - mask) + dice_loss(abnormal, mask)
+
+
+def total_loss(
+    config: LossConfig,
+    *,
+    kd: torch.Tensor,
+    score: torch.Tensor,
+    label: torch.Tensor,
+    normal: torch.Tensor,
+    abnormal: torch.Tensor,
+    mask: torch.Tensor,
+    has_mask: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Eq. 13, ``α·L_KD + β·L_global + γ·L_local``; returns every term and ``"total"``.
+
+    ``has_mask`` (B,) bool: samples without a pixel ground truth (e.g. HeadCT) train the
+    global loss only, so ``L_local`` is computed on the others (0 if there are none).
+    """
+    g = global_loss(score, label)
+    if bool(has_mask.any()):
+        sel = has_mask.bool()
+        loc = local_loss(normal[sel], abnormal[sel], mask[sel].float(), config.focal_gamma)
+    else:
+        loc = score.new_zeros(())
+    total = config.alpha * kd + config.beta * g + config.gamma * loc
+    return {"total": total, "kd": kd, "global": g, "local": loc}

@@ -1,0 +1,386 @@
+"""KAnoCLIP: the whole model (paper Fig. 1) and its public API.
+
+``KAnoCLIP`` is an ``nn.Module`` whose parameters are the frozen CLIP backbone's plus the
+trainable parts — the KnPL context vectors (:mod:`~kanoclip.prompts`), Bi-CMCI
+(:mod:`~kanoclip.bicmci`) and the Conv-Adapter (:mod:`~kanoclip.adapter`).
+
+Two modes:
+
+* **trained** (a checkpoint is loaded, or after training): text = the learned prompts,
+  maps = Bi-CMCI over the 4 CLIP-VV stages, global feature through the Conv-Adapter.
+* **training-free** (no checkpoint): abnormal text = the class's knowledge-base descriptions,
+  normal text = the normal-adjective prompts, maps = CLIP-VV patch/text similarity over the
+  4 stages, global feature = CLIP's own. This is what runs before anyone has trained.
+
+Both end the same way: ``M^n, M^a`` = mean over stages (eq. 9), ``M = G_σ(M^a + 1 − M^n)/2``
+(eq. 10), score = ``(softmax(Î_G·F_textᵀ/τ)[abnormal] + max M) / 2`` (eq. 12, in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kanoclip.adapter import ConvAdapter
+from kanoclip.backbone import Backbone, load_backbone
+from kanoclip.bicmci import BiCMCI
+from kanoclip.checkpoint import read_checkpoint, write_checkpoint
+from kanoclip.config import KAnoCLIPConfig, default_backbone
+from kanoclip.detection import Detection, Guidance
+from kanoclip.errors import CheckpointError, InputError
+from kanoclip.images import ImageInput, describe, load_image, preprocess
+from kanoclip.knowledge import KnowledgeBase
+from kanoclip.maps import combine_maps, global_score, similarity_probabilities, stage_maps_to_image
+from kanoclip.prompts import PromptFeatures, PromptLearner, TextEncoder, class_text, mean_direction
+from kanoclip.vv_attention import CLIPVV, VisualFeatures
+
+TRAINABLE_MODULES = ("prompt_learner", "bicmci", "adapter")
+MAX_CLASS_CHARS = 1000  # longer names are cut before tokenising (the tokenizer cuts to 77 tokens anyway)
+
+
+@dataclass
+class KAnoCLIPOutput:
+    """Tensors of one forward pass (S = the model's input size, n = number of stages)."""
+
+    score: torch.Tensor  # (B,) in [0, 1], eq. 12 halved
+    anomaly_map: torch.Tensor  # (B, S, S), eq. 10
+    normal: torch.Tensor  # (B, S, S), M^n of eq. 9
+    abnormal: torch.Tensor  # (B, S, S), M^a of eq. 9
+    stage_abnormal: torch.Tensor  # (B, n, S, S), each stage's M_i^a
+    text: torch.Tensor  # (B, 2, C) normalised [normal, abnormal] text features used
+    global_feature: torch.Tensor  # (B, C), through the adapter in trained mode
+    prompts: PromptFeatures | None  # learned prompts' raw features per unique class (trained mode)
+    classes: list[str]  # the unique classes, in the order of ``prompts``
+
+
+@dataclass
+class _ClassText:
+    """Cached text side of one class: state features and the guidance prompts' features."""
+
+    state: torch.Tensor  # (2, C) normalised [normal, abnormal]
+    guidance_texts: list[tuple[str, str, str]]  # (text, source, state)
+    guidance_features: torch.Tensor  # (G, C) normalised
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class KAnoCLIP(nn.Module):
+    """KAnoCLIP on a frozen transformers CLIP. Build it with :meth:`from_pretrained`."""
+
+    def __init__(self, backbone: Backbone, config: KAnoCLIPConfig, knowledge: KnowledgeBase | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone_name = backbone.name
+        self.random_backbone = backbone.random_init
+        self.tokenizer = backbone.tokenizer
+        self.image_mean, self.image_std = backbone.image_mean, backbone.image_std
+        self.image_size = config.image_size or backbone.image_size
+        self.clip = backbone.model  # frozen: requires_grad False, kept in eval mode by train()
+        self.visual = CLIPVV(self.clip, config.vv)
+        self.text_encoder = TextEncoder(self.clip, self.tokenizer)
+        dim = int(self.clip.config.projection_dim)
+        self.prompt_learner = PromptLearner(config.prompts, self.text_encoder)
+        self.bicmci = BiCMCI(dim, len(self.visual.stage_layers), config.bicmci, config.scoring.temperature)
+        self.adapter = ConvAdapter(dim, config.adapter)
+        self.knowledge = knowledge or KnowledgeBase.builtin()
+        self.trained = False  # set by a loaded checkpoint or by training
+        self.checkpoint_name: str | None = None
+        self._text_cache: dict[tuple[str, str], _ClassText] = {}
+        self._knowledge_cache: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()  # guards the text caches when several threads detect
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        checkpoint: str | os.PathLike[str] | None = None,
+        backbone: str | None = None,
+        device: str | torch.device = "auto",
+        *,
+        kb: str | os.PathLike[str] | KnowledgeBase | None = None,
+        config: KAnoCLIPConfig | None = None,
+        cache_dir: str | None = None,
+    ) -> KAnoCLIP:
+        """Load a model: training-free with ``checkpoint=None``, else a checkpoint folder or hub id.
+
+        ``backbone`` defaults to the checkpoint's (or ``$KANOCLIP_BACKBONE``, or ViT-L/14@336px);
+        ``kb`` defaults to the checkpoint's knowledge base (or the built-in one).
+        """
+        files = read_checkpoint(checkpoint) if checkpoint is not None else None
+        cfg = config or (files.config if files else KAnoCLIPConfig())
+        cfg = replace(cfg, backbone=backbone or (files.config.backbone if files and not config else cfg.backbone) or default_backbone())
+        knowledge = _knowledge_from(kb, files.folder if files else None)
+        torch_device = resolve_device(device)
+        model = cls(load_backbone(cfg.backbone, device=torch_device, cache_dir=cache_dir), cfg, knowledge)
+        model.to(torch_device)
+        if files is not None:
+            model.load_trainable_state_dict(files.state_dict, source=str(files.folder), trained_backbone=files.config.backbone)
+            model.checkpoint_name = str(checkpoint)
+        return model
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {name: getattr(self, name) for name in TRAINABLE_MODULES}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable weights only, keyed ``<module>.<param>`` (what a checkpoint stores)."""
+        return {f"{name}.{k}": v for name, module in self.trainable_modules().items() for k, v in module.state_dict().items()}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], *, source: str = "checkpoint", trained_backbone: str | None = None) -> None:
+        """Load trainable weights after checking names and shapes; switches to trained mode."""
+        expected = self.trainable_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+        if missing or unexpected or wrong:
+            detail = (
+                f"{len(wrong)} shape mismatches (e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(expected[wrong[0]].shape)})"
+                if wrong
+                else f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+            trained_for = f" it was trained for backbone {trained_backbone!r}," if trained_backbone else ""
+            raise CheckpointError(
+                f"{source} does not fit this model:{trained_for} this model uses {self.backbone_name!r} ({detail}); "
+                "load it with the backbone it was trained on"
+            )
+        for name, module in self.trainable_modules().items():
+            prefix = f"{name}."
+            module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        self.trained = True
+        self.clear_text_cache()
+
+    def save_pretrained(self, folder: str | os.PathLike[str], metadata: dict[str, Any] | None = None) -> Path:
+        """Write a checkpoint folder: config, trainable safetensors, knowledge base (atomically)."""
+        meta = {"random_backbone": self.random_backbone, **(metadata or {})}
+        return write_checkpoint(folder, self.config, self.trainable_state_dict(), self.knowledge.to_dict(), meta)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def mode(self) -> Literal["training-free", "trained"]:
+        return "trained" if self.trained else "training-free"
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.down.weight.device
+
+    def train(self, mode: bool = True) -> KAnoCLIP:
+        super().train(mode)
+        self.clip.eval()  # the backbone never leaves eval mode
+        self.clear_text_cache()
+        return self
+
+    def clear_text_cache(self) -> None:
+        with self._lock:
+            self._text_cache.clear()
+
+    def set_knowledge(self, knowledge: KnowledgeBase) -> None:
+        """Use another knowledge base (e.g. after editing it in the app)."""
+        with self._lock:
+            self.knowledge = knowledge
+            self._text_cache.clear()
+            self._knowledge_cache.clear()
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cpu", enabled=False)
+
+    # ------------------------------------------------------------------ forward
+    def encode_image(self, pixel_values: torch.Tensor) -> VisualFeatures:
+        """CLIP-VV features of a normalised batch ``(B, 3, S, S)`` (no gradients: frozen)."""
+        with torch.no_grad(), self._autocast():
+            features = self.visual(pixel_values.to(self.device))
+        return VisualFeatures(
+            global_feature=features.global_feature.float(),
+            stages=[s.float() for s in features.stages],
+            grid=features.grid,
+        )
+
+    def forward(self, visual: VisualFeatures, class_names: Sequence[str], *, sigma: float | None = None) -> KAnoCLIPOutput:
+        """Maps and scores from CLIP-VV features, in the model's current mode.
+
+        In trained mode gradients reach the prompts, Bi-CMCI and the adapter (used by training).
+        """
+        sigma = self.config.scoring.sigma if sigma is None else sigma
+        classes = list(dict.fromkeys(class_names))
+        index = torch.tensor([classes.index(c) for c in class_names], device=self.device)
+        tau = self.config.scoring.temperature
+        prompts = None
+        if self.trained:
+            prompts = self.prompt_learner(classes)
+            text = prompts.state_features()[index]  # (B, 2, C)
+            probs = self.bicmci(visual.stages, text, visual.grid)
+            global_feature = self.adapter(visual.global_feature)
+        else:
+            text = torch.stack([self._class_text(c).state for c in classes])[index]
+            probs = [similarity_probabilities(stage, text, tau) for stage in visual.stages]
+            global_feature = visual.global_feature
+        maps = stage_maps_to_image(probs, visual.grid, self.image_size)  # (B, n, 2, S, S)
+        normal, abnormal = maps[:, :, 0].mean(dim=1), maps[:, :, 1].mean(dim=1)  # eq. 9, Norm = mean
+        anomaly_map = combine_maps(normal, abnormal, sigma)  # eq. 10
+        score = global_score(global_feature, text, anomaly_map, tau)  # eq. 12
+        return KAnoCLIPOutput(
+            score=score,
+            anomaly_map=anomaly_map,
+            normal=normal,
+            abnormal=abnormal,
+            stage_abnormal=maps[:, :, 1],
+            text=text,
+            global_feature=global_feature,
+            prompts=prompts,
+            classes=classes,
+        )
+
+    def knowledge_features(self, class_names: Sequence[str]) -> torch.Tensor:
+        """Mean raw CLIP text feature of each class's LLM + VQA descriptions, ``(n, 1, C)`` (eq. 3)."""
+        out = []
+        for name in class_names:
+            with self._lock:
+                cached = self._knowledge_cache.get(name)
+            if cached is None:
+                texts = [d.text for d in self.knowledge.descriptions(name)]
+                with torch.no_grad():
+                    cached = self.text_encoder.encode(texts).float().mean(dim=0, keepdim=True)
+                with self._lock:
+                    self._knowledge_cache[name] = cached
+            out.append(cached)
+        return torch.stack(out)
+
+    # ------------------------------------------------------------------ text side (cached per class)
+    def canonical_class(self, class_name: str) -> tuple[str, bool]:
+        """(the class to use, whether the knowledge base knows it) for a user's class text."""
+        if not isinstance(class_name, str) or not class_name.strip():
+            raise InputError("class name is empty; type what the image shows, e.g. 'bottle'")
+        text = " ".join(class_name.split())[:MAX_CLASS_CHARS]
+        resolved = self.knowledge.resolve(text)
+        return (resolved, True) if resolved else (text, False)
+
+    def _class_text(self, class_name: str) -> _ClassText:
+        key = (self.mode, class_name)
+        with self._lock:
+            cached = self._text_cache.get(key)
+        if cached is not None:
+            return cached
+        with torch.no_grad():
+            cached = self._build_class_text(class_name)
+        with self._lock:
+            self._text_cache[key] = cached
+        return cached
+
+    def _build_class_text(self, class_name: str) -> _ClassText:
+        descriptions = self.knowledge.descriptions(class_name)
+        kb_texts = [(d.text, d.source, "abnormal") for d in descriptions]
+        kb_features = self.text_encoder.encode([t for t, _, _ in kb_texts]).float()
+        if self.trained:
+            prompts = self.prompt_learner([class_name])
+            state = prompts.state_features()[0]
+            learned = [
+                (text, "learned", state_name)
+                for state_name, abnormal in (("normal", False), ("abnormal", True))
+                for text in self.prompt_learner.prompt_texts(class_name, abnormal)
+            ]
+            guidance_texts = learned + kb_texts
+            guidance = torch.cat([prompts.normal[0], prompts.abnormal[0], kb_features])
+        else:
+            template = self.config.prompts.normal_template
+            normal_texts = [
+                template.format(adjective=adj, class_name=class_text(class_name)) for adj in self.config.prompts.normal_adjectives
+            ]
+            normal_features = self.text_encoder.encode(normal_texts).float()
+            state = torch.stack([mean_direction(normal_features), mean_direction(kb_features)])
+            guidance_texts = [(t, "template", "normal") for t in normal_texts] + kb_texts
+            guidance = torch.cat([normal_features, kb_features])
+        return _ClassText(state=state, guidance_texts=guidance_texts, guidance_features=F.normalize(guidance, dim=-1))
+
+    # ------------------------------------------------------------------ detection API
+    def detect(self, image: ImageInput, class_name: str, *, threshold: float | None = None, sigma: float | None = None) -> Detection:
+        """Detect anomalies in one image of ``class_name`` (see :class:`~kanoclip.detection.Detection`)."""
+        return self.detect_batch([image], [class_name], threshold=threshold, sigma=sigma)[0]
+
+    @torch.inference_mode()
+    def detect_batch(
+        self,
+        images: Sequence[ImageInput],
+        class_names: Sequence[str] | str,
+        *,
+        threshold: float | None = None,
+        sigma: float | None = None,
+    ) -> list[Detection]:
+        """Detect anomalies in several images; ``class_names`` is one name or one per image."""
+        if isinstance(class_names, str):
+            class_names = [class_names] * len(images)
+        if len(class_names) != len(images):
+            raise InputError(f"got {len(images)} images but {len(class_names)} class names; pass one class name or one per image")
+        if not images:
+            return []
+        resolved = [self.canonical_class(name) for name in class_names]
+        pil_images = [load_image(image) for image in images]
+        if self.training:
+            self.eval()
+        pixels = preprocess(pil_images, self.image_size, self.image_mean, self.image_std)
+        visual = self.encode_image(pixels)
+        classes = [c for c, _ in resolved]
+        with self._autocast():
+            out = self.forward(visual, classes, sigma=sigma)
+        threshold = self.config.scoring.threshold if threshold is None else float(threshold)
+        results = []
+        for i, (pil, (name, known)) in enumerate(zip(pil_images, resolved)):
+            height, width = pil.height, pil.width
+            stack = torch.cat([out.anomaly_map[i : i + 1], out.normal[i : i + 1], out.abnormal[i : i + 1], out.stage_abnormal[i]])
+            full = F.interpolate(stack.unsqueeze(0).float(), size=(height, width), mode="bilinear", align_corners=False)[0]
+            full = full.clamp_(0.0, 1.0).cpu().numpy()
+            results.append(
+                Detection(
+                    score=float(out.score[i].clamp(0, 1)),
+                    threshold=threshold,
+                    anomaly_map=full[0],
+                    normal_map=full[1],
+                    abnormal_map=full[2],
+                    stage_maps=list(full[3:]),
+                    class_name=name,
+                    known_class=known,
+                    mode=self.mode,
+                    guidance=self._guidance(name, out, visual, i),
+                    image=describe(images[i]),
+                )
+            )
+        return results
+
+    def _guidance(self, class_name: str, out: KAnoCLIPOutput, visual: VisualFeatures, i: int) -> list[Guidance]:
+        """The class's prompts ranked by similarity to the image (and to its most anomalous patches)."""
+        texts = self._class_text(class_name)
+        image_feature = F.normalize(out.global_feature[i].float(), dim=-1)
+        patches = visual.stages[-1][i]  # (L, C)
+        grid_map = F.adaptive_avg_pool2d(out.anomaly_map[i][None, None].float(), visual.grid).flatten()  # (L,)
+        top = grid_map.topk(max(1, grid_map.numel() // 20)).indices  # the top 5% of patches
+        region = F.normalize(patches[top].mean(dim=0), dim=-1)
+        image_sim = (texts.guidance_features @ image_feature).tolist()
+        region_sim = (texts.guidance_features @ region).tolist()
+        items = [
+            Guidance(text=t, source=src, state=state, image_similarity=a, region_similarity=r)  # type: ignore[arg-type]
+            for (t, src, state), a, r in zip(texts.guidance_texts, image_sim, region_sim)
+        ]
+        return sorted(items, key=lambda g: g.image_similarity, reverse=True)
+
+
+def _knowledge_from(kb: str | os.PathLike[str] | KnowledgeBase | None, checkpoint_folder: Path | None) -> KnowledgeBase:
+    if isinstance(kb, KnowledgeBase):
+        return kb
+    if kb is not None:
+        return KnowledgeBase.load(kb)
+    if checkpoint_folder is not None and (checkpoint_folder / "knowledge_base.json").is_file():
+        return KnowledgeBase.load(checkpoint_folder / "knowledge_base.json")
+    return KnowledgeBase.builtin()

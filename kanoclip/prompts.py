@@ -1,0 +1,159 @@
+"""KnPL prompts (paper §2.2.2, eq. 1) on CLIP's frozen text encoder.
+
+    P_n = [N1][N2]...[NK][normal adjective][class]
+    P_a = [A1][A2]...[AK][abnormal adjective][class]
+
+``N_i`` and ``A_i`` are learnable word embeddings (K = 12). They are spliced into the token
+embeddings of the tokenised prompt in place of K placeholder tokens and run through CLIP's own
+text transformer; the feature is the EOT token's, through the final layer norm and the text
+projection — exactly what ``CLIPModel.get_text_features`` computes for plain tokens (a test
+checks the two agree). Several adjectives per state are used and their features averaged.
+The context vectors are shared by every class (CoOp's unified context), so prompts learned on
+one dataset apply to any class name a user types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPModel, CLIPTokenizer
+from transformers.masking_utils import create_causal_mask
+
+from kanoclip.config import PromptConfig
+
+_PLACEHOLDER = "X"
+
+
+def class_text(class_name: str) -> str:
+    """The words for a class name in a prompt: ``metal_nut`` -> ``metal nut``."""
+    return " ".join(class_name.replace("_", " ").split())
+
+
+class TextEncoder:
+    """CLIP's frozen text tower: texts, or token embeddings with learned parts, to features.
+
+    A view that owns no parameters (not an ``nn.Module``): the weights stay in the ``CLIPModel``.
+
+    Shapes: token ids and embeddings are padded to CLIP's 77-token context; the output is
+    the projected EOT feature, ``(N, C)`` with C the joint embedding width.
+    """
+
+    def __init__(self, clip: CLIPModel, tokenizer: CLIPTokenizer) -> None:
+        self.text_model = clip.text_model
+        self.text_projection = clip.text_projection
+        self.tokenizer = tokenizer
+        self.context_length = int(clip.config.text_config.max_position_embeddings)
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_projection.weight.device
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Token ids ``(N, 77)``; longer texts are cut to the context, keeping the EOT token."""
+        batch = self.tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
+        )
+        return batch.input_ids.to(self.device)
+
+    def eot_index(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Index of the first EOT token of each sequence (pad == EOT in CLIP's tokenizer)."""
+        return (input_ids == self.tokenizer.eos_token_id).int().argmax(dim=-1)
+
+    def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(N, 77) -> (N, 77, D)`` word embeddings, before position embeddings."""
+        return self.text_model.embeddings.token_embedding(input_ids)
+
+    def encode_embeddings(self, embeds: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        """``(N, 77, D)`` word embeddings -> ``(N, C)`` projected EOT features."""
+        hidden = self.text_model.embeddings(inputs_embeds=embeds)
+        mask = create_causal_mask(config=self.text_model.config, inputs_embeds=hidden, attention_mask=None, cache=None)
+        hidden = self.text_model.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
+        hidden = self.text_model.final_layer_norm(hidden)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), eot_index]
+        return self.text_projection(pooled)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """Plain texts -> ``(N, C)`` features (not normalised)."""
+        chunks = []
+        for start in range(0, len(texts), batch_size):
+            ids = self.tokenize(texts[start : start + batch_size])
+            chunks.append(self.encode_embeddings(self.token_embeddings(ids), self.eot_index(ids)))
+        return torch.cat(chunks)
+
+
+@dataclass
+class PromptFeatures:
+    """Raw (unnormalised) text features of the prompts of a batch of classes.
+
+    ``normal``: ``(n_classes, n_normal_adjectives, C)``; ``abnormal``: ``(n_classes, n_abnormal_adjectives, C)``.
+    """
+
+    normal: torch.Tensor
+    abnormal: torch.Tensor
+
+    def state_features(self) -> torch.Tensor:
+        """``(n_classes, 2, C)``: L2-normalised [normal, abnormal] features, adjectives averaged."""
+        return torch.stack([mean_direction(self.normal), mean_direction(self.abnormal)], dim=1)
+
+
+def mean_direction(features: torch.Tensor, dim: int = -2) -> torch.Tensor:
+    """Normalise each feature, average along ``dim``, normalise again (a prompt ensemble)."""
+    return F.normalize(F.normalize(features, dim=-1).mean(dim=dim), dim=-1)
+
+
+class PromptLearner(nn.Module):
+    """Learnable normal/abnormal context vectors (LNPs and LAPs) and their text features."""
+
+    def __init__(self, config: PromptConfig, text_encoder: TextEncoder) -> None:
+        super().__init__()
+        self.config = config
+        self.text_encoder = text_encoder  # a view of the frozen backbone, not a submodule
+        width = text_encoder.text_model.embeddings.token_embedding.embedding_dim
+        k = config.n_ctx
+        self.ctx_normal = nn.Parameter(torch.randn(k, width) * config.ctx_init_std)  # N_1..N_K: (K, D)
+        self.ctx_abnormal = nn.Parameter(torch.randn(k, width) * config.ctx_init_std)  # A_1..A_K: (K, D)
+
+    def prompt_texts(self, class_name: str, abnormal: bool) -> list[str]:
+        """The prompts' text with the K learnable slots shown as placeholders."""
+        adjectives = self.config.abnormal_adjectives if abnormal else self.config.normal_adjectives
+        prefix = " ".join([_PLACEHOLDER] * self.config.n_ctx)
+        return [f"{prefix} {adjective} {class_text(class_name)}." for adjective in adjectives]
+
+    def _encode_state(self, class_names: Sequence[str], ctx: torch.Tensor, abnormal: bool) -> torch.Tensor:
+        texts = [t for name in class_names for t in self.prompt_texts(name, abnormal)]
+        ids = self.text_encoder.tokenize(texts)  # (N, 77)
+        embeds = self.text_encoder.token_embeddings(ids)  # (N, 77, D)
+        k = self.config.n_ctx
+        # Splice the context into positions 1..K (after SOT); concatenation, not in-place
+        # assignment, so gradients flow to ctx and the frozen embeddings stay untouched.
+        ctx = ctx.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+        embeds = torch.cat([embeds[:, :1], ctx, embeds[:, 1 + k :]], dim=1)
+        features = self.text_encoder.encode_embeddings(embeds, self.text_encoder.eot_index(ids))
+        return features.view(len(class_names), -1, features.shape[-1])
+
+    def forward(self, class_names: Sequence[str]) -> PromptFeatures:
+        return PromptFeatures(
+            normal=self._encode_state(class_names, self.ctx_normal, abnormal=False),
+            abnormal=self._encode_state(class_names, self.ctx_abnormal, abnormal=True),
+        )
+
+    def nearest_tokens(self, top_k: int = 3) -> dict[str, list[list[tuple[str, float]]]]:
+        """For each context vector, the vocabulary tokens whose embeddings are closest (cosine).
+
+        Returns ``{"normal": [[(token, similarity), ...] per vector], "abnormal": [...]}``.
+        """
+        vocab = F.normalize(self.text_encoder.text_model.embeddings.token_embedding.weight, dim=-1)
+        tokenizer = self.text_encoder.tokenizer
+        result: dict[str, list[list[tuple[str, float]]]] = {}
+        for state, ctx in (("normal", self.ctx_normal), ("abnormal", self.ctx_abnormal)):
+            sims = F.normalize(ctx.detach().to(vocab.dtype), dim=-1) @ vocab.T  # (K, vocab)
+            values, indices = sims.topk(top_k, dim=-1)
+            result[state] = [
+                [(tokenizer.decode([int(i)]).strip(), float(v)) for v, i in zip(vs, ix)]
+                for vs, ix in zip(values, indices)
+            ]
+        return result

@@ -1,0 +1,116 @@
+"""CLIP-VV: CLIP's vision encoder with the V-V attention path of CLIP Surgery (paper §2.3).
+
+In each replaced block l, a second ("local-aware") path runs beside the original one:
+
+    V_l = W_v · LN1(S^ori_{l-1})                                    (eq. 7; LN1 is the block's own)
+    S_l = Project_l( softmax(V_l · V_lᵀ · scale) · V_l ) + S_{l-1}   (eq. 4, 8; no MLP)
+
+``S^ori`` is the original path, left untouched; the V-V path starts from the original hidden
+state at the input of the first replaced block. ``V_l`` is exactly the value projection the
+original attention computes, so it is captured from the original forward (a hook on the
+block's ``v_proj``) rather than computed twice. ``Project_l`` is the block's ``out_proj``.
+
+Outputs (C = the joint embedding width, L = number of patches):
+  * global feature ``(B, C)``: the original path's CLS through ``post_layernorm`` and the visual
+    projection (= ``CLIPModel.get_image_features``);
+  * 4 stage patch features ``(B, L, C)``: the V-V path's tokens 1: after the stage layers,
+    each through ``post_layernorm`` and the visual projection.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import CLIPModel
+
+from kanoclip.config import VVConfig
+
+
+@dataclass
+class VisualFeatures:
+    """What CLIP-VV gives the rest of the model."""
+
+    global_feature: torch.Tensor  # (B, C) projected CLS of the original path
+    stages: list[torch.Tensor]  # n_stages x (B, L, C) projected V-V patch tokens
+    grid: tuple[int, int]  # (h, w) patch grid, h * w == L
+
+
+class CLIPVV:
+    """A view of CLIP's frozen vision tower that adds the V-V dual path.
+
+    It owns no parameters (it is not an ``nn.Module``): the weights stay in the ``CLIPModel``.
+    """
+
+    def __init__(self, clip: CLIPModel, config: VVConfig, vv_enabled: bool = True) -> None:
+        self.vision_model = clip.vision_model
+        self.visual_projection = clip.visual_projection
+        depth = len(self.vision_model.encoder.layers)
+        self.first_replaced, self.stage_layers = config.resolve(depth)
+        self.patch_size = int(clip.config.vision_config.patch_size)
+        # With the V-V path off the "stages" are the original path's tokens: the ablation
+        # of Table 3's CLIP-VV column, and the check that the original path is untouched.
+        self.vv_enabled = vv_enabled
+
+    @contextmanager
+    def _capture_values(self, last_layer: int):
+        """Collect each replaced block's value projection ``V_l`` during the original forward."""
+        values: dict[int, torch.Tensor] = {}
+        handles = []
+        for layer in range(self.first_replaced, last_layer + 1):
+            v_proj = self.vision_model.encoder.layers[layer - 1].self_attn.v_proj
+
+            def hook(_module, _inputs, output, layer=layer):
+                values[layer] = output
+
+            handles.append(v_proj.register_forward_hook(hook))
+        try:
+            yield values
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _vv_attention(self, layer: int, values: torch.Tensor) -> torch.Tensor:
+        """``Project_l(softmax(V Vᵀ · scale) V)`` for one block; ``values``: (B, T, width)."""
+        attn = self.vision_model.encoder.layers[layer - 1].self_attn
+        b, t, _ = values.shape
+        v = values.view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
+        out = F.scaled_dot_product_attention(v, v, v, scale=attn.scale)  # (B, heads, T, head_dim)
+        return attn.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Post-layernorm and visual projection: ``(..., width) -> (..., C)``."""
+        return self.visual_projection(self.vision_model.post_layernorm(tokens))
+
+    def __call__(self, pixel_values: torch.Tensor) -> VisualFeatures:
+        """``pixel_values``: (B, 3, S, S), normalised. Returns global and stage features."""
+        size = pixel_values.shape[-1]
+        native = int(self.vision_model.config.image_size)
+        last = self.stage_layers[-1]
+        with self._capture_values(last if self.vv_enabled else 0) as values:
+            out = self.vision_model(
+                pixel_values=pixel_values,
+                output_hidden_states=True,
+                interpolate_pos_encoding=size != native,
+            )
+        hidden = out.hidden_states  # depth + 1 x (B, T, width); hidden[l] = output of layer l
+        global_feature = self.visual_projection(out.pooler_output)  # pooler = post_layernorm(CLS)
+
+        stages: list[torch.Tensor] = []
+        if self.vv_enabled:
+            # Out-of-place additions only: each stored stage is its own tensor, so later
+            # blocks cannot overwrite it (the bug that made public implementations' 4
+            # "stages" all equal the last one).
+            state = hidden[self.first_replaced - 1]
+            for layer in range(self.first_replaced, last + 1):
+                state = state + self._vv_attention(layer, values[layer])
+                if layer in self.stage_layers:
+                    stages.append(state[:, 1:])
+            before = [hidden[s][:, 1:] for s in self.stage_layers if s < self.first_replaced]
+            stages = before + stages
+        else:
+            stages = [hidden[s][:, 1:] for s in self.stage_layers]
+        grid = (size // self.patch_size, size // self.patch_size)
+        return VisualFeatures(global_feature=global_feature, stages=[self.project(s) for s in stages], grid=grid)

@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny random CLIP backbone, the real data in ../shared, offline settings.
+
+Numbers computed on the tiny random backbone are plumbing, never accuracy.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("KANOCLIP_SHARED_DIR", REPO.parent / "shared"))
+DATA = SHARED / "data"
+TOKENIZER = SHARED / "clip_tokenizer"
+TINY_REPO_ID = "kanoclip-test/tiny-clip"
+
+
+def require_shared(path: Path = DATA) -> Path:
+    """Skip the calling test, with the reason, when ../shared (or a part of it) is absent."""
+    if not path.exists():
+        pytest.skip(f"needs {path} (the shared real data / tokenizer beside the checkout); it is absent here")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return require_shared(DATA)
+
+
+@pytest.fixture(scope="session")
+def bottle_dir(shared_data: Path) -> Path:
+    return require_shared(shared_data / "mvtec_ad" / "bottle")
+
+
+@pytest.fixture(scope="session")
+def bottle_image(bottle_dir: Path) -> Path:
+    """A real 900x900 MVTec-AD bottle image with a defect."""
+    return bottle_dir / "test" / "broken_large" / "000.png"
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random CLIP (vision 8 x 64 wide, patch 14, 112 px; text 2 layers) as an HF folder."""
+    from kanoclip.backbone import make_random_backbone
+
+    require_shared(TOKENIZER)
+    return make_random_backbone(tmp_path_factory.mktemp("tiny-clip"), TOKENIZER, architecture="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def fake_hub_cache(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hugging Face hub cache holding the tiny backbone as ``kanoclip-test/tiny-clip``."""
+    cache = tmp_path_factory.mktemp("hub-cache")
+    repo = cache / ("models--" + TINY_REPO_ID.replace("/", "--"))
+    commit = "0" * 40
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in tiny_backbone.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_backbone: Path):
+    """A training-free KAnoCLIP on the tiny backbone (shared: tests must not mutate it)."""
+    from kanoclip import KAnoCLIP
+
+    return KAnoCLIP.from_pretrained(backbone=str(tiny_backbone), device="cpu")
