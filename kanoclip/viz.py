@@ -1,0 +1,113 @@
+"""Drawings: heat-map overlays, loss curves and prompt-similarity plots (matplotlib).
+
+All functions are pure: they take arrays / images and return PIL images or write PNG files,
+using matplotlib's object API (no pyplot global state), so they are safe in server threads.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+from kanoclip.fileio import atomic_write_bytes
+
+CMAP = "jet"
+
+
+def colorize(anomaly_map: np.ndarray, cmap: str = CMAP) -> np.ndarray:
+    """A (H, W) map in [0, 1] -> (H, W, 3) uint8 colours."""
+    rgba = colormaps[cmap](np.clip(anomaly_map, 0.0, 1.0))
+    return (rgba[..., :3] * 255.0 + 0.5).astype(np.uint8)
+
+
+def heatmap_overlay(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 0.5, cmap: str = CMAP) -> Image.Image:
+    """The heat map blended over the image, at the image's own size (RGB)."""
+    if anomaly_map.shape != (image.height, image.width):
+        raise ValueError(f"map shape {anomaly_map.shape} does not match image size {(image.height, image.width)}")
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    blended = (1.0 - alpha) * base + alpha * colorize(anomaly_map, cmap).astype(np.float32)
+    return Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8))
+
+
+def colorbar_image(height: int, cmap: str = CMAP, width: int = 90) -> Image.Image:
+    """A vertical colour bar (0 at the bottom, 1 at the top) as an RGB image of the given height."""
+    dpi = 100
+    fig = Figure(figsize=(width / dpi, max(height, 120) / dpi), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.15, 0.05, 0.25, 0.9))
+    gradient = np.linspace(1, 0, 256)[:, None]
+    ax.imshow(gradient, aspect="auto", cmap=cmap, extent=(0, 1, 0, 1))
+    ax.set_xticks([])
+    ax.yaxis.tick_right()
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax.tick_params(labelsize=8)
+    bar = figure_to_image(fig)
+    return bar.resize((width, height), Image.Resampling.BILINEAR) if bar.height != height else bar
+
+
+def overlay_with_colorbar(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """The overlay at the image's size with the colour bar beside it (not inside it)."""
+    overlay = heatmap_overlay(image, anomaly_map, alpha)
+    bar = colorbar_image(overlay.height)
+    canvas = Image.new("RGB", (overlay.width + bar.width, overlay.height), "white")
+    canvas.paste(overlay, (0, 0))
+    canvas.paste(bar, (overlay.width, 0))
+    return canvas
+
+
+def region_outline(image: Image.Image, anomaly_map: np.ndarray, threshold: float, color: tuple[int, int, int] = (255, 0, 0)) -> Image.Image:
+    """The image with the region ``anomaly_map >= threshold`` tinted and outlined."""
+    mask = anomaly_map >= threshold
+    base = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
+    tint = np.array(color, dtype=np.float32)
+    base[mask] = 0.6 * base[mask] + 0.4 * tint
+    edge = mask & ~_erode(mask)
+    base[edge] = tint
+    return Image.fromarray(np.clip(base + 0.5, 0, 255).astype(np.uint8))
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    from scipy.ndimage import binary_erosion
+
+    return binary_erosion(mask, iterations=max(1, min(mask.shape) // 300))
+
+
+def figure_to_image(fig: Figure) -> Image.Image:
+    """Render a matplotlib figure to an RGB PIL image."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def plot_loss_curves(history: Sequence[Mapping[str, float]], title: str = "Training loss") -> Figure:
+    """Loss terms per epoch (``history``: one dict per epoch with ``epoch`` and loss terms)."""
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if history:
+        epochs = [h["epoch"] for h in history]
+        for key in [k for k in history[0] if k != "epoch"]:
+            ax.plot(epochs, [h[key] for h in history], marker="o", label=key)
+        ax.legend()
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
+    """Write a figure as PNG, atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return atomic_write_bytes(path, buffer.getvalue())
