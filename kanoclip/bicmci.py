@@ -78,17 +78,20 @@ class DeformableSelfAttention(nn.Module):
 
 
 class _Attention(nn.Module):
-    """Pre-norm residual multi-head attention: ``x + MHA(LN(x), LN(context))``."""
+    """Pre-norm residual multi-head attention: ``x + MHA(LN(x), LN(context))``.
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    ``cross=False`` is self-attention (the context is ``x`` itself, no second norm).
+    """
+
+    def __init__(self, dim: int, num_heads: int, cross: bool) -> None:
         super().__init__()
         self.norm_q = nn.LayerNorm(dim)
-        self.norm_kv = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim) if cross else None
         self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         q = self.norm_q(x)
-        kv = q if context is None else self.norm_kv(context)
+        kv = q if self.norm_kv is None else self.norm_kv(context)
         return x + self.attn(q, kv, kv, need_weights=False)[0]
 
 
@@ -103,9 +106,9 @@ class BiCMCIStage(nn.Module):
         self.in_text = nn.Linear(feature_dim, d)
         self.norm_deform = nn.LayerNorm(d)
         self.deform = DeformableSelfAttention(d, config.num_heads, config.deform_stride, config.deform_kernel, config.offset_range)
-        self.text_self = _Attention(d, config.num_heads)
-        self.text_to_visual = _Attention(d, config.num_heads)
-        self.visual_to_text = _Attention(d, config.num_heads)
+        self.text_self = _Attention(d, config.num_heads, cross=False)
+        self.text_to_visual = _Attention(d, config.num_heads, cross=True)
+        self.visual_to_text = _Attention(d, config.num_heads, cross=True)
 
     def forward(self, patches: torch.Tensor, text: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         v = self.in_visual(patches)  # (B, L, d)

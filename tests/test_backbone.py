@@ -1,0 +1,70 @@
+"""The backbone's real loading path: local folder, hub cache, and fast clear failures."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from kanoclip.backbone import load_backbone, resolve_backbone
+from kanoclip.errors import BackboneError
+
+from conftest import TINY_REPO_ID
+
+
+def test_local_folder_loads_frozen_in_eval_mode(tiny_backbone):
+    backbone = load_backbone(str(tiny_backbone))
+    assert backbone.random_init is True
+    assert backbone.image_size == 112
+    assert not backbone.model.training
+    assert all(not p.requires_grad for p in backbone.model.parameters())
+    # the real OpenAI tokenizer, not a stand-in
+    assert backbone.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_hub_id_resolves_from_the_local_cache_offline(fake_hub_cache, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = resolve_backbone(TINY_REPO_ID, cache_dir=str(fake_hub_cache))
+    assert folder.is_relative_to(fake_hub_cache)
+    backbone = load_backbone(TINY_REPO_ID, cache_dir=str(fake_hub_cache))
+    assert backbone.name == TINY_REPO_ID
+    assert backbone.model.config.vision_config.num_hidden_layers == 8
+
+
+@pytest.mark.parametrize("offline", ["1", "0"])
+def test_uncached_hub_id_fails_fast_with_the_fix(offline, monkeypatch, tmp_path):
+    """Offline or unreachable: one line naming the backbone and the fix, within seconds."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    start = time.monotonic()
+    with pytest.raises(BackboneError) as info:
+        load_backbone("openai/clip-vit-large-patch14-336", cache_dir=str(tmp_path))
+    assert time.monotonic() - start < 10
+    message = str(info.value)
+    assert "openai/clip-vit-large-patch14-336" in message
+    assert "--backbone" in message and "KANOCLIP_BACKBONE" in message and "download" in message
+    assert "\n" not in message
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(BackboneError, match="no config.json"):
+        load_backbone(str(tmp_path))
+
+
+def test_env_variable_overrides_the_default(monkeypatch, tiny_backbone):
+    from kanoclip.config import KAnoCLIPConfig
+
+    monkeypatch.setenv("KANOCLIP_BACKBONE", str(tiny_backbone))
+    assert KAnoCLIPConfig().backbone == str(tiny_backbone)
+    monkeypatch.delenv("KANOCLIP_BACKBONE")
+    assert KAnoCLIPConfig().backbone == "openai/clip-vit-large-patch14-336"
+
+
+def test_random_backbone_is_deterministic(tmp_path, tiny_backbone):
+    from conftest import TOKENIZER
+    from kanoclip.backbone import make_random_backbone
+
+    again = make_random_backbone(tmp_path / "again", TOKENIZER, architecture="tiny", seed=0)
+    a = load_backbone(str(tiny_backbone)).model.state_dict()
+    b = load_backbone(str(again)).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,213 @@
+"""The whole model: public contract, frozen backbone, gradients, checkpoints, overfitting."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from kanoclip import KAnoCLIP, KnowledgeBase
+from kanoclip.checkpoint import WEIGHTS_NAME, read_checkpoint
+from kanoclip.config import BiCMCIConfig, KAnoCLIPConfig
+from kanoclip.errors import CheckpointError, InputError
+from kanoclip.images import preprocess
+from kanoclip.losses import kd_loss, total_loss
+
+
+@pytest.fixture(scope="module")
+def small_config(tiny_backbone) -> KAnoCLIPConfig:
+    return KAnoCLIPConfig(backbone=str(tiny_backbone), bicmci=BiCMCIConfig(dim=32, num_heads=2))
+
+
+def fresh_model(config: KAnoCLIPConfig, seed: int = 0) -> KAnoCLIP:
+    torch.manual_seed(seed)
+    return KAnoCLIP.from_pretrained(config=config, device="cpu")
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_detect_real_bottle_gives_a_map_of_the_input_size(trained, small_config, bottle_image):
+    model = fresh_model(small_config)
+    if trained:
+        model.trained = True
+    det = model.detect(str(bottle_image), "bottle")
+    assert model.mode == ("trained" if trained else "training-free")
+    assert det.mode == model.mode
+    assert det.anomaly_map.shape == (900, 900) and det.anomaly_map.dtype == np.float32
+    assert 0.0 <= det.anomaly_map.min() and det.anomaly_map.max() <= 1.0
+    assert 0.0 <= det.score <= 1.0
+    assert det.is_anomalous == (det.score >= det.threshold)
+    assert len(det.stage_maps) == 4 and all(m.shape == (900, 900) for m in det.stage_maps)
+    assert det.normal_map.shape == det.abnormal_map.shape == (900, 900)
+    sources = {g.source for g in det.guidance}
+    assert "llm" in sources
+    assert ("learned" in sources) == trained
+    sims = [g.image_similarity for g in det.guidance]
+    assert sims == sorted(sims, reverse=True)
+
+
+def test_inputs_of_every_kind_give_the_same_result(tiny_model, bottle_image):
+    pil = Image.open(bottle_image)
+    array = np.asarray(pil.convert("RGB"))
+    by_path = tiny_model.detect(str(bottle_image), "bottle")
+    for image in (pil, array, bottle_image.read_bytes()):
+        other = tiny_model.detect(image, "bottle")
+        assert other.score == pytest.approx(by_path.score, abs=1e-6)
+        np.testing.assert_allclose(other.anomaly_map, by_path.anomaly_map, atol=1e-5)
+
+
+def test_detect_batch_matches_single_detections(tiny_model, bottle_dir):
+    paths = sorted((bottle_dir / "test" / "broken_small").glob("*.png"))[:3]
+    batch = tiny_model.detect_batch([str(p) for p in paths], ["bottle", "metal nut", "screw"])
+    for path, name, det in zip(paths, ["bottle", "metal_nut", "screw"], batch):
+        single = tiny_model.detect(str(path), name)
+        assert det.class_name == name
+        assert det.score == pytest.approx(single.score, abs=1e-5)
+    with pytest.raises(InputError, match="class names"):
+        tiny_model.detect_batch([str(paths[0])], ["a", "b"])
+
+
+def test_class_names(tiny_model, bottle_image):
+    with pytest.raises(InputError, match="class name is empty"):
+        tiny_model.detect(str(bottle_image), "   ")
+    det = tiny_model.detect(str(bottle_image), "Metal-Nut")
+    assert det.class_name == "metal_nut" and det.known_class
+    odd = tiny_model.detect(str(bottle_image), "a widget " * 60)
+    assert not odd.known_class and 0 <= odd.score <= 1
+
+
+def test_text_features_are_computed_once_per_class(small_config, bottle_image, monkeypatch):
+    model = fresh_model(small_config)
+    calls = []
+    original = model.text_encoder.encode
+    monkeypatch.setattr(model.text_encoder, "encode", lambda texts, **kw: calls.append(len(texts)) or original(texts, **kw))
+    model.detect(str(bottle_image), "bottle")
+    first = len(calls)
+    model.detect(str(bottle_image), "bottle")
+    model.detect(np.zeros((50, 60, 3), np.uint8), "bottle")
+    assert first > 0 and len(calls) == first
+
+
+def test_optimizer_step_touches_only_the_trainable_parts(small_config, bottle_image):
+    model = fresh_model(small_config)
+    model.trained = True
+    model.train()
+    frozen = {k: v.detach().clone() for k, v in model.clip.state_dict().items()}
+    trainable = [p for m in model.trainable_modules().values() for p in m.parameters()]
+    assert all(p.requires_grad for p in trainable)
+    assert all(not p.requires_grad for p in model.clip.parameters())
+    assert {id(p) for p in model.parameters()} >= {id(p) for p in trainable} | {id(p) for p in model.clip.parameters()}
+
+    pixels = preprocess([Image.open(bottle_image).convert("RGB")] * 2, model.image_size, model.image_mean, model.image_std)
+    out = model(model.encode_image(pixels), ["bottle", "bottle"])
+    mask = torch.zeros_like(out.anomaly_map)
+    mask[:, 40:60, 40:60] = 1
+    kd = kd_loss(model.knowledge_features(out.classes), out.prompts.abnormal, out.prompts.normal)
+    terms = total_loss(model.config.loss, kd=kd, score=out.score, label=torch.tensor([1.0, 0.0]), normal=out.normal,
+                       abnormal=out.abnormal, mask=mask, has_mask=torch.tensor([True, True]))
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    terms["total"].backward()
+    missing = [n for name, m in model.trainable_modules().items() for n, p in m.named_parameters(prefix=name) if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+    optimizer.step()
+    assert all(p.grad is None for p in model.clip.parameters())
+    after = model.clip.state_dict()
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+    assert not model.clip.training
+
+
+def test_checkpoint_round_trip(small_config, bottle_image, tmp_path):
+    model = fresh_model(small_config, seed=1)
+    model.trained = True
+    kb = KnowledgeBase.builtin()
+    folder = model.save_pretrained(tmp_path / "ck", metadata={"epochs": 3})
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "knowledge_base.json", WEIGHTS_NAME]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["metadata"]["epochs"] == 3 and config["model"]["backbone"] == small_config.backbone
+    files = read_checkpoint(folder)
+    assert set(files.state_dict) == set(model.trainable_state_dict())
+    assert not any(k.startswith("clip.") for k in files.state_dict)  # trainable weights only
+    loaded = KAnoCLIP.from_pretrained(folder, device="cpu")
+    assert loaded.mode == "trained" and loaded.knowledge.counts() == kb.counts()
+    a, b = model.detect(str(bottle_image), "bottle"), loaded.detect(str(bottle_image), "bottle")
+    assert a.score == pytest.approx(b.score, abs=1e-6)
+    np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".pkl"])
+def test_pickles_are_refused(suffix, tmp_path):
+    path = tmp_path / f"weights{suffix}"
+    path.write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(CheckpointError, match="pickle"):
+        KAnoCLIP.from_pretrained(path, device="cpu")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / f"pytorch_model{suffix}").write_bytes(b"\x80\x04")
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="pickle"):
+        KAnoCLIP.from_pretrained(folder, device="cpu")
+
+
+def test_nan_weights_and_wrong_shapes_are_detected(small_config, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = fresh_model(small_config)
+    folder = model.save_pretrained(tmp_path / "ck")
+    state = load_file(folder / WEIGHTS_NAME)
+    key = next(iter(state))
+    state[key][..., 0] = float("nan")
+    save_file(state, folder / WEIGHTS_NAME)
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        KAnoCLIP.from_pretrained(folder, device="cpu")
+
+    other = KAnoCLIPConfig(backbone=small_config.backbone, bicmci=BiCMCIConfig(dim=16, num_heads=2))
+    wrong = fresh_model(other).save_pretrained(tmp_path / "wrong")
+    with pytest.raises(CheckpointError, match="does not fit"):
+        fresh_model(small_config).load_trainable_state_dict(read_checkpoint(wrong).state_dict)
+
+
+def _painted(images_dir, size: int, n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    images, masks = [], []
+    for path in sorted(images_dir.glob("*.png"))[:n]:
+        array = np.asarray(Image.open(path).convert("RGB").resize((size, size))).copy()
+        mask = np.zeros((size, size), np.float32)
+        y, x = rng.integers(8, size - 32, 2)
+        array[y : y + 22, x : x + 22] = (255, 0, 0)  # a painted defect
+        mask[y : y + 22, x : x + 22] = 1.0
+        images.append(Image.fromarray(array))
+        masks.append(mask)
+    return images, torch.tensor(np.stack(masks))
+
+
+def test_short_training_overfits_painted_defects(small_config, bottle_dir):
+    """Gradients reach every trainable part: a few steps learn to segment painted squares.
+
+    (Plumbing on a random backbone: it shows the training signal flows, not accuracy.)
+    """
+    model = fresh_model(small_config)
+    images, masks = _painted(bottle_dir / "test" / "good", model.image_size, n=4)
+    visual = model.encode_image(preprocess(images, model.image_size, model.image_mean, model.image_std))
+    model.trained = True
+    model.train()
+    params = [p for m in model.trainable_modules().values() for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    labels = torch.ones(4)
+    start = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    for _ in range(25):
+        out = model(visual, ["bottle"] * 4)
+        kd = kd_loss(model.knowledge_features(out.classes), out.prompts.abnormal, out.prompts.normal)
+        terms = total_loss(model.config.loss, kd=kd, score=out.score, label=labels, normal=out.normal,
+                           abnormal=out.abnormal, mask=masks, has_mask=torch.ones(4, dtype=torch.bool))
+        optimizer.zero_grad()
+        terms["total"].backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        final = model(visual, ["bottle"] * 4).anomaly_map
+    assert roc_auc_score(masks.flatten().numpy(), final.flatten().numpy()) > 0.9
+    changed = {k for k, v in model.trainable_state_dict().items() if not torch.equal(v, start[k])}
+    assert {k.split(".")[0] for k in changed} == {"prompt_learner", "bicmci", "adapter"}

@@ -1,0 +1,87 @@
+"""CLIP-VV (eq. 4-8): the V-V path beside an untouched original path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kanoclip.backbone import load_backbone
+from kanoclip.config import VVConfig
+from kanoclip.vv_attention import CLIPVV
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_backbone):
+    return load_backbone(str(tiny_backbone)).model
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    torch.manual_seed(0)
+    return torch.randn(2, 3, 112, 112)
+
+
+def test_default_layout_scales_with_depth():
+    assert VVConfig().resolve(24) == (5, (6, 12, 18, 24))  # ViT-L/14: 20 replaced blocks
+    assert VVConfig().resolve(8) == (2, (2, 4, 6, 8))
+    assert VVConfig(num_replaced_blocks=6).resolve(12) == (7, (3, 6, 9, 12))
+    with pytest.raises(ValueError):
+        VVConfig(num_replaced_blocks=30).resolve(24)
+
+
+def test_shapes(clip, pixels):
+    features = CLIPVV(clip, VVConfig())(pixels)
+    c = clip.config.projection_dim
+    assert features.global_feature.shape == (2, c)
+    assert features.grid == (8, 8)
+    assert [tuple(s.shape) for s in features.stages] == [(2, 64, c)] * 4
+
+
+def test_four_stages_differ(clip, pixels):
+    """Guards against the aliasing bug where every stored stage equals the last one."""
+    stages = CLIPVV(clip, VVConfig())(pixels).stages
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert (stages[i] - stages[j]).abs().max() > 1e-3, (i, j)
+
+
+def test_global_feature_is_clips_own(clip, pixels):
+    features = CLIPVV(clip, VVConfig())(pixels)
+    torch.testing.assert_close(features.global_feature, clip.get_image_features(pixel_values=pixels).pooler_output)
+
+
+def test_with_vv_off_hidden_states_equal_the_librarys(clip, pixels):
+    reference = clip.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    view = CLIPVV(clip, VVConfig(), vv_enabled=False)
+    stages = view(pixels).stages
+    for stage, layer in zip(stages, view.stage_layers):
+        torch.testing.assert_close(stage, view.project(reference[layer][:, 1:]), atol=1e-5, rtol=1e-5)
+
+
+def test_vv_path_follows_eq_8(clip, pixels):
+    """Recompute the first stage by hand: S_l = out_proj(softmax(V Vᵀ scale) V) + S_{l-1}."""
+    view = CLIPVV(clip, VVConfig(num_replaced_blocks=7))  # blocks 2..8, first stage at layer 2
+    hidden = clip.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    layer = clip.vision_model.encoder.layers[1]
+    attn = layer.self_attn
+    v = attn.v_proj(layer.layer_norm1(hidden[1]))  # V from the ORIGINAL path's input
+    b, t, _ = v.shape
+    heads = v.view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+    weights = torch.softmax(heads @ heads.transpose(-1, -2) * attn.scale, dim=-1)
+    out = attn.out_proj((weights @ heads).transpose(1, 2).reshape(b, t, -1))
+    expected = view.project((hidden[1] + out)[:, 1:])
+    torch.testing.assert_close(view(pixels).stages[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_vv_leaves_the_original_path_untouched(clip, pixels):
+    before = clip.vision_model(pixel_values=pixels).last_hidden_state
+    CLIPVV(clip, VVConfig())(pixels)
+    after = clip.vision_model(pixel_values=pixels).last_hidden_state
+    assert torch.equal(before, after)
+    assert all(not layer.self_attn.v_proj._forward_hooks for layer in clip.vision_model.encoder.layers)
+
+
+def test_other_input_sizes_interpolate_positions(clip):
+    features = CLIPVV(clip, VVConfig())(torch.randn(1, 3, 140, 140))
+    assert features.grid == (10, 10)
+    assert features.stages[0].shape[1] == 100
