@@ -145,8 +145,8 @@ def _from_array(array: np.ndarray, name: str) -> Image.Image:
         array = (array * 255.0 + 0.5).astype(np.uint8)
     elif array.dtype != np.uint8:
         raise ImageError(f"{name}: array dtype {array.dtype} is not supported; use uint8, uint16, bool or float in [0, 1]")
-    mode = "L" if array.ndim == 2 else ("RGB" if array.shape[-1] == 3 else "RGBA")
-    return _to_rgb(Image.fromarray(np.ascontiguousarray(array), mode=mode), name)
+    # uint8 (H, W) / (H, W, 3) / (H, W, 4) arrays map to L / RGB / RGBA
+    return _to_rgb(Image.fromarray(np.ascontiguousarray(array)), name)
 
 
 def _reason(exc: BaseException) -> str:
