@@ -1,0 +1,53 @@
+"""Shared by the benchmarks: the full-size random ViT-L/14@336 backbone and timing helpers.
+
+Speed does not depend on the weights' values, so every benchmark runs the real architecture
+with random weights. Its figures are timings, never accuracy.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = Path(os.environ.get("KANOCLIP_SHARED_DIR", REPO.parent / "shared")) / "clip_tokenizer"
+CACHE = Path(os.environ.get("KANOCLIP_BENCH_CACHE", Path.home() / ".cache" / "kanoclip-bench"))
+
+
+def vit_l_backbone() -> Path:
+    """A random ViT-L/14@336 CLIP folder (written once, ~1.7 GB, then reused)."""
+    from kanoclip.backbone import make_random_backbone
+
+    folder = CACHE / "vit-l-14-336-random"
+    if not (folder / "model.safetensors").is_file():
+        if not TOKENIZER.is_dir():
+            raise SystemExit(f"needs a CLIP tokenizer folder at {TOKENIZER} (set KANOCLIP_SHARED_DIR)")
+        make_random_backbone(folder, TOKENIZER, architecture="vit-l-14-336", seed=0)
+    return folder
+
+
+def median_seconds(fn: Callable[[], object], runs: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` over ``runs`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine() -> str:
+    """One line describing where the figures were taken."""
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{platform.node()} | {platform.processor() or platform.machine()} | {os.cpu_count()} CPUs | "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads) | {device} | {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
