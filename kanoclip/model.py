@@ -57,7 +57,7 @@ class KAnoCLIPOutput:
     stage_abnormal: torch.Tensor  # (B, n, S, S), each stage's M_i^a
     text: torch.Tensor  # (B, 2, C) normalised [normal, abnormal] text features used
     global_feature: torch.Tensor  # (B, C), through the adapter in trained mode
-    prompts: PromptFeatures | None  # learned prompts' raw features per unique class (trained mode)
+    prompts: PromptFeatures | None  # learned prompts' raw features per unique class (when training)
     classes: list[str]  # the unique classes, in the order of ``prompts``
 
 
@@ -212,20 +212,24 @@ class KAnoCLIP(nn.Module):
     def forward(self, visual: VisualFeatures, class_names: Sequence[str], *, sigma: float | None = None) -> KAnoCLIPOutput:
         """Maps and scores from CLIP-VV features, in the model's current mode.
 
-        In trained mode gradients reach the prompts, Bi-CMCI and the adapter (used by training).
+        In trained mode and ``self.training``, the learned prompts are encoded anew so gradients
+        reach them, Bi-CMCI and the adapter (used by training); otherwise the text side comes
+        from the per-class cache.
         """
         sigma = self.config.scoring.sigma if sigma is None else sigma
         classes = list(dict.fromkeys(class_names))
         index = torch.tensor([classes.index(c) for c in class_names], device=self.device)
         tau = self.config.scoring.temperature
         prompts = None
-        if self.trained:
+        if self.trained and self.training:  # learning the prompts: text features with gradients
             prompts = self.prompt_learner(classes)
             text = prompts.state_features()[index]  # (B, 2, C)
+        else:  # inference: each class's text features are computed once and cached
+            text = torch.stack([self._class_text(c).state for c in classes])[index]
+        if self.trained:
             probs = self.bicmci(visual.stages, text, visual.grid)
             global_feature = self.adapter(visual.global_feature)
         else:
-            text = torch.stack([self._class_text(c).state for c in classes])[index]
             probs = [similarity_probabilities(stage, text, tau) for stage in visual.stages]
             global_feature = visual.global_feature
         maps = stage_maps_to_image(probs, visual.grid, self.image_size)  # (B, n, 2, S, S)
