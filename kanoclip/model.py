@@ -33,7 +33,7 @@ from kanoclip.adapter import ConvAdapter
 from kanoclip.backbone import Backbone, load_backbone
 from kanoclip.bicmci import BiCMCI
 from kanoclip.checkpoint import read_checkpoint, write_checkpoint
-from kanoclip.config import KAnoCLIPConfig, default_backbone
+from kanoclip.config import BACKBONE_ENV, KAnoCLIPConfig
 from kanoclip.detection import Detection, Guidance
 from kanoclip.errors import CheckpointError, InputError
 from kanoclip.images import ImageInput, describe, load_image, preprocess
@@ -116,12 +116,14 @@ class KAnoCLIP(nn.Module):
     ) -> KAnoCLIP:
         """Load a model: training-free with ``checkpoint=None``, else a checkpoint folder or hub id.
 
-        ``backbone`` defaults to the checkpoint's (or ``$KANOCLIP_BACKBONE``, or ViT-L/14@336px);
+        ``backbone`` defaults to ``$KANOCLIP_BACKBONE``, else the checkpoint's (or ViT-L/14@336px);
         ``kb`` defaults to the checkpoint's knowledge base (or the built-in one).
         """
         files = read_checkpoint(checkpoint) if checkpoint is not None else None
         cfg = config or (files.config if files else KAnoCLIPConfig())
-        cfg = replace(cfg, backbone=backbone or (files.config.backbone if files and not config else cfg.backbone) or default_backbone())
+        # backbone: the argument, else $KANOCLIP_BACKBONE (e.g. a local copy of the checkpoint's
+        # hub backbone), else the checkpoint's or the config's; shapes are checked on load.
+        cfg = replace(cfg, backbone=backbone or os.environ.get(BACKBONE_ENV) or cfg.backbone)
         knowledge = _knowledge_from(kb, files.folder if files else None)
         torch_device = resolve_device(device)
         model = cls(load_backbone(cfg.backbone, device=torch_device, cache_dir=cache_dir), cfg, knowledge)
