@@ -1,0 +1,51 @@
+"""``kanoclip eval``: zero-shot metrics per class and per dataset, laid out like the paper's tables."""
+
+from __future__ import annotations
+
+import argparse
+
+from kanoclip.cli.options import add_data_option, add_model_options, load_model, positive_int, progress_bar
+
+DESCRIPTION = (
+    "Run the model over each dataset's test images and print, per class and as each dataset's mean, "
+    "image AUROC, AP and F1-max, and pixel AUROC, AUPRO and F1-max where masks exist. "
+    "Maps and masks are compared at the model's input size."
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    summary = "evaluate on datasets: image AUROC/AP/F1-max and pixel AUROC/AUPRO/F1-max per class"
+    parser = subparsers.add_parser("eval", help=summary, description=DESCRIPTION)
+    add_data_option(parser, "evaluate, e.g. visa=/data/visa")
+    add_model_options(parser)
+    parser.add_argument("--json", metavar="FILE", help="also write the metrics as JSON to FILE")
+    parser.add_argument("--report", metavar="FILE.md", help="also write the markdown report to FILE.md")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default 16)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kanoclip.data import parse_data_arg
+    from kanoclip.evaluation.evaluate import evaluate, format_report
+    from kanoclip.fileio import atomic_write_json, atomic_write_text
+
+    datasets = [parse_data_arg(spec) for spec in args.data]
+    model = load_model(args)
+    bar = progress_bar(0, "evaluating")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        results = evaluate(model, datasets, batch_size=args.batch_size, progress=progress)
+    finally:
+        bar.close()
+    report = format_report(results, model)
+    if args.json:
+        atomic_write_json(args.json, results)
+    if args.report:
+        atomic_write_text(args.report, report)
+    print(report, end="")
+    return 0

@@ -1,0 +1,296 @@
+"""Training: checkpoints and logs, the frozen-feature cache, bad samples, resume after SIGKILL.
+
+Everything runs on the tiny random CLIP: losses and weights are plumbing, never accuracy.
+Also holds helpers the other training/evaluation test files import (small datasets, CLI runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from kanoclip import KAnoCLIP
+from kanoclip.checkpoint import CONFIG_NAME, KB_NAME, WEIGHTS_NAME, model_card, read_checkpoint
+from kanoclip.errors import DatasetError, InputError
+from kanoclip.training import TrainConfig, TrainProgress, train
+from kanoclip.training.feature_cache import MEMORY_ENV, FeatureCache, memory_limit_from_env
+from kanoclip.training.state import STATE_DIR, STATE_JSON
+from kanoclip.vv_attention import VisualFeatures
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 56  # model input size for quick runs: a 4x4 patch grid on the tiny backbone
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def cli_env() -> dict[str, str]:
+    """Environment for ``python -m kanoclip`` subprocesses: this checkout, offline, one thread.
+
+    One thread per process: on a shared 2-core machine, OpenMP's spinning threads of
+    concurrent processes slow each other down by an order of magnitude.
+    """
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kanoclip", *args], env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def make_small_mvtec(root: Path, bottle_dir: Path, n_good: int = 4, n_bad: int = 4, side: int = 96) -> Path:
+    """A small MVTec-AD tree ``root/bottle`` of real bottle images shrunk to ``side`` pixels."""
+    pairs = [("good", p, None) for p in sorted((bottle_dir / "test" / "good").glob("*.png"))[:n_good]]
+    for p in sorted((bottle_dir / "test" / "broken_large").glob("*.png"))[:n_bad]:
+        pairs.append(("broken_large", p, bottle_dir / "ground_truth" / "broken_large" / f"{p.stem}_mask.png"))
+    for defect, image, mask in pairs:
+        target = root / "bottle" / "test" / defect / image.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(image).convert("RGB").resize((side, side), Image.Resampling.BILINEAR).save(target)
+        if mask is not None:
+            mask_target = root / "bottle" / "ground_truth" / defect / mask.name
+            mask_target.parent.mkdir(parents=True, exist_ok=True)
+            Image.open(mask).resize((side, side), Image.Resampling.NEAREST).save(mask_target)
+    return root
+
+
+def corrupt(path: Path) -> Path:
+    """Truncate an image file so that it cannot be decoded."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    return path
+
+
+@pytest.fixture
+def one_thread():
+    """Run in-process model code on one thread (see :func:`cli_env`), restoring the setting after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def small_mvtec(tmp_path_factory, bottle_dir) -> Path:
+    return make_small_mvtec(tmp_path_factory.mktemp("small-mvtec"), bottle_dir)
+
+
+def quick_config(data_root: Path, out: Path, backbone: Path, **kw) -> TrainConfig:
+    options = dict(epochs=2, batch_size=4, image_size=SIZE, device="cpu", backbone=str(backbone))
+    options.update(kw)
+    return TrainConfig(data=[f"mvtec={data_root}"], out=out, **options)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_train_writes_checkpoint_state_history_and_curve(small_mvtec, tiny_backbone, tmp_path, one_thread):
+    reports: list[TrainProgress] = []
+    out = tmp_path / "run"
+    result = train(quick_config(small_mvtec, out, tiny_backbone), progress=reports.append)
+
+    assert not result.cancelled and result.skipped == []
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert all(set(h) == {"epoch", "total", "kd", "global", "local"} for h in result.history)
+    assert all(np.isfinite(h["total"]) for h in result.history)
+    for name in (CONFIG_NAME, WEIGHTS_NAME, KB_NAME, "history.json", "loss_curve.png"):
+        assert (out / name).is_file(), name
+    assert Image.open(result.loss_curve).format == "PNG"
+    logged = json.loads((out / "history.json").read_text())
+    assert logged["history"] == result.history and logged["skipped"] == []
+    state = json.loads((out / STATE_DIR / STATE_JSON).read_text())
+    assert state["epoch"] == 2 and (out / STATE_DIR / state["file"]).is_file()
+    assert not any(out.rglob("*.pt")) and not any(out.rglob("*.bin"))  # never pickle
+    assert not (out / "feature_cache").exists()
+
+    files = read_checkpoint(out)
+    assert files.metadata["epochs"] == 2 and files.metadata["image_size"] == SIZE
+    assert files.metadata["n_train_samples"] == 8 and files.metadata["datasets"]
+    loaded = KAnoCLIP.from_pretrained(out, device="cpu")
+    assert loaded.trained and loaded.image_size == SIZE
+    torch.manual_seed(0)
+    untrained = KAnoCLIP.from_pretrained(backbone=str(tiny_backbone), device="cpu", config=loaded.config)
+    moved = [k for k, v in untrained.trainable_state_dict().items() if not torch.equal(v, files.state_dict[k])]
+    assert moved, "training changed no weight"
+
+    steps = [r for r in reports if r.epoch >= 1 and r.losses and not r.message]
+    assert [(r.epoch, r.step, r.steps) for r in steps] == [(e, s, 2) for e in (1, 2) for s in (1, 2)]
+    assert set(steps[0].losses) == {"total", "kd", "global", "local"}
+    assert any(r.epoch == 0 and "encoding" in r.message for r in reports)
+
+    card = model_card(files.config, files.metadata)
+    assert "mvtec" in card and "Epochs: 2" in card and "randomly initialised" in card
+    with pytest.raises(InputError, match="already holds a training run"):
+        train(quick_config(small_mvtec, out, tiny_backbone))
+    with pytest.raises(InputError, match="--seed differs"):
+        train(quick_config(small_mvtec, out, tiny_backbone, seed=1, resume=True))
+
+
+def test_feature_cache_encodes_each_image_once(small_mvtec, tiny_backbone, tmp_path, monkeypatch, one_thread):
+    encoded: list[int] = []
+    original = KAnoCLIP.encode_image
+
+    def counting(self, pixel_values):
+        encoded.append(int(pixel_values.shape[0]))
+        return original(self, pixel_values)
+
+    monkeypatch.setattr(KAnoCLIP, "encode_image", counting)
+    train(quick_config(small_mvtec, tmp_path / "cached", tiny_backbone, epochs=3))
+    assert sum(encoded) == 8  # 8 images, 3 epochs: each encoded once
+
+    encoded.clear()
+    train(quick_config(small_mvtec, tmp_path / "uncached", tiny_backbone, epochs=2, feature_cache=False))
+    assert sum(encoded) == 2 * 8
+
+
+def test_feature_cache_spills_to_disk_in_float16(tmp_path, monkeypatch):
+    def features(batch: int, seed: int) -> VisualFeatures:
+        g = torch.Generator().manual_seed(seed)
+        return VisualFeatures(torch.randn(batch, 8, generator=g), [torch.randn(batch, 4, 8, generator=g) for _ in range(4)], (2, 2))
+
+    first, second = features(3, 0), features(2, 1)
+    per_image = (8 + 4 * 4 * 8) * 2  # float16 bytes
+    cache = FeatureCache(tmp_path / "fc", memory_limit=3 * per_image)
+    cache.put([0, 1, 2], first)
+    cache.put([3, 4], second)  # over the budget: on disk
+    assert cache.memory_bytes == 3 * per_image and cache.on_disk == 2 and len(cache) == 5
+    assert len(list((tmp_path / "fc").glob("chunk-*.safetensors"))) == 1
+    got = cache.get([4, 0, 3])
+    expected_stage0 = torch.stack([second.stages[0][1], first.stages[0][0], second.stages[0][0]])
+    torch.testing.assert_close(got.stages[0], expected_stage0.half().float())
+    assert got.global_feature.dtype == torch.float32 and got.grid == (2, 2)
+
+    other = FeatureCache(tmp_path / "fc", memory_limit=0)  # another process reading the chunk files
+    other.scan_disk()
+    assert 3 in other and 4 in other and 0 not in other
+    torch.testing.assert_close(other.get([3]).global_feature, second.global_feature[:1].half().float())
+    cache.clear()
+    assert not (tmp_path / "fc").exists() and len(cache) == 0
+
+    monkeypatch.setenv(MEMORY_ENV, "0.5")
+    assert memory_limit_from_env() == 2**29
+    monkeypatch.setenv(MEMORY_ENV, "lots")
+    with pytest.raises(InputError, match=MEMORY_ENV):
+        memory_limit_from_env()
+
+
+@pytest.fixture
+def mvtec_with_bad_image(tmp_path, bottle_dir) -> tuple[Path, Path]:
+    root = make_small_mvtec(tmp_path / "data", bottle_dir, n_good=3, n_bad=3)
+    bad = corrupt(root / "bottle" / "test" / "good" / "001.png")
+    return root, bad
+
+
+def test_bad_sample_stops_training_naming_it(mvtec_with_bad_image, tiny_backbone, tmp_path, one_thread):
+    root, bad = mvtec_with_bad_image
+    with pytest.raises(DatasetError, match="001.png") as info:
+        train(quick_config(root, tmp_path / "out", tiny_backbone, epochs=1))
+    assert str(bad) in str(info.value) and "skip" in str(info.value)
+    assert not (tmp_path / "out" / WEIGHTS_NAME).exists()
+
+
+def test_bad_sample_is_skipped_and_listed(mvtec_with_bad_image, tiny_backbone, tmp_path, one_thread):
+    root, bad = mvtec_with_bad_image
+    messages: list[str] = []
+    out = tmp_path / "out"
+    result = train(quick_config(root, out, tiny_backbone, epochs=1, on_bad_sample="skip"), progress=lambda p: messages.append(p.message))
+    assert [path for path, _ in result.skipped] == [str(bad)]
+    assert "truncated" in result.skipped[0][1] or "corrupt" in result.skipped[0][1]
+    assert any(str(bad) in m for m in messages)
+    assert json.loads((out / "history.json").read_text())["skipped"][0][0] == str(bad)
+    assert read_checkpoint(out).metadata["n_train_samples"] == 5
+
+
+def test_should_stop_cancels_between_steps(small_mvtec, tiny_backbone, tmp_path, one_thread):
+    calls = {"n": 0}
+
+    def stop_in_first_epoch() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3  # 2 preparation chunks, then one training step
+
+    result = train(quick_config(small_mvtec, tmp_path / "out", tiny_backbone), should_stop=stop_in_first_epoch)
+    assert result.cancelled and result.history == []
+    assert not (tmp_path / "out" / WEIGHTS_NAME).exists()
+
+    resumed = train(quick_config(small_mvtec, tmp_path / "out", tiny_backbone, epochs=1, resume=True))  # nothing to resume: starts over
+    assert not resumed.cancelled and [h["epoch"] for h in resumed.history] == [1]
+    assert (tmp_path / "out" / WEIGHTS_NAME).is_file()
+
+
+def test_push_uploads_only_the_checkpoint_files(small_mvtec, tiny_backbone, tmp_path, monkeypatch, one_thread):
+    import kanoclip.checkpoint as checkpoint
+
+    uploaded: dict[str, list[str]] = {}
+
+    def fake_push(folder, repo_id, **kw):
+        uploaded[repo_id] = sorted(p.name for p in Path(folder).iterdir())
+        return f"https://huggingface.co/{repo_id}"
+
+    monkeypatch.setattr(checkpoint, "push_to_hub", fake_push)
+    train(quick_config(small_mvtec, tmp_path / "out", tiny_backbone, epochs=1, push_to_hub="me/kanoclip-test"))
+    assert uploaded == {"me/kanoclip-test": sorted([CONFIG_NAME, KB_NAME, WEIGHTS_NAME])}
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _wait_for_epoch(out: Path, proc: subprocess.Popen, epoch: int, timeout: float = 120) -> None:
+    state = out / STATE_DIR / STATE_JSON
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if state.is_file() and json.loads(state.read_text())["epoch"] >= epoch:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before epoch {epoch}: {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.02)
+    pytest.fail(f"epoch {epoch} not reached in {timeout} s")
+
+
+def test_sigkill_then_resume_ends_with_the_same_weights(tiny_backbone, bottle_dir, tmp_path):
+    data = make_small_mvtec(tmp_path / "data", bottle_dir, n_good=6, n_bad=6)
+    args = ["--data", f"mvtec={data}", "--epochs", "3", "--batch-size", "3", "--image-size", str(SIZE),
+            "--backbone", str(tiny_backbone), "--device", "cpu", "--seed", "7"]  # fmt: skip
+    reference = tmp_path / "reference"
+    done = run_cli("train", *args, "--out", str(reference))
+    assert done.returncode == 0, done.stderr
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kanoclip", "train", *args, "--out", str(killed)],
+        env=cli_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for_epoch(killed, proc, 1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert json.loads((killed / STATE_DIR / STATE_JSON).read_text())["epoch"] < 3, "killed too late to test resuming"
+
+    resumed = run_cli("train", *args, "--out", str(killed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    ref, got = load_file(reference / WEIGHTS_NAME), load_file(killed / WEIGHTS_NAME)
+    assert ref.keys() == got.keys()
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-6, msg=key)
+    ref_log = json.loads((reference / "history.json").read_text())["history"]
+    got_log = json.loads((killed / "history.json").read_text())["history"]
+    assert [h["epoch"] for h in got_log] == [1, 2, 3]
+    np.testing.assert_allclose([h["total"] for h in got_log], [h["total"] for h in ref_log], atol=1e-6)
