@@ -14,6 +14,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tiny test models gain nothing from intra-op threads, and with servers and subprocesses
+# sharing 2 cores, oversubscribed OpenMP threads make them ~30x slower. Set before torch loads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KANOCLIP_SHARED_DIR", REPO.parent / "shared"))

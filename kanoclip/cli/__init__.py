@@ -27,13 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"kanoclip.cli.{name}")
-        except ModuleNotFoundError as exc:  # a subcommand module not written yet
-            if exc.name != f"kanoclip.cli.{name}":
-                raise
-            continue
-        module.register(subparsers)
+        importlib.import_module(f"kanoclip.cli.{name}").register(subparsers)
     return parser
 
 
