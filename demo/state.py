@@ -1,0 +1,317 @@
+"""The app's shared state: its settings, the model registry and the knowledge base.
+
+Everything here is shared by all visitors and guarded by locks; nothing per request is
+stored on it (each request gets its own :class:`~kanoclip.detection.Detection`).
+
+* :class:`AppConfig` — flags and environment variables.
+* :class:`ModelRegistry` — models loaded lazily, one per (checkpoint, backbone), kept in a
+  small LRU cache; loading is serialised by a lock so two visitors never load the same model twice.
+* :class:`KnowledgeStore` — the app's knowledge base, edited in the Knowledge tab and pushed
+  to every loaded model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kanoclip import KAnoCLIP, KnowledgeBase
+from kanoclip.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from kanoclip.config import default_backbone
+from kanoclip.errors import InputError, KAnoCLIPError
+
+from demo.uploads import confine
+
+TRAINING_FREE = "training-free"
+CHECKPOINTS_PREFIX = "checkpoints/"
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+DEFAULT_KB_NAME = "knowledge_base.json"
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(name, default)))
+    except ValueError:
+        return default
+
+
+@dataclass
+class AppConfig:
+    """The app's settings (flags of ``app.py``, else environment variables, else defaults)."""
+
+    backbone: str | None = None  # None: the checkpoint's backbone, else $KANOCLIP_BACKBONE / ViT-L/14@336px
+    checkpoint: str | None = None  # the model selected at start; None = training-free
+    kb: Path | None = None  # knowledge base file; None = the built-in one
+    data_root: Path = field(default_factory=lambda: Path(os.environ.get("KANOCLIP_DATA_ROOT", "data")))
+    checkpoints_dir: Path = field(default_factory=lambda: Path(os.environ.get("KANOCLIP_CHECKPOINTS_DIR", "checkpoints")))
+    kb_dir: Path = field(default_factory=lambda: Path(os.environ.get("KANOCLIP_KB_DIR", "kb")))
+    device: str = field(default_factory=lambda: os.environ.get("KANOCLIP_DEVICE", "auto"))
+    concurrency: int = field(default_factory=lambda: _env_int("KANOCLIP_CONCURRENCY", 2))
+    max_models: int = field(default_factory=lambda: _env_int("KANOCLIP_MAX_MODELS", 2))
+    preload: bool = True  # load the start model while building the app (to report its state)
+    training: bool = field(default_factory=lambda: os.environ.get("KANOCLIP_TRAINING", "on").lower() not in ("0", "off", "false", "no"))
+
+    @classmethod
+    def from_env(cls, **overrides) -> AppConfig:
+        """Defaults from ``KANOCLIP_*`` variables, with ``overrides`` (``None`` values ignored) on top."""
+        config = cls(
+            backbone=os.environ.get("KANOCLIP_BACKBONE") or None,
+            checkpoint=os.environ.get("KANOCLIP_CHECKPOINT") or None,
+            kb=Path(os.environ["KANOCLIP_KB"]) if os.environ.get("KANOCLIP_KB") else None,
+        )
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(config, key, Path(value) if key in ("kb", "data_root", "checkpoints_dir", "kb_dir") else value)
+        return config
+
+    @property
+    def start_choice(self) -> str:
+        return self.checkpoint or TRAINING_FREE
+
+    def default_kb_path(self) -> str:
+        return str(self.kb) if self.kb else str(self.kb_dir / DEFAULT_KB_NAME)
+
+
+# ---------------------------------------------------------------------------- model choices
+def list_checkpoints(checkpoints_dir: Path) -> list[str]:
+    """``checkpoints/<name>`` for every folder under ``checkpoints_dir`` that holds a checkpoint."""
+    if not checkpoints_dir.is_dir():
+        return []
+    return sorted(
+        CHECKPOINTS_PREFIX + p.name
+        for p in checkpoints_dir.iterdir()
+        if p.is_dir() and (p / CONFIG_NAME).is_file() and (p / WEIGHTS_NAME).is_file()
+    )
+
+
+def model_choices(config: AppConfig) -> list[str]:
+    """What the model dropdowns offer: training-free, the start checkpoint, the local checkpoints."""
+    choices = [TRAINING_FREE]
+    if config.checkpoint and config.checkpoint not in choices:
+        choices.append(config.checkpoint)
+    return choices + [c for c in list_checkpoints(config.checkpoints_dir) if c not in choices]
+
+
+def resolve_choice(config: AppConfig, choice: str | None) -> str | None:
+    """The checkpoint (folder or hub id) a dropdown value means; ``None`` for training-free.
+
+    Accepted: ``training-free``, the start checkpoint, ``checkpoints/<name>`` (a folder under
+    the checkpoints folder — no other local path), or a hub id ``user/name``.
+    """
+    text = (choice or "").strip()
+    if not text or text == TRAINING_FREE:
+        return None
+    if config.checkpoint and text == config.checkpoint:
+        return text
+    name = text[len(CHECKPOINTS_PREFIX) :] if text.startswith(CHECKPOINTS_PREFIX) else text
+    if "/" not in name and (config.checkpoints_dir / name).is_dir():
+        return str(confine(config.checkpoints_dir, name, what="checkpoint", root_name="checkpoints folder"))
+    if _HUB_ID.fullmatch(text) and ".." not in text:
+        return text
+    raise InputError(
+        f"model {text!r} is not '{TRAINING_FREE}', a checkpoint under {config.checkpoints_dir}/ "
+        "or a Hugging Face hub id like 'user/kanoclip-mvtec'; pick one from the list"
+    )
+
+
+# ---------------------------------------------------------------------------- running a model
+_CPU_COMPUTE = threading.Lock()
+
+
+@contextlib.contextmanager
+def compute_slot(model: KAnoCLIP) -> Iterator[None]:
+    """Held around a model's forward pass: on the CPU one pass at a time, on a GPU no wait.
+
+    On the CPU torch already spreads one pass over every core, so running two at once gains
+    nothing, and concurrent passes there can differ in the last digits (thread scheduling
+    changes the order of float sums); serialising them keeps every visitor's result identical
+    to a direct ``model.detect``. Decoding and drawing still run concurrently.
+    """
+    if model.device.type != "cpu":
+        yield
+        return
+    with _CPU_COMPUTE:
+        yield
+
+
+# ---------------------------------------------------------------------------- status text
+RANDOM_WARNING = (
+    "⚠️ **Random test backbone** — `{backbone}` has random weights: every score, map and ranking "
+    "shown here is meaningless plumbing, not anomaly detection. Start the app with a real CLIP "
+    "(`--backbone openai/clip-vit-large-patch14-336`) for real results."
+)
+
+
+def describe_model(model: KAnoCLIP) -> str:
+    """One Markdown paragraph: mode (and checkpoint), backbone, device, and the random warning."""
+    mode = "training-free (no checkpoint)" if model.mode == "training-free" else f"trained — checkpoint `{model.checkpoint_name}`"
+    text = f"**Mode:** {mode} · **Backbone:** `{model.backbone_name}` · **Device:** `{model.device}`"
+    if model.random_backbone:
+        text += "\n\n" + RANDOM_WARNING.format(backbone=model.backbone_name)
+    return text
+
+
+def describe_failure(error: KAnoCLIPError, what: str) -> str:
+    """Markdown shown where results would be when a model cannot be loaded."""
+    return (
+        f"❌ **{what} could not be loaded.** {error}\n\n"
+        "The app is running; Detect, Prompts and Train need a loaded model. Fix the cause above "
+        "and press the button again (or restart the app)."
+    )
+
+
+# ---------------------------------------------------------------------------- the registry
+class ModelRegistry:
+    """Models loaded on first use and cached, one per (checkpoint, backbone), least recently used evicted."""
+
+    def __init__(self, config: AppConfig, knowledge: KnowledgeStore) -> None:
+        self.config = config
+        self.knowledge = knowledge
+        self._models: OrderedDict[tuple[str | None, str | None], KAnoCLIP] = OrderedDict()
+        self._errors: dict[tuple[str | None, str | None], KAnoCLIPError] = {}
+        self._lock = threading.Lock()  # guards _models and _errors
+        self._load_lock = threading.Lock()  # serialises loading
+
+    def key(self, choice: str | None) -> tuple[str | None, str | None]:
+        return resolve_choice(self.config, choice), self.config.backbone
+
+    def get(self, choice: str | None) -> KAnoCLIP:
+        """The model for a dropdown value, loading it if needed (raises the load's :class:`KAnoCLIPError`)."""
+        key = self.key(choice)
+        model = self._cached(key)
+        if model is not None:
+            return model
+        with self._load_lock:  # one load at a time; cached models stay usable meanwhile
+            model = self._cached(key)
+            if model is not None:
+                return model
+            checkpoint, backbone = key
+            try:
+                model = KAnoCLIP.from_pretrained(
+                    checkpoint, backbone=backbone, device=self.config.device, kb=self.knowledge.snapshot()
+                )
+            except KAnoCLIPError as exc:
+                with self._lock:
+                    self._errors[key] = exc
+                raise
+            model.eval()
+            with self._lock:
+                self._errors.pop(key, None)
+                self._models[key] = model
+                while len(self._models) > self.config.max_models:
+                    self._models.popitem(last=False)
+            return model
+
+    def _cached(self, key: tuple[str | None, str | None]) -> KAnoCLIP | None:
+        with self._lock:
+            model = self._models.get(key)
+            if model is not None:
+                self._models.move_to_end(key)
+            return model
+
+    def peek(self, choice: str | None) -> KAnoCLIP | KAnoCLIPError | None:
+        """The loaded model, or the error of its last failed load, or ``None`` (never loads)."""
+        try:
+            key = self.key(choice)
+        except KAnoCLIPError as exc:
+            return exc
+        with self._lock:
+            return self._models.get(key) or self._errors.get(key)
+
+    def loaded(self) -> list[KAnoCLIP]:
+        with self._lock:
+            return list(self._models.values())
+
+    def status(self, choice: str | None) -> str:
+        """Markdown describing the model of ``choice`` as far as it is known (never loads)."""
+        state = self.peek(choice)
+        if isinstance(state, KAnoCLIP):
+            return describe_model(state)
+        if isinstance(state, KAnoCLIPError):
+            return describe_failure(state, f"The model ({choice or TRAINING_FREE}, backbone {self.config.backbone or default_backbone()})")
+        return f"**Model:** `{choice or TRAINING_FREE}` — not loaded yet (it loads on the first request)."
+
+
+# ---------------------------------------------------------------------------- knowledge base
+class KnowledgeStore:
+    """The app's knowledge base: one master copy, edited under a lock; models get copies."""
+
+    def __init__(self, config: AppConfig) -> None:
+        self.config = config
+        self._kb = KnowledgeBase.load_or_builtin(config.kb)
+        self._lock = threading.Lock()
+        self.registry: ModelRegistry | None = None  # set by the app so edits reach loaded models
+
+    def snapshot(self) -> KnowledgeBase:
+        with self._lock:
+            return self._kb.copy()
+
+    def replace(self, kb: KnowledgeBase) -> None:
+        with self._lock:
+            self._kb = kb.copy()
+        self._push()
+
+    def edit(self, change) -> KnowledgeBase:
+        """Apply ``change(kb)`` to the master copy, push it to the loaded models, return a snapshot."""
+        with self._lock:
+            work = self._kb.copy()
+            change(work)
+            self._kb = work
+        self._push()
+        return self.snapshot()
+
+    def _push(self) -> None:
+        if self.registry is not None:
+            for model in self.registry.loaded():
+                model.set_knowledge(self.snapshot())
+
+    def save_path(self, text: str | None) -> Path:
+        """Where a save may write: the ``--kb`` file itself, or a ``.json`` under the KB folder."""
+        raw = (text or "").strip() or self.config.default_kb_path()
+        if self.config.kb is not None and Path(raw).expanduser().resolve() == self.config.kb.expanduser().resolve():
+            return self.config.kb
+        if not raw.lower().endswith(".json"):
+            raise InputError(f"knowledge-base path {raw!r} must end in .json")
+        kb_dir = self.config.kb_dir
+        relative = raw[len(str(kb_dir)) + 1 :] if raw.startswith(str(kb_dir) + os.sep) else raw
+        kb_dir.mkdir(parents=True, exist_ok=True)
+        target = confine(kb_dir, relative, what="knowledge-base path", must_exist=False, root_name="knowledge-base folder")
+        if target.is_dir():
+            raise InputError(f"knowledge-base path {raw!r} is a folder; name a .json file")
+        return target
+
+    def save(self, text: str | None) -> Path:
+        path = self.save_path(text)
+        snapshot = self.snapshot()
+        snapshot.save(path)
+        return path
+
+
+@dataclass
+class AppContext:
+    """What every tab needs: the settings, the shared knowledge base and models, the start status."""
+
+    config: AppConfig
+    knowledge: KnowledgeStore
+    registry: ModelRegistry
+    startup: str = ""  # Markdown: the start model's state (or why it could not be loaded)
+
+    @classmethod
+    def create(cls, config: AppConfig) -> AppContext:
+        knowledge = KnowledgeStore(config)
+        registry = ModelRegistry(config, knowledge)
+        knowledge.registry = registry
+        ctx = cls(config=config, knowledge=knowledge, registry=registry)
+        if config.preload:
+            try:
+                registry.get(config.start_choice)
+            except KAnoCLIPError:
+                pass  # reported by status() below, where results would be
+        ctx.startup = registry.status(config.start_choice)
+        return ctx

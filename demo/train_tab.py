@@ -1,0 +1,374 @@
+"""The Train tab: train a checkpoint on a dataset under the data root or in an uploaded zip.
+
+One training runs at a time (:class:`TrainingManager`); a second request is told the app is
+busy. The training runs in a background thread; the event handler is a generator that streams
+its progress (a progress bar and live loss curves) and stops it when cancelled or when the
+visitor leaves. The finished checkpoint is written to ``checkpoints/<name>`` and added to the
+model lists of the Detect and Prompts tabs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import queue
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from kanoclip.config import default_backbone
+from kanoclip.data import KINDS, detect_kind, load_dataset, summarize
+from kanoclip.errors import InputError
+from kanoclip.viz import plot_loss_curves
+
+from demo.components import dropdown_update, user_errors
+from demo.state import CHECKPOINTS_PREFIX, AppContext, list_checkpoints, model_choices
+from demo.uploads import ZipLimits, confine, extract_zip
+
+AUTO = "auto-detect"
+SOURCES = ("folder under the data root", "uploaded zip")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+PLOT_EVERY_S = 1.0  # the loss plot is redrawn at most this often
+HEARTBEAT_S = 5.0  # without progress events, the status is re-sent this often
+TrainingAPI = tuple[type, Callable[..., Any]]  # (TrainConfig, train)
+
+
+def load_training_api() -> TrainingAPI:
+    """``(TrainConfig, train)`` from :mod:`kanoclip.training`, or a clear error when it is not installed."""
+    try:
+        from kanoclip.training import TrainConfig, train
+    except ImportError as exc:
+        raise InputError(f"training is not available in this installation ({exc}); detection still works") from None
+    return TrainConfig, train
+
+
+def make_config(config_class: type, **values: Any) -> Any:
+    """``config_class(**values)``, leaving out the values it has no field for (defaults apply)."""
+    if dataclasses.is_dataclass(config_class):
+        names = {f.name for f in dataclasses.fields(config_class)}
+        values = {k: v for k, v in values.items() if k in names}
+    return config_class(**values)
+
+
+@dataclass
+class Hyper:
+    epochs: int
+    batch_size: int
+    lr: float
+    image_size: int | None
+
+
+def check_hyper(epochs: Any, batch_size: Any, lr: Any, image_size: Any) -> Hyper:
+    try:
+        e, b, rate, size = int(epochs), int(batch_size), float(lr), int(image_size or 0)
+    except (TypeError, ValueError):
+        raise InputError("epochs, batch size and image size must be whole numbers, and the learning rate a number") from None
+    if not 1 <= e <= 1000:
+        raise InputError(f"epochs must be between 1 and 1000, got {e}")
+    if not 1 <= b <= 1024:
+        raise InputError(f"batch size must be between 1 and 1024, got {b}")
+    if not 0 < rate <= 1:
+        raise InputError(f"learning rate must be in (0, 1], got {rate}")
+    if size and not 32 <= size <= 1024:
+        raise InputError(f"image size must be 0 (the backbone's own) or between 32 and 1024, got {size}")
+    return Hyper(e, b, rate, size or None)
+
+
+def check_name(checkpoints_dir: Path, name: str | None) -> tuple[str, Path]:
+    text = (name or "").strip() or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    if not _NAME.fullmatch(text):
+        raise InputError(f"checkpoint name {text!r} may only hold letters, digits, '.', '_' and '-' (at most 64)")
+    out = checkpoints_dir / text
+    if out.exists():
+        raise InputError(f"checkpoint {CHECKPOINTS_PREFIX}{text} already exists; choose another name")
+    return text, out
+
+
+def data_folders(root: Path, limit: int = 200) -> list[str]:
+    """Folders under the data root, one and two levels down, for the folder dropdown."""
+    if not root.is_dir():
+        return []
+    found: list[str] = []
+    for first in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found.append(first.name)
+        found += [f"{first.name}/{p.name}" for p in sorted(first.iterdir()) if p.is_dir() and not p.name.startswith(".")][:20]
+        if len(found) >= limit:
+            break
+    return found[:limit]
+
+
+# ---------------------------------------------------------------------------- one training at a time
+@dataclass
+class TrainingRun:
+    owner: str
+    started: float = field(default_factory=time.time)
+    stop: threading.Event = field(default_factory=threading.Event)
+    events: queue.Queue = field(default_factory=queue.Queue)
+    thread: threading.Thread | None = None
+    result: Any = None
+    error: BaseException | None = None
+    last: Any = None  # the latest progress event
+
+    @property
+    def running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+
+class TrainingManager:
+    """Admits one training at a time; the slot is freed when its thread (or its preparation) ends."""
+
+    def __init__(self) -> None:
+        self._slot = threading.Lock()
+        self._guard = threading.Lock()
+        self.current: TrainingRun | None = None
+
+    def begin(self, owner: str) -> TrainingRun:
+        if not self._slot.acquire(blocking=False):
+            raise InputError(f"the app is busy: {self.describe()}; one training runs at a time — wait for it to finish or cancel it")
+        run = TrainingRun(owner=owner)
+        with self._guard:
+            self.current = run
+        return run
+
+    def end(self, run: TrainingRun) -> None:
+        with self._guard:
+            if self.current is run:
+                self.current = None
+                self._slot.release()
+
+    def running(self) -> TrainingRun | None:
+        with self._guard:
+            return self.current
+
+    def describe(self) -> str:
+        run = self.running()
+        if run is None:
+            return "no training is running"
+        since = dt.datetime.fromtimestamp(run.started).strftime("%H:%M:%S")
+        where = f", {stage(run.last)}" if run.last is not None else ""
+        return f"a training started at {since} is running{where}"
+
+    def launch(self, run: TrainingRun, work: Callable[[TrainingRun], Any], cleanup: Callable[[], None]) -> None:
+        """Run ``work(run)`` in a thread; the slot is released (and ``cleanup`` run) when it ends."""
+
+        def target() -> None:
+            try:
+                run.result = work(run)
+            except BaseException as exc:  # noqa: BLE001 - handed to the streaming handler
+                run.error = exc
+            finally:
+                cleanup()
+                self.end(run)
+                run.events.put(None)
+
+        run.thread = threading.Thread(target=target, name="kanoclip-train", daemon=True)
+        run.thread.start()
+
+    def cancel(self, owner: str) -> str:
+        run = self.running()
+        if run is None:
+            return "No training is running."
+        if run.owner != owner:
+            raise InputError("the running training was started by another visitor; only they can cancel it")
+        run.stop.set()
+        return "Cancelling: the training stops after the current step."
+
+
+# ---------------------------------------------------------------------------- data
+def prepare_data(ctx: AppContext, source: str, folder: str | None, zip_file: str | None, scratch: Path) -> Path:
+    """The dataset folder: confined under the data root, or the checked and extracted zip."""
+    if source == SOURCES[1]:
+        if not zip_file:
+            raise InputError("no zip uploaded; upload a dataset archive or choose a folder under the data root")
+        return extract_zip(zip_file, scratch / "data", ZipLimits())
+    return confine(ctx.config.data_root, folder or "", what="data folder")
+
+
+def summary_text(kind: str, samples: list) -> str:
+    counts = summarize(samples)
+    parts = [f"`{name}`: {c.get('n_normal', 0)} normal, {c.get('n_anomalous', 0)} anomalous" for name, c in list(counts.items())[:8]]
+    more = f" (+{len(counts) - 8} more classes)" if len(counts) > 8 else ""
+    return f"Dataset **{kind}**, {len(samples)} images — " + "; ".join(parts) + more
+
+
+def history_point(event: Any) -> dict[str, float] | None:
+    """A loss-curve point (fractional epoch + loss terms) from a progress event, if it carries losses."""
+    losses = getattr(event, "losses", None) or {}
+    if not losses:
+        return None
+    epoch, step, steps = getattr(event, "epoch", 1), getattr(event, "step", 0), max(1, getattr(event, "steps", 1) or 1)
+    point = {"epoch": (epoch - 1) + step / steps}
+    point.update({k: float(v) for k, v in losses.items()})
+    return point
+
+
+def stage(event: Any) -> str:
+    """``epoch e/E`` for a training step, ``preparing`` for a preparation step (epoch 0)."""
+    epoch = getattr(event, "epoch", 0)
+    return f"epoch {epoch}/{getattr(event, 'epochs', '?')}" if epoch >= 1 else "preparing (reading images, caching features)"
+
+
+def fraction(event: Any) -> float:
+    epochs, steps = max(1, getattr(event, "epochs", 1) or 1), max(1, getattr(event, "steps", 1) or 1)
+    done = (getattr(event, "epoch", 1) - 1) + getattr(event, "step", 0) / steps
+    return min(1.0, max(0.0, done / epochs))
+
+
+# ---------------------------------------------------------------------------- the tab
+def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], training_api: TrainingAPI | None = None) -> None:
+    config = ctx.config
+    manager = TrainingManager()
+
+    def model_updates(value: str | None = None) -> list[Any]:
+        return [dropdown_update(model_choices(config), value if i == 0 else None) for i, _ in enumerate(model_dropdowns)]
+
+    @user_errors
+    def train(
+        source: str,
+        folder: str | None,
+        kind: str | None,
+        zip_file: str | None,
+        name: str | None,
+        epochs: float,
+        batch_size: float,
+        lr: float,
+        image_size: float,
+        request: gr.Request,
+        progress: gr.Progress = gr.Progress(),
+    ) -> Iterator[tuple[Any, ...]]:
+        hyper = check_hyper(epochs, batch_size, lr, image_size)
+        checkpoint_name, out = check_name(config.checkpoints_dir, name)
+        config_class, train_fn = training_api or load_training_api()
+        run = manager.begin(getattr(request, "session_hash", None) or "anonymous")
+        scratch = Path(tempfile.mkdtemp(prefix="kanoclip-train-"))
+        launched = False
+        try:
+            yield ("Checking the data…", None, *model_updates())
+            data = prepare_data(ctx, source, folder, zip_file, scratch)
+            chosen = None if not kind or kind == AUTO else kind
+            found = chosen or detect_kind(data)
+            samples = load_dataset(found, data)
+            described = summary_text(found, samples)
+            kb_file = scratch / "knowledge_base.json"
+            ctx.knowledge.snapshot().save(kb_file)
+            train_config = make_config(
+                config_class,
+                data=[f"{found}={data}"],
+                out=out,
+                epochs=hyper.epochs,
+                batch_size=hyper.batch_size,
+                lr=hyper.lr,
+                image_size=hyper.image_size,
+                kb=str(kb_file),
+                backbone=config.backbone or default_backbone(),
+                device=config.device,
+                on_bad_sample="skip",  # an unreadable upload is reported, not fatal
+            )
+
+            def work(run: TrainingRun) -> Any:
+                return train_fn(train_config, progress=run.events.put, should_stop=run.stop.is_set)
+
+            manager.launch(run, work, lambda: shutil.rmtree(scratch, ignore_errors=True))
+            launched = True
+            yield (f"{described}\n\nTraining started → `{CHECKPOINTS_PREFIX}{checkpoint_name}`.", None, *model_updates())
+            history: list[dict[str, float]] = []
+            last_plot = last_yield = time.time()
+            finished = False
+            while not finished:
+                try:
+                    event = run.events.get(timeout=0.5)
+                except queue.Empty:
+                    if time.time() - last_yield >= HEARTBEAT_S:  # a yield lets Gradio notice a visitor who left
+                        last_yield = time.time()
+                        yield (f"{described}\n\n{getattr(run.last, 'message', '') or 'training…'}", gr.skip(), *model_updates())
+                    continue
+                batch = [event]
+                while not run.events.empty():
+                    batch.append(run.events.get_nowait())
+                for item in batch:
+                    if item is None:
+                        finished = True
+                        continue
+                    run.last = item
+                    point = history_point(item)
+                    if point:
+                        history.append(point)
+                if run.last is not None:
+                    progress(fraction(run.last), desc=stage(run.last))
+                if finished or time.time() - last_plot >= PLOT_EVERY_S:
+                    last_plot = last_yield = time.time()
+                    message = getattr(run.last, "message", "") or "training…"
+                    yield (f"{described}\n\n{message}", plot_loss_curves(history, "Training loss (live)"), *model_updates())
+            if run.error is not None:
+                raise run.error
+            result = run.result
+            cancelled = bool(getattr(result, "cancelled", False))
+            checkpoint = getattr(result, "checkpoint", None)
+            skipped = getattr(result, "skipped", None) or []
+            final_history = getattr(result, "history", None) or history
+            if checkpoint and CHECKPOINTS_PREFIX + Path(checkpoint).name in list_checkpoints(config.checkpoints_dir):
+                choice = CHECKPOINTS_PREFIX + Path(checkpoint).name
+                verb = "Cancelled; the checkpoint so far was saved" if cancelled else "Finished"
+                text = f"{verb}: `{choice}` — it is now in the model lists of Detect and Prompts."
+            else:
+                choice = None
+                text = "Cancelled before a checkpoint was written." if cancelled else "The training ended without a checkpoint."
+            if skipped:
+                text += f" {len(skipped)} unreadable samples were skipped."
+            yield (f"{described}\n\n{text}", plot_loss_curves(final_history, "Training loss"), *model_updates(choice))
+        finally:
+            if not launched:
+                shutil.rmtree(scratch, ignore_errors=True)
+                manager.end(run)
+            elif run.running:
+                run.stop.set()  # the visitor left or the handler failed: do not train for nobody
+
+    @user_errors
+    def cancel(request: gr.Request) -> str:
+        return manager.cancel(getattr(request, "session_hash", None) or "anonymous")
+
+    with gr.Tab("Train", id="train"):
+        gr.Markdown(
+            "Train the prompts, Bi-CMCI and the Conv-Adapter on an auxiliary dataset (paper §2.5). "
+            f"Data comes from a folder under the data root (`{config.data_root}`) or from an uploaded zip in one of "
+            f"the supported layouts ({', '.join(KINDS)}). One training runs at a time."
+        )
+        with gr.Row():
+            with gr.Column():
+                source = gr.Radio(list(SOURCES), value=SOURCES[0], label="Data source")
+                folder = gr.Dropdown(
+                    choices=data_folders(config.data_root), value=None, allow_custom_value=True, label="Folder (relative to the data root)"
+                )
+                zip_file = gr.File(label="Dataset zip (≤ 2 GB, ≤ 4 GB unpacked, ≤ 100k entries)", file_types=[".zip"], type="filepath")
+                kind = gr.Dropdown(choices=[AUTO, *KINDS], value=AUTO, label="Dataset kind")
+            with gr.Column():
+                name = gr.Textbox(label="Checkpoint name (→ checkpoints/<name>)", placeholder="empty: run-<date>-<time>")
+                with gr.Row():
+                    epochs = gr.Number(value=5, precision=0, minimum=1, label="Epochs")
+                    batch_size = gr.Number(value=8, precision=0, minimum=1, label="Batch size")
+                with gr.Row():
+                    lr = gr.Number(value=1e-3, label="Learning rate")
+                    image_size = gr.Number(value=0, precision=0, minimum=0, label="Image size (0 = backbone's)")
+                with gr.Row():
+                    start = gr.Button("Start training", variant="primary")
+                    stop = gr.Button("Cancel", variant="stop")
+        status = gr.Markdown(elem_id="train-status")
+        curves = gr.Plot(label="Loss curves", format="png")
+        start.click(
+            train,
+            inputs=[source, folder, kind, zip_file, name, epochs, batch_size, lr, image_size],
+            outputs=[status, curves, *model_dropdowns],
+            api_name="train",
+            concurrency_limit=4,
+            concurrency_id="train",
+        )
+        stop.click(cancel, outputs=status, api_name="cancel_training", queue=False)
+        folder.focus(lambda: dropdown_update(data_folders(config.data_root)), outputs=folder, api_visibility="private")

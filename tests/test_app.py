@@ -1,0 +1,575 @@
+"""The Gradio app, driven over HTTP with gradio_client (and its upload checks as unit tests).
+
+The app runs in-process on 127.0.0.1 with the tiny random CLIP: every score here is plumbing,
+never accuracy. Training uses a scripted trainer (the real one is tested with kanoclip.training).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from demo import AppConfig, build_app  # noqa: E402
+from demo.uploads import ZipLimits, check_zip, confine, extract_zip  # noqa: E402
+from kanoclip import KAnoCLIP  # noqa: E402
+from kanoclip.errors import InputError  # noqa: E402
+from kanoclip.images import load_image  # noqa: E402
+from kanoclip.knowledge import KnowledgeBase  # noqa: E402
+from kanoclip.viz import heatmap_overlay  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------- helpers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Running:
+    url: str
+    config: AppConfig
+    demo: object
+
+    def client(self) -> Client:
+        return Client(self.url, verbose=False)
+
+
+def launch(config: AppConfig, **kwargs) -> Running:
+    demo = build_app(config, **kwargs)
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    return Running(url=f"http://127.0.0.1:{port}/", config=config, demo=demo)
+
+
+def app_config(tmp: Path, backbone: Path | str, **extra) -> AppConfig:
+    return AppConfig(
+        backbone=str(backbone),
+        device="cpu",
+        data_root=tmp / "data",
+        checkpoints_dir=tmp / "checkpoints",
+        kb_dir=tmp / "kb",
+        **extra,
+    )
+
+
+def mini_mvtec(root: Path, bottle_dir: Path) -> Path:
+    """A 4-image MVTec-layout dataset (real bottle images) at ``root/bottle``."""
+    for split, names in (("good", ["000.png", "001.png"]), ("broken_large", ["000.png", "001.png"])):
+        dest = root / "bottle" / "test" / split
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            shutil.copy(bottle_dir / "test" / split / name, dest / name)
+            if split != "good":
+                masks = root / "bottle" / "ground_truth" / split
+                masks.mkdir(parents=True, exist_ok=True)
+                shutil.copy(bottle_dir / "ground_truth" / split / name.replace(".png", "_mask.png"), masks)
+    return root
+
+
+def train_inputs(name: str, folder: str | None = None, *, kind: str = "auto-detect", archive: Path | None = None) -> tuple:
+    """The /train endpoint's inputs: 1 epoch, batch size 2, lr 1e-3, the backbone's image size."""
+    source = "uploaded zip" if archive else "folder under the data root"
+    return (source, folder, kind, handle_file(str(archive)) if archive else None, name, 1, 2, 1e-3, 0)
+
+
+def wait_until_idle(client: Client, deadline: float) -> bool:
+    """Whether the app reports no running training before ``deadline`` (the slot frees when the thread ends)."""
+    while time.time() < deadline:
+        try:
+            if client.predict(api_name="/cancel_training") == "No training is running.":
+                return True
+        except AppError:  # still running, and started by another session
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def error_text(excinfo: pytest.ExceptionInfo) -> str:
+    text = str(excinfo.value)
+    assert "Traceback" not in text and text.strip() not in ("", "Error", "None")
+    return text
+
+
+@dataclass
+class FakeTrainConfig:
+    """Stands for kanoclip.training.TrainConfig: the app fills only the fields it has."""
+
+    data: list
+    out: Path
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 1e-3
+    image_size: int | None = None
+    kb: str | None = None
+    backbone: str | None = None
+    device: str = "cpu"
+
+
+@dataclass
+class ScriptedTrainer:
+    """A trainer that reports steps until released (or stopped), then writes a real checkpoint."""
+
+    started: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+    configs: list = field(default_factory=list)
+    kb_classes: list = field(default_factory=list)
+    stops: int = 0  # how many trainings ended because should_stop() said so
+
+    def __call__(self, config, progress, should_stop):
+        self.configs.append(config)
+        self.kb_classes = KnowledgeBase.load(config.kb).classes()  # the file lives only while training
+        self.started.set()
+        step = 0
+        while not self.release.wait(0.05):
+            step += 1
+            progress(SimpleNamespace(epoch=1, epochs=config.epochs, step=step, steps=1000, losses={"total": 1.0 / step}, message=f"step {step}"))
+            if should_stop():
+                self.stops += 1
+                return SimpleNamespace(checkpoint=None, history=[], cancelled=True, skipped=[])
+            if step > 2000:
+                raise RuntimeError("never released")
+        KAnoCLIP.from_pretrained(backbone=config.backbone, device="cpu").save_pretrained(config.out)
+        return SimpleNamespace(checkpoint=config.out, history=[{"epoch": 1, "total": 0.5}], cancelled=False, skipped=[])
+
+
+# ---------------------------------------------------------------------------- the shared app
+@pytest.fixture(scope="module")
+def trainer() -> ScriptedTrainer:
+    return ScriptedTrainer()
+
+
+@pytest.fixture(scope="module")
+def app(tiny_backbone: Path, bottle_dir: Path, tmp_path_factory: pytest.TempPathFactory, trainer: ScriptedTrainer):
+    tmp = tmp_path_factory.mktemp("app")
+    mini_mvtec(tmp / "data" / "mvtec-mini", bottle_dir)
+    outside = tmp / "outside"
+    outside.mkdir()
+    (tmp / "data" / "escape").symlink_to(outside, target_is_directory=True)
+    running = launch(app_config(tmp, tiny_backbone), training_api=(FakeTrainConfig, trainer))
+    yield running
+    running.demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(app: Running) -> Client:
+    return app.client()
+
+
+# ---------------------------------------------------------------------------- detect
+def test_detect_bottle_gives_the_heat_map_at_the_input_size(client: Client, tiny_model, bottle_image: Path) -> None:
+    summary, score, verdict, overlay_path, region, gallery, guidance = client.predict(
+        handle_file(str(bottle_image)), "bottle", api_name="/detect"
+    )
+    direct = tiny_model.detect(bottle_image, "bottle")
+    assert 0.0 <= score <= 1.0
+    assert score == pytest.approx(direct.score, abs=1e-5)
+    assert Path(overlay_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # lossless PNG
+    overlay = Image.open(overlay_path).convert("RGB")
+    assert overlay.height == 900 and overlay.width > 900  # the colour bar is beside the 900x900 heat map
+    expected = np.asarray(heatmap_overlay(load_image(bottle_image), direct.anomaly_map), dtype=int)
+    assert np.abs(np.asarray(overlay, dtype=int)[:, :900] - expected).max() <= 2
+    assert Image.open(region["image"]).size == (900, 900)
+    assert len(region["annotations"]) == 1 and region["annotations"][0]["label"].startswith("anomalous region")
+    assert [item["caption"].split(" ")[0] for item in gallery] == ["stage"] * 4 + ["normal", "abnormal"]
+    word = "ANOMALOUS" if direct.is_anomalous else "normal"
+    assert verdict["label"].startswith(word)
+    sources = {row[1] for row in guidance["data"]}
+    assert {"LLM", "template"} <= sources
+    assert [row[3] for row in guidance["data"]] == [g.text for g in direct.guidance]  # ranked by image similarity
+    assert "training-free" in summary and "`bottle` (in the knowledge base)" in summary
+
+
+def test_random_backbone_is_called_meaningless(client: Client) -> None:
+    status = client.predict(api_name="/status")
+    assert "Random test backbone" in status and "meaningless" in status
+    assert "training-free" in status and "cpu" in status
+
+
+def test_unknown_class_and_threshold_are_used(client: Client, tiny_model, bottle_image: Path) -> None:
+    summary, score, verdict, *_ = client.predict(handle_file(str(bottle_image)), "space widget", "training-free", 0.0, 0.0, api_name="/detect")
+    direct = tiny_model.detect(bottle_image, "space widget", threshold=0.0, sigma=0.0)
+    assert score == pytest.approx(direct.score, abs=1e-5)
+    assert "not in the knowledge base" in summary
+    assert verdict["label"].startswith("ANOMALOUS")  # every score reaches threshold 0
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory: pytest.TempPathFactory, bottle_image: Path) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("bad")
+    text = tmp / "notes.png"
+    text.write_text("this is not an image\n")
+    truncated = tmp / "truncated.png"
+    data = bottle_image.read_bytes()
+    truncated.write_bytes(data[: len(data) // 3])
+    huge = tmp / "huge.png"
+    Image.new("1", (12_000, 9_000)).save(huge, optimize=False)  # 108 MP, a few hundred kB on disk
+    return {"text": text, "truncated": truncated, "huge": huge}
+
+
+@pytest.mark.parametrize(
+    ("image", "class_name", "expected"),
+    [
+        (None, "bottle", "no image"),
+        ("text", "bottle", "notes.png: not an image file"),
+        ("truncated", "bottle", "truncated.png: corrupt or truncated image"),
+        ("huge", "bottle", "megapixel"),
+        ("bottle", "", "class name is empty"),
+        ("bottle", "   ", "class name is empty"),
+    ],
+)
+def test_bad_input_gets_the_apps_message(client: Client, bad_files, bottle_image: Path, image, class_name, expected) -> None:
+    path = {"bottle": bottle_image, **bad_files}.get(image)
+    with pytest.raises(AppError) as excinfo:
+        client.predict(handle_file(str(path)) if path else None, class_name, api_name="/detect")
+    text = error_text(excinfo)
+    assert expected in text
+    assert "/tmp/gradio" not in text  # the server's cache path is not shown
+
+
+def test_bad_controls_and_models_are_refused(client: Client, bottle_image: Path) -> None:
+    with pytest.raises(AppError) as excinfo:
+        client.predict(handle_file(str(bottle_image)), "bottle", "training-free", 1.5, api_name="/detect")
+    assert "1.5" in error_text(excinfo)  # the slider's own bound check (a clear gr.Error, not a bare "Error")
+    with pytest.raises(AppError) as excinfo:
+        client.predict(handle_file(str(bottle_image)), "bottle", "../../etc", api_name="/detect")
+    assert "is not 'training-free', a checkpoint under" in error_text(excinfo)
+
+
+def test_concurrent_clients_each_get_their_own_result(app: Running, tiny_model, bottle_dir: Path, shared_data: Path) -> None:
+    jobs = [
+        (bottle_dir / "test" / "broken_large" / "000.png", "bottle"),
+        (bottle_dir / "test" / "good" / "000.png", "bottle"),
+        (bottle_dir / "test" / "contamination" / "000.png", "bottle"),
+        (shared_data / "mtd" / "MT_Crack" / "Imgs" / "exp1_num_265613.jpg", "magnetic tile"),
+        (shared_data / "mtd" / "MT_Free" / "Imgs" / "exp0_num_743.jpg", "magnetic_tile"),
+        (shared_data / "headct" / "head_ct" / "004.png", "head"),
+        (shared_data / "headct" / "head_ct" / "150.png", "brain"),
+        (bottle_dir / "test" / "broken_small" / "000.png", "screw"),
+    ]
+
+    def one(job):
+        image, name = job
+        out = Client(app.url, verbose=False).predict(handle_file(str(image)), name, api_name="/detect")
+        return out[1], Image.open(out[3]).height, out[0]
+
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        results = list(pool.map(one, jobs))
+    for (image, name), (score, height, summary) in zip(jobs, results):
+        direct = tiny_model.detect(image, name)
+        assert score == pytest.approx(direct.score, abs=1e-5), (image, name)
+        assert height == Image.open(image).height  # this request's own image
+        assert f"`{direct.class_name}`" in summary
+    assert len({round(score, 6) for score, _, _ in results}) > 1
+
+
+# ---------------------------------------------------------------------------- prompts
+def test_prompts_tab_shows_untrained_context_in_training_free_mode(client: Client, tiny_model) -> None:
+    header, tokens, heatmap, pca, kd, texts = client.predict("training-free", "bottle", api_name="/prompts")
+    assert "context vectors are untrained" in header
+    n_ctx = tiny_model.config.prompts.n_ctx
+    assert len(tokens["data"]) == 2 * n_ctx and tokens["data"][0][:2] == ["normal", "N1"]
+    assert heatmap["type"] == "matplotlib" and heatmap["plot"].startswith("data:image/png;base64,")
+    assert pca["plot"].startswith("data:image/png;base64,")
+    assert "d(w̄k, w̄a)" in kd and "d(w̄k, w̄n)" in kd
+    assert texts["data"][0][0] == "N1"
+
+
+# ---------------------------------------------------------------------------- train
+@pytest.mark.parametrize(
+    ("folder", "expected"),
+    [
+        ("../outside", "contains '..'"),
+        ("/etc", "is outside the data root"),
+        ("escape", "leads outside the data root through a symlink"),
+        ("no-such-folder", "does not exist"),
+        ("", "no data folder given"),
+    ],
+)
+def test_train_folder_is_confined_to_the_data_root(client: Client, folder: str, expected: str) -> None:
+    with pytest.raises(AppError) as excinfo:
+        client.predict(*train_inputs("", folder), api_name="/train")
+    assert expected in error_text(excinfo)
+
+
+def test_one_training_at_a_time_and_its_checkpoint_reaches_detect(app: Running, trainer: ScriptedTrainer, bottle_image: Path) -> None:
+    first, second = app.client(), app.client()
+    trainer.release.clear()
+    job = first.submit(*train_inputs("run-a", "mvtec-mini"), api_name="/train")
+    assert trainer.started.wait(30), "the training did not start"
+    with pytest.raises(AppError) as excinfo:
+        second.predict(*train_inputs("run-b", "mvtec-mini"), api_name="/train")
+    assert "busy" in error_text(excinfo) and "one training runs at a time" in str(excinfo.value)
+    with pytest.raises(AppError) as excinfo:
+        second.predict(api_name="/cancel_training")
+    assert "another visitor" in error_text(excinfo)
+    trainer.release.set()
+    status, curves, detect_model, _ = job.result(timeout=60)
+    assert "Finished: `checkpoints/run-a`" in status and "bottle" in status
+    assert curves["plot"].startswith("data:image/png;base64,")
+    assert detect_model["value"] == "checkpoints/run-a" and ["checkpoints/run-a"] * 2 in detect_model["choices"]
+    config = trainer.configs[-1]
+    assert config.data == [f"mvtec={(app.config.data_root / 'mvtec-mini').resolve()}"]
+    assert Path(config.out) == app.config.checkpoints_dir / "run-a" and config.epochs == 1 and config.batch_size == 2
+    assert "bottle" in trainer.kb_classes  # the app's knowledge base went with it
+    assert not Path(config.kb).exists()  # ...and the scratch folder was removed afterwards
+    summary, score, *_ = first.predict(handle_file(str(bottle_image)), "bottle", "checkpoints/run-a", api_name="/detect")
+    assert "trained — checkpoint" in summary and 0.0 <= score <= 1.0
+    with pytest.raises(AppError) as excinfo:  # names are not reused
+        first.predict(*train_inputs("run-a", "mvtec-mini"), api_name="/train")
+    assert "already exists" in error_text(excinfo)
+
+
+def test_training_can_be_cancelled_by_who_started_it(app: Running, trainer: ScriptedTrainer) -> None:
+    owner = app.client()
+    trainer.release.clear()
+    trainer.started.clear()
+    job = owner.submit(*train_inputs("run-cancel", "mvtec-mini", kind="mvtec"), api_name="/train")
+    assert trainer.started.wait(30)
+    assert "Cancelling" in owner.predict(api_name="/cancel_training")
+    status, *_ = job.result(timeout=60)
+    assert "Cancelled before a checkpoint was written" in status
+    assert not (app.config.checkpoints_dir / "run-cancel").exists()
+    assert owner.predict(api_name="/cancel_training") == "No training is running."
+
+
+def test_training_stops_when_its_stream_is_abandoned(app: Running, trainer: ScriptedTrainer) -> None:
+    trainer.release.clear()
+    trainer.started.clear()
+    stops_before = trainer.stops
+    job = app.client().submit(*train_inputs("run-left", "mvtec-mini"), api_name="/train")
+    assert trainer.started.wait(30)
+    job.cancel()  # what the browser does when the visitor leaves
+    deadline = time.time() + 30
+    while trainer.stops == stops_before and time.time() < deadline:
+        time.sleep(0.2)
+    assert trainer.stops == stops_before + 1, "the training kept running for nobody"
+    assert wait_until_idle(app.client(), deadline), "the training slot was not freed"
+
+
+def make_zip(path: Path, entries: dict[str, bytes], symlinks: dict[str, str] | None = None, compression=zipfile.ZIP_DEFLATED) -> Path:
+    with zipfile.ZipFile(path, "w", compression=compression) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+        for name, target in (symlinks or {}).items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            archive.writestr(info, target)
+    return path
+
+
+def zip_folder(folder: Path, path: Path) -> Path:
+    entries = {f"dataset/{p.relative_to(folder).as_posix()}": p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return make_zip(path, entries, compression=zipfile.ZIP_STORED)
+
+
+def test_train_from_an_uploaded_zip(app: Running, trainer: ScriptedTrainer, tmp_path: Path) -> None:
+    archive = zip_folder(app.config.data_root / "mvtec-mini", tmp_path / "mini.zip")
+    trainer.release.set()
+    status, *_ = app.client().predict(*train_inputs("from-zip", archive=archive), api_name="/train")
+    assert "Dataset **mvtec**, 4 images" in status and "Finished: `checkpoints/from-zip`" in status
+    data = Path(trainer.configs[-1].data[0].split("=", 1)[1])
+    assert not data.exists()  # the extracted upload is removed after the training
+    evil = make_zip(tmp_path / "evil.zip", {"../evil.txt": b"x"})
+    with pytest.raises(AppError) as excinfo:
+        app.client().predict(*train_inputs("evil", archive=evil), api_name="/train")
+    assert "points outside the archive" in error_text(excinfo)
+
+
+def test_real_training_through_the_app(tiny_backbone: Path, bottle_dir: Path, bottle_image: Path, tmp_path: Path) -> None:
+    """kanoclip.training itself, 1 epoch on 4 real bottle images with the tiny random CLIP."""
+    pytest.importorskip("kanoclip.training", reason="kanoclip.training is not in this checkout")
+    mini_mvtec(tmp_path / "data" / "mini", bottle_dir)
+    running = launch(app_config(tmp_path, tiny_backbone))
+    try:
+        client = running.client()
+        status, curves, detect_model, _ = client.predict(*train_inputs("tiny-run", "mini", kind="mvtec"), api_name="/train")
+        assert "Finished: `checkpoints/tiny-run`" in status, status
+        assert curves["plot"].startswith("data:image/png;base64,")
+        assert detect_model["value"] == "checkpoints/tiny-run"
+        summary, score, *_ = client.predict(handle_file(str(bottle_image)), "bottle", "checkpoints/tiny-run", api_name="/detect")
+        assert "trained — checkpoint" in summary and 0.0 <= score <= 1.0
+        direct = KAnoCLIP.from_pretrained(running.config.checkpoints_dir / "tiny-run", backbone=str(tiny_backbone), device="cpu")
+        assert score == pytest.approx(direct.detect(bottle_image, "bottle").score, abs=1e-5)
+    finally:
+        running.demo.close()
+
+
+# ---------------------------------------------------------------------------- uploads (unit)
+def test_zip_checks_refuse_unsafe_archives(tmp_path: Path) -> None:
+    cases = {
+        "traversal": (make_zip(tmp_path / "a.zip", {"data/../../x": b"1"}), "points outside the archive"),
+        "absolute": (make_zip(tmp_path / "b.zip", {"/etc/x": b"1"}), "absolute path"),
+        "drive": (make_zip(tmp_path / "c.zip", {"C:\\x": b"1"}), "absolute path"),
+        "backslash traversal": (make_zip(tmp_path / "d.zip", {"data\\..\\..\\x": b"1"}), "points outside the archive"),
+        "symlink": (make_zip(tmp_path / "e.zip", {"data/a.png": b"1"}, {"data/link": "/etc/passwd"}), "is a symlink"),
+        "bomb": (make_zip(tmp_path / "f.zip", {"data/zeros.bin": bytes(20 * 1024 * 1024)}), "possible zip bomb"),
+        "empty": (make_zip(tmp_path / "g.zip", {}), "holds no files"),
+    }
+    for name, (archive, expected) in cases.items():
+        with pytest.raises(InputError, match=expected):
+            check_zip(archive)
+        dest = tmp_path / f"out-{name.replace(' ', '-')}"
+        with pytest.raises(InputError):
+            extract_zip(archive, dest)
+        assert not dest.exists() or not any(dest.iterdir()), f"{name}: something was extracted"
+    assert not (tmp_path / "x").exists() and not (tmp_path.parent / "x").exists()
+
+
+def test_zip_limits_on_entries_size_and_validity(tmp_path: Path) -> None:
+    many = make_zip(tmp_path / "many.zip", {f"d/{i}.txt": b"x" for i in range(12)})
+    with pytest.raises(InputError, match="12 entries, over the 10 limit"):
+        check_zip(many, ZipLimits(max_entries=10))
+    big = make_zip(tmp_path / "big.zip", {"d/a.bin": os.urandom(4096)}, compression=zipfile.ZIP_STORED)
+    with pytest.raises(InputError, match="unpacks to more than"):
+        check_zip(big, ZipLimits(max_uncompressed=1024))
+    with pytest.raises(InputError, match="over the"):
+        check_zip(big, ZipLimits(max_compressed=1024))
+    notzip = tmp_path / "x.zip"
+    notzip.write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(InputError, match="not a valid zip archive"):
+        check_zip(notzip)
+
+
+def test_zip_that_lies_about_its_size_is_stopped_while_extracting(tmp_path: Path) -> None:
+    archive = make_zip(tmp_path / "liar.zip", {"d/a.bin": b"y" * 5000})
+    raw = bytearray(archive.read_bytes())
+    # shrink the declared uncompressed size (local header and central directory) from 5000 to 10 bytes
+    declared = (5000).to_bytes(4, "little")
+    for offset in [i for i in range(len(raw) - 3) if raw[i : i + 4] == declared]:
+        raw[offset : offset + 4] = (10).to_bytes(4, "little")
+    archive.write_bytes(bytes(raw))
+    assert check_zip(archive).uncompressed == 10  # the headers alone look harmless
+    dest = tmp_path / "out"
+    with pytest.raises(InputError, match="liar.zip cannot be extracted|more data than its header declares"):
+        extract_zip(archive, dest)
+    assert not any(dest.iterdir())  # what was written is removed
+
+
+def test_safe_zip_is_extracted(tmp_path: Path) -> None:
+    archive = make_zip(tmp_path / "ok.zip", {"ds/a/1.txt": b"one", "ds/b/2.txt": b"two", "__MACOSX/ds/._1.txt": b"junk"})
+    summary = check_zip(archive)
+    assert summary.files == 2 and summary.uncompressed == 6
+    dest = extract_zip(archive, tmp_path / "out")
+    assert (dest / "ds" / "a" / "1.txt").read_bytes() == b"one" and (dest / "ds" / "b" / "2.txt").read_bytes() == b"two"
+    assert not (dest / "__MACOSX").exists()
+
+
+def test_confine_keeps_paths_under_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    (root / "link").symlink_to(tmp_path / "secret", target_is_directory=True)
+    (root / "inner").symlink_to(root / "a", target_is_directory=True)
+    assert confine(root, "a/b") == (root / "a" / "b").resolve()
+    assert confine(root, str(root / "a")) == (root / "a").resolve()  # absolute, but inside
+    assert confine(root, "inner/b") == (root / "a" / "b").resolve()  # a symlink that stays inside
+    for bad, message in (("../secret", "'..'"), ("a/../../secret", "'..'"), (str(tmp_path / "secret"), "is outside"), ("link", "through a symlink"), ("a/missing", "does not exist")):
+        with pytest.raises(InputError, match=message):
+            confine(root, bad)
+
+
+# ---------------------------------------------------------------------------- knowledge
+@pytest.fixture()
+def kb_app(tiny_backbone: Path, tmp_path: Path):
+    running = launch(app_config(tmp_path, tiny_backbone))
+    yield running
+    running.demo.close()
+
+
+def test_knowledge_edits_reach_detection_and_save_atomically(kb_app: Running, bottle_image: Path) -> None:
+    client = kb_app.client()
+    new = ["A bottle whose rim is chipped with a sharp missing piece.", "A bottle with a brown stain on the bottom."]
+    counts, llm, table, note, *_ = client.predict("bottle", "\n".join(new) + "\n\n", api_name="/kb_apply")
+    assert llm.splitlines() == new and "2 LLM descriptions" in note
+    assert [r[1] for r in table["data"] if r[0] == "LLM"] == new
+    *_, guidance = client.predict(handle_file(str(bottle_image)), "bottle", api_name="/detect")
+    assert {row[3] for row in guidance["data"] if row[1] == "LLM"} == set(new)
+    message = client.predict("mine.json", api_name="/kb_save")
+    saved = kb_app.config.kb_dir / "mine.json"
+    assert str(saved.resolve()) in message
+    assert [d.text for d in KnowledgeBase.load(saved).descriptions("bottle") if d.source == "llm"] == new
+    for bad in ("../escape.json", "/etc/kanoclip.json", "notes.txt"):
+        with pytest.raises(AppError) as excinfo:
+            client.predict(bad, api_name="/kb_save")
+        assert "knowledge-base" in error_text(excinfo)
+
+
+def test_knowledge_generation_from_an_llm_endpoint(kb_app: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    from chat_server import ChatServer
+
+    client = kb_app.client()
+    with ChatServer() as server:
+        out = client.predict("bottle", "LLM", server.url, "test-model", "", 3, None, api_name="/kb_generate")
+        assert "Generated 3 new LLM descriptions" in out[3]
+        assert len(server.requests) >= 1
+        with pytest.raises(AppError) as excinfo:
+            client.predict("bottle", "LLM", server.url, "test-model", "HF_TOKEN", 3, None, api_name="/kb_generate")
+        assert "not allowed as an API key source" in error_text(excinfo)
+    assert "test-model" in {row[3] for row in out[2]["data"]}
+    with pytest.raises(AppError) as excinfo:
+        client.predict("bottle", "LLM", "http://127.0.0.1:9/v1", "m", "", 1, None, api_name="/kb_generate")
+    assert "connection failed" in error_text(excinfo) or "no answer" in str(excinfo.value)
+
+
+# ---------------------------------------------------------------------------- the entry point
+def test_app_py_comes_up_without_a_backbone_and_says_why(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("KANOCLIP_BACKBONE", None)
+    command = [sys.executable, str(REPO / "app.py"), "--backbone", "does-not-exist/model", "--port", str(port), "--data-root", str(tmp_path), "--no-training"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        client = None
+        while time.time() < deadline and process.poll() is None:
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.5)
+        assert client is not None, f"app.py did not come up: {process.stdout.read().decode(errors='replace')[-2000:] if process.poll() is not None else 'timeout'}"
+        endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+        assert "/detect" in endpoints and "/train" not in endpoints  # --no-training hides the Train tab
+        status = client.predict(api_name="/status")
+        assert "could not be loaded" in status and "HF_HUB_OFFLINE" in status and "hf download does-not-exist/model" in status
+        with pytest.raises(AppError) as excinfo:
+            client.predict(handle_file(str(REPO / "demo" / "examples" / "bottle_broken_large_000.png")), "bottle", api_name="/detect")
+        assert "does-not-exist/model" in error_text(excinfo)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_examples_and_their_credits_ship_with_the_app() -> None:
+    from demo.detect_tab import EXAMPLES, EXAMPLES_DIR
+
+    credits = (EXAMPLES_DIR / "CREDITS.md").read_text()
+    for name, _ in EXAMPLES:
+        assert (EXAMPLES_DIR / name).is_file() and name in credits
+        load_image(EXAMPLES_DIR / name)
+    assert "CC BY-NC-SA 4.0" in credits and "Bergmann" in credits and "Huang" in credits and "Kitamura" in credits
