@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kanoclip import KAnoCLIP, KnowledgeBase
+from kanoclip.backbone import Backbone
 from kanoclip.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from kanoclip.config import default_backbone
 from kanoclip.errors import InputError, KAnoCLIPError
@@ -177,6 +178,8 @@ class ModelRegistry:
         self._errors: dict[tuple[str | None, str | None], KAnoCLIPError] = {}
         self._lock = threading.Lock()  # guards _models and _errors
         self._load_lock = threading.Lock()  # serialises loading
+        # Models of the same backbone share it (frozen, never written): one copy in memory.
+        self._backbones: dict[tuple[str, str], Backbone] = {}
 
     def key(self, choice: str | None) -> tuple[str | None, str | None]:
         return resolve_choice(self.config, choice), self.config.backbone
@@ -194,7 +197,11 @@ class ModelRegistry:
             checkpoint, backbone = key
             try:
                 model = KAnoCLIP.from_pretrained(
-                    checkpoint, backbone=backbone, device=self.config.device, kb=self.knowledge.snapshot()
+                    checkpoint,
+                    backbone=backbone,
+                    device=self.config.device,
+                    kb=self.knowledge.snapshot(),
+                    backbone_cache=self._backbones,
                 )
             except KAnoCLIPError as exc:
                 with self._lock:

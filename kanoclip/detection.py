@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -29,26 +32,43 @@ class Guidance:
 class Detection:
     """One image's anomaly detection.
 
-    ``anomaly_map`` (eq. 10) and the other maps are float32 arrays of the input image's
-    (H, W) in [0, 1]. ``stage_maps`` are the per-stage anomaly probabilities ``M_i^a``;
-    ``normal_map`` and ``abnormal_map`` are ``M^n`` and ``M^a`` of eq. 9.
+    ``anomaly_map`` (eq. 10) is a float32 array of the input image's (H, W) in [0, 1].
+    ``stage_maps`` (the per-stage anomaly probabilities ``M_i^a``), ``normal_map`` and
+    ``abnormal_map`` (``M^n`` and ``M^a`` of eq. 9) are too; they are kept at the model's
+    resolution and upsampled to (H, W) on first access, so callers that only need the score
+    and the map do not pay for them.
     """
 
     score: float
     threshold: float
     anomaly_map: np.ndarray
-    stage_maps: list[np.ndarray]
-    normal_map: np.ndarray
-    abnormal_map: np.ndarray
     class_name: str
     known_class: bool
     mode: Literal["training-free", "trained"]
     guidance: list[Guidance] = field(default_factory=list)
     image: str = ""
+    # [M^n, M^a, M_1^a .. M_n^a] at the model's resolution, (2 + n_stages, S, S)
+    model_maps: np.ndarray = field(default_factory=lambda: np.zeros((0, 1, 1), np.float32), repr=False)
 
     @property
     def is_anomalous(self) -> bool:
         return self.score >= self.threshold
+
+    @cached_property
+    def _full_maps(self) -> np.ndarray:
+        return upsample_maps(self.model_maps, self.anomaly_map.shape)
+
+    @property
+    def normal_map(self) -> np.ndarray:
+        return self._full_maps[0]
+
+    @property
+    def abnormal_map(self) -> np.ndarray:
+        return self._full_maps[1]
+
+    @property
+    def stage_maps(self) -> list[np.ndarray]:
+        return list(self._full_maps[2:])
 
     def to_dict(self) -> dict:
         """A JSON-ready summary (without the maps)."""
@@ -60,3 +80,11 @@ class Detection:
             "is_anomalous": self.is_anomalous,
             "mode": self.mode,
         }
+
+
+def upsample_maps(maps: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(n, h, w) maps -> (n, H, W) float32 in [0, 1], bilinear."""
+    tensor = torch.as_tensor(maps, dtype=torch.float32)
+    if tuple(tensor.shape[-2:]) != tuple(size):
+        tensor = F.interpolate(tensor.unsqueeze(0), size=size, mode="bilinear", align_corners=False)[0]
+    return tensor.clamp_(0.0, 1.0).numpy()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +34,7 @@ from kanoclip.backbone import Backbone, load_backbone
 from kanoclip.bicmci import BiCMCI
 from kanoclip.checkpoint import read_checkpoint, write_checkpoint
 from kanoclip.config import BACKBONE_ENV, KAnoCLIPConfig
-from kanoclip.detection import Detection, Guidance
+from kanoclip.detection import Detection, Guidance, upsample_maps
 from kanoclip.errors import CheckpointError, InputError
 from kanoclip.images import ImageInput, describe, load_image, preprocess
 from kanoclip.knowledge import KnowledgeBase
@@ -113,11 +113,14 @@ class KAnoCLIP(nn.Module):
         kb: str | os.PathLike[str] | KnowledgeBase | None = None,
         config: KAnoCLIPConfig | None = None,
         cache_dir: str | None = None,
+        backbone_cache: MutableMapping[tuple[str, str], Backbone] | None = None,
     ) -> KAnoCLIP:
         """Load a model: training-free with ``checkpoint=None``, else a checkpoint folder or hub id.
 
         ``backbone`` defaults to ``$KANOCLIP_BACKBONE``, else the checkpoint's (or ViT-L/14@336px);
         ``kb`` defaults to the checkpoint's knowledge base (or the built-in one).
+        ``backbone_cache``, a mapping the caller owns, lets several models (say, training-free and
+        a checkpoint) share one frozen backbone in memory instead of loading it once each.
         """
         files = read_checkpoint(checkpoint) if checkpoint is not None else None
         cfg = config or (files.config if files else KAnoCLIPConfig())
@@ -126,7 +129,13 @@ class KAnoCLIP(nn.Module):
         cfg = replace(cfg, backbone=backbone or os.environ.get(BACKBONE_ENV) or cfg.backbone)
         knowledge = _knowledge_from(kb, files.folder if files else None)
         torch_device = resolve_device(device)
-        model = cls(load_backbone(cfg.backbone, device=torch_device, cache_dir=cache_dir), cfg, knowledge)
+        key = (cfg.backbone, str(torch_device))
+        loaded = backbone_cache.get(key) if backbone_cache is not None else None
+        if loaded is None:
+            loaded = load_backbone(cfg.backbone, device=torch_device, cache_dir=cache_dir)
+            if backbone_cache is not None:
+                backbone_cache[key] = loaded
+        model = cls(loaded, cfg, knowledge)
         model.to(torch_device)
         if files is not None:
             model.load_trainable_state_dict(files.state_dict, source=str(files.folder), trained_backbone=files.config.backbone)
@@ -344,23 +353,18 @@ class KAnoCLIP(nn.Module):
         threshold = self.config.scoring.threshold if threshold is None else float(threshold)
         results = []
         for i, (pil, (name, known)) in enumerate(zip(pil_images, resolved)):
-            height, width = pil.height, pil.width
-            stack = torch.cat([out.anomaly_map[i : i + 1], out.normal[i : i + 1], out.abnormal[i : i + 1], out.stage_abnormal[i]])
-            full = F.interpolate(stack.unsqueeze(0).float(), size=(height, width), mode="bilinear", align_corners=False)[0]
-            full = full.clamp_(0.0, 1.0).cpu().numpy()
+            model_maps = torch.cat([out.normal[i : i + 1], out.abnormal[i : i + 1], out.stage_abnormal[i]]).float().cpu()
             results.append(
                 Detection(
                     score=float(out.score[i].clamp(0, 1)),
                     threshold=threshold,
-                    anomaly_map=full[0],
-                    normal_map=full[1],
-                    abnormal_map=full[2],
-                    stage_maps=list(full[3:]),
+                    anomaly_map=upsample_maps(out.anomaly_map[i : i + 1].float().cpu(), (pil.height, pil.width))[0],
                     class_name=name,
                     known_class=known,
                     mode=self.mode,
                     guidance=self._guidance(name, out, visual, i),
                     image=describe(images[i]),
+                    model_maps=model_maps.numpy(),
                 )
             )
         return results

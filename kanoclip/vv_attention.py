@@ -55,19 +55,36 @@ class CLIPVV:
         self.vv_enabled = vv_enabled
 
     @contextmanager
-    def _capture_values(self, last_layer: int):
-        """Collect each replaced block's value projection ``V_l`` during the original forward."""
-        values: dict[int, torch.Tensor] = {}
+    def _capture(self, vv: bool):
+        """Record, during the original forward, what the V-V path and the stages need.
+
+        ``values[l]``: block l's value projection ``V_l`` (replaced blocks); ``start``: the input
+        of the first replaced block; ``outputs[l]``: the original path's output of block l, for
+        stages taken from the original path. Hooks rather than ``output_hidden_states``, which
+        would keep every layer's tokens (measurably slower on ViT-L).
+        """
+        layers = self.vision_model.encoder.layers
+        captured: dict[str, dict[int, torch.Tensor]] = {"values": {}, "start": {}, "outputs": {}}
         handles = []
-        for layer in range(self.first_replaced, last_layer + 1):
-            v_proj = self.vision_model.encoder.layers[layer - 1].self_attn.v_proj
 
-            def hook(_module, _inputs, output, layer=layer):
-                values[layer] = output
+        def keep(kind: str, layer: int):
+            def hook(_module, _inputs, output):
+                captured[kind][layer] = output
 
-            handles.append(v_proj.register_forward_hook(hook))
+            return hook
+
+        def keep_input(_module, args):
+            captured["start"][0] = args[0]
+
+        if vv:
+            handles.append(layers[self.first_replaced - 1].register_forward_pre_hook(keep_input))
+            for layer in range(self.first_replaced, self.stage_layers[-1] + 1):
+                handles.append(layers[layer - 1].self_attn.v_proj.register_forward_hook(keep("values", layer)))
+        for layer in self.stage_layers:
+            if not vv or layer < self.first_replaced:
+                handles.append(layers[layer - 1].register_forward_hook(keep("outputs", layer)))
         try:
-            yield values
+            yield captured
         finally:
             for handle in handles:
                 handle.remove()
@@ -88,29 +105,23 @@ class CLIPVV:
         """``pixel_values``: (B, 3, S, S), normalised. Returns global and stage features."""
         size = pixel_values.shape[-1]
         native = int(self.vision_model.config.image_size)
-        last = self.stage_layers[-1]
-        with self._capture_values(last if self.vv_enabled else 0) as values:
-            out = self.vision_model(
-                pixel_values=pixel_values,
-                output_hidden_states=True,
-                interpolate_pos_encoding=size != native,
-            )
-        hidden = out.hidden_states  # depth + 1 x (B, T, width); hidden[l] = output of layer l
+        with self._capture(self.vv_enabled) as captured:
+            out = self.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=size != native)
         global_feature = self.visual_projection(out.pooler_output)  # pooler = post_layernorm(CLS)
 
-        stages: list[torch.Tensor] = []
+        stages: dict[int, torch.Tensor] = {layer: t[:, 1:] for layer, t in captured["outputs"].items()}
         if self.vv_enabled:
             # Out-of-place additions only: each stored stage is its own tensor, so later
             # blocks cannot overwrite it (the bug that made public implementations' 4
             # "stages" all equal the last one).
-            state = hidden[self.first_replaced - 1]
-            for layer in range(self.first_replaced, last + 1):
-                state = state + self._vv_attention(layer, values[layer])
+            state = captured["start"][0]  # S_{l-1} at the first replaced block, (B, T, width)
+            for layer in range(self.first_replaced, self.stage_layers[-1] + 1):
+                state = state + self._vv_attention(layer, captured["values"][layer])
                 if layer in self.stage_layers:
-                    stages.append(state[:, 1:])
-            before = [hidden[s][:, 1:] for s in self.stage_layers if s < self.first_replaced]
-            stages = before + stages
-        else:
-            stages = [hidden[s][:, 1:] for s in self.stage_layers]
+                    stages[layer] = state[:, 1:]
         grid = (size // self.patch_size, size // self.patch_size)
-        return VisualFeatures(global_feature=global_feature, stages=[self.project(s) for s in stages], grid=grid)
+        return VisualFeatures(
+            global_feature=global_feature,
+            stages=[self.project(stages[layer]) for layer in self.stage_layers],
+            grid=grid,
+        )

@@ -211,3 +211,12 @@ def test_short_training_overfits_painted_defects(small_config, bottle_dir):
     assert roc_auc_score(masks.flatten().numpy(), final.flatten().numpy()) > 0.9
     changed = {k for k, v in model.trainable_state_dict().items() if not torch.equal(v, start[k])}
     assert {k.split(".")[0] for k in changed} == {"prompt_learner", "bicmci", "adapter"}
+
+
+def test_models_can_share_one_backbone(small_config, tmp_path):
+    folder = fresh_model(small_config).save_pretrained(tmp_path / "ck")
+    cache: dict = {}
+    free = KAnoCLIP.from_pretrained(config=small_config, device="cpu", backbone_cache=cache)
+    trained = KAnoCLIP.from_pretrained(folder, device="cpu", backbone_cache=cache)
+    assert len(cache) == 1
+    assert trained.clip is free.clip and trained.mode == "trained" and free.mode == "training-free"

@@ -85,3 +85,13 @@ def test_other_input_sizes_interpolate_positions(clip):
     features = CLIPVV(clip, VVConfig())(torch.randn(1, 3, 140, 140))
     assert features.grid == (10, 10)
     assert features.stages[0].shape[1] == 100
+
+
+def test_stages_before_the_vv_path_are_the_original_tokens(clip, pixels):
+    """With fewer replaced blocks, an early stage is the original path's tokens at that layer."""
+    view = CLIPVV(clip, VVConfig(num_replaced_blocks=6))  # blocks 3..8; stages 2, 4, 6, 8
+    assert view.first_replaced == 3
+    hidden = clip.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    stages = view(pixels).stages
+    torch.testing.assert_close(stages[0], view.project(hidden[2][:, 1:]), atol=1e-5, rtol=1e-5)
+    assert (stages[1] - view.project(hidden[4][:, 1:])).abs().max() > 1e-3  # V-V by layer 4
