@@ -40,11 +40,11 @@ class PromptConfig:
 class VVConfig:
     """CLIP-VV (eq. 4-8): which blocks get the V-V path, and which layers are the stages.
 
-    ``num_replaced_blocks=None`` replaces the last ``round(depth * 5 / 6)`` blocks
-    (20 of ViT-L/14's 24). The first stage is layer ``depth / 4`` (6 on ViT-L/14), so the
-    V-V path must start before it for that stage to carry local (V-V) information; 20
-    blocks start it at layer 5 — the same depth AnomalyCLIP uses for its V-V attention.
-    ``stage_layers=None`` takes layers ``depth * i / 4`` for i = 1..4 (6/12/18/24).
+    ``stage_layers=None`` takes layers ``depth * i / 4`` for i = 1..4 (6/12/18/24 on ViT-L/14).
+    ``num_replaced_blocks=None`` replaces every block from the first stage's layer on (19 of
+    ViT-L/14's 24: layers 6..24), so each of the 4 stages is an output of the V-V path — the
+    paper takes all its patch features from it — while no block is replaced whose V-V output
+    no stage would read. Each replaced block costs about 0.8% of the backbone's time on ViT-L.
     """
 
     num_replaced_blocks: int | None = None
@@ -52,14 +52,14 @@ class VVConfig:
 
     def resolve(self, depth: int) -> tuple[int, tuple[int, ...]]:
         """Return (first replaced layer, stage layers), both 1-based, for a given depth."""
-        n_replaced = self.num_replaced_blocks
-        if n_replaced is None:
-            n_replaced = max(1, round(depth * 5 / 6))
-        if not 1 <= n_replaced <= depth:
-            raise ValueError(f"num_replaced_blocks must be in [1, {depth}], got {n_replaced}")
         stages = self.stage_layers or tuple(max(1, round(depth * i / 4)) for i in range(1, 5))
         if any(not 1 <= s <= depth for s in stages) or list(stages) != sorted(set(stages)):
             raise ValueError(f"stage_layers must be increasing layers in [1, {depth}], got {stages}")
+        n_replaced = self.num_replaced_blocks
+        if n_replaced is None:
+            n_replaced = depth - stages[0] + 1
+        if not 1 <= n_replaced <= depth:
+            raise ValueError(f"num_replaced_blocks must be in [1, {depth}], got {n_replaced}")
         return depth - n_replaced + 1, tuple(stages)
 
 

@@ -120,8 +120,6 @@ class CLIPVV:
                 if layer in self.stage_layers:
                     stages[layer] = state[:, 1:]
         grid = (size // self.patch_size, size // self.patch_size)
-        return VisualFeatures(
-            global_feature=global_feature,
-            stages=[self.project(stages[layer]) for layer in self.stage_layers],
-            grid=grid,
-        )
+        # One LN + projection over all stages' tokens (per-token ops, so the same as one each).
+        projected = self.project(torch.cat([stages[layer] for layer in self.stage_layers], dim=1))
+        return VisualFeatures(global_feature=global_feature, stages=list(projected.chunk(len(self.stage_layers), dim=1)), grid=grid)

@@ -22,7 +22,7 @@ def pixels():
 
 
 def test_default_layout_scales_with_depth():
-    assert VVConfig().resolve(24) == (5, (6, 12, 18, 24))  # ViT-L/14: 20 replaced blocks
+    assert VVConfig().resolve(24) == (6, (6, 12, 18, 24))  # ViT-L/14: blocks 6..24 replaced
     assert VVConfig().resolve(8) == (2, (2, 4, 6, 8))
     assert VVConfig(num_replaced_blocks=6).resolve(12) == (7, (3, 6, 9, 12))
     with pytest.raises(ValueError):
