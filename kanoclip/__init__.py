@@ -25,7 +25,7 @@ _EXPORTS = {
     "KnowledgeBase": "kanoclip.knowledge",
     "KAnoCLIPError": "kanoclip.errors",
 }
-__all__ = list(_EXPORTS)
+__all__ = ["KAnoCLIP", "KAnoCLIPConfig", "Detection", "Guidance", "KnowledgeBase", "KAnoCLIPError"]
 
 if TYPE_CHECKING:
     from kanoclip.config import KAnoCLIPConfig

@@ -11,7 +11,7 @@ from PIL import Image
 
 from kanoclip.cli import main
 from kanoclip.viz import colorbar_image
-from test_training import corrupt, one_thread  # noqa: F401 - one_thread is a fixture
+from test_training import corrupt
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def _detect(capsys, tiny_backbone, *args: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_one_line_per_image(capsys, tiny_backbone, image_folder, one_thread):
+def test_one_line_per_image(capsys, tiny_backbone, image_folder):
     code, out, _ = _detect(capsys, tiny_backbone, str(image_folder))
     assert code == 0
     lines = [line.split("\t") for line in out.splitlines()]
@@ -58,7 +58,7 @@ def test_one_line_per_image(capsys, tiny_backbone, image_folder, one_thread):
     assert code == 0 and out.strip().endswith("\tanomalous") and len(out.splitlines()) == 1
 
 
-def test_json_output_with_an_unreadable_image(capsys, tiny_backbone, with_corrupt, one_thread):
+def test_json_output_with_an_unreadable_image(capsys, tiny_backbone, with_corrupt):
     code, out, err = _detect(capsys, tiny_backbone, str(with_corrupt), "--json")
     assert code == 1
     results = json.loads(out)  # stdout is exactly one JSON document
@@ -73,7 +73,7 @@ def test_json_output_with_an_unreadable_image(capsys, tiny_backbone, with_corrup
     assert "broken.png" in err
 
 
-def test_out_writes_overlays_of_the_input_size_and_a_csv(capsys, tiny_backbone, with_corrupt, tmp_path, one_thread):
+def test_out_writes_overlays_of_the_input_size_and_a_csv(capsys, tiny_backbone, with_corrupt, tmp_path):
     out_dir = tmp_path / "out"
     code, out, _ = _detect(capsys, tiny_backbone, str(with_corrupt), "--out", str(out_dir))
     assert code == 1 and len(out.splitlines()) == 3
@@ -101,7 +101,7 @@ def test_errors_are_one_line(capsys, tiny_backbone, image_folder, tmp_path):
     assert code == 2 and len(err) == 1 and "holds no images" in err[0]
 
 
-def test_backbone_defaults_to_the_environment(capsys, tiny_backbone, image_folder, monkeypatch, one_thread):
+def test_backbone_defaults_to_the_environment(capsys, tiny_backbone, image_folder, monkeypatch):
     monkeypatch.setenv("KANOCLIP_BACKBONE", str(tiny_backbone))
     code = main(["detect", str(image_folder / "c.png"), "--class", "bottle", "--device", "cpu", "--json"])
     (result,) = json.loads(capsys.readouterr().out)

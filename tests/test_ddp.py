@@ -12,10 +12,10 @@ from kanoclip import KAnoCLIP
 from kanoclip.checkpoint import CONFIG_NAME, KB_NAME, WEIGHTS_NAME, read_checkpoint
 from kanoclip.training import train
 from kanoclip.training.state import STATE_DIR, STATE_JSON
-from test_training import REPO, SIZE, cli_env, make_small_mvtec, one_thread, quick_config  # noqa: F401 - one_thread is a fixture
+from test_training import REPO, SIZE, cli_env, make_small_mvtec, quick_config
 
 
-def test_two_processes_write_the_single_process_checkpoint_format(tiny_backbone, bottle_dir, tmp_path, one_thread):
+def test_two_processes_write_the_single_process_checkpoint_format(tiny_backbone, bottle_dir, tmp_path):
     data = make_small_mvtec(tmp_path / "data", bottle_dir, n_good=4, n_bad=4)
     out = tmp_path / "ddp"
     command = [

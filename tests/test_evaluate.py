@@ -20,7 +20,7 @@ from kanoclip.data import load_dataset, load_mask
 from kanoclip.evaluation.evaluate import RANDOM_WARNING, evaluate, format_report
 from kanoclip.evaluation.metrics import METRIC_KEYS, compute_metrics
 from kanoclip.images import load_image, preprocess
-from test_training import make_small_mvtec, one_thread, run_cli  # noqa: F401 - one_thread is a fixture
+from test_training import make_small_mvtec, run_cli
 
 CLASS_KEYS = {"n_normal", "n_anomalous", *METRIC_KEYS}
 
@@ -64,7 +64,7 @@ def _expected(model: KAnoCLIP, kind: str, root: Path, batch_size: int) -> dict:
     return compute_metrics(labels, scores, masks, np.concatenate(maps) if masks is not None else None)
 
 
-def test_report_metrics_are_compute_metrics_of_the_same_scores(tiny_model, small_sets, one_thread):
+def test_report_metrics_are_compute_metrics_of_the_same_scores(tiny_model, small_sets):
     seen: list[tuple[int, int]] = []
     results = evaluate(tiny_model, small_sets, batch_size=3, progress=lambda d, t: seen.append((d, t)))
 
@@ -100,7 +100,7 @@ def test_report_metrics_are_compute_metrics_of_the_same_scores(tiny_model, small
     assert "| headct | **mean** | 3 | 3 |" in report
 
 
-def test_mean_is_over_classes(tiny_model, bottle_dir, tmp_path, one_thread):
+def test_mean_is_over_classes(tiny_model, bottle_dir, tmp_path):
     root = make_small_mvtec(tmp_path / "two", bottle_dir, n_good=3, n_bad=3)
     (root / "bottle").rename(root / "cable")  # a second class: same images, another class name
     make_small_mvtec(root, bottle_dir, n_good=2, n_bad=2)

@@ -75,15 +75,6 @@ def corrupt(path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def one_thread():
-    """Run in-process model code on one thread (see :func:`cli_env`), restoring the setting after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def small_mvtec(tmp_path_factory, bottle_dir) -> Path:
     return make_small_mvtec(tmp_path_factory.mktemp("small-mvtec"), bottle_dir)
@@ -98,7 +89,7 @@ def quick_config(data_root: Path, out: Path, backbone: Path, **kw) -> TrainConfi
 # ----------------------------------------------------------------------------- training
 
 
-def test_train_writes_checkpoint_state_history_and_curve(small_mvtec, tiny_backbone, tmp_path, one_thread):
+def test_train_writes_checkpoint_state_history_and_curve(small_mvtec, tiny_backbone, tmp_path):
     reports: list[TrainProgress] = []
     out = tmp_path / "run"
     result = train(quick_config(small_mvtec, out, tiny_backbone), progress=reports.append)
@@ -140,7 +131,7 @@ def test_train_writes_checkpoint_state_history_and_curve(small_mvtec, tiny_backb
         train(quick_config(small_mvtec, out, tiny_backbone, seed=1, resume=True))
 
 
-def test_feature_cache_encodes_each_image_once(small_mvtec, tiny_backbone, tmp_path, monkeypatch, one_thread):
+def test_feature_cache_encodes_each_image_once(small_mvtec, tiny_backbone, tmp_path, monkeypatch):
     encoded: list[int] = []
     original = KAnoCLIP.encode_image
 
@@ -195,7 +186,7 @@ def mvtec_with_bad_image(tmp_path, bottle_dir) -> tuple[Path, Path]:
     return root, bad
 
 
-def test_bad_sample_stops_training_naming_it(mvtec_with_bad_image, tiny_backbone, tmp_path, one_thread):
+def test_bad_sample_stops_training_naming_it(mvtec_with_bad_image, tiny_backbone, tmp_path):
     root, bad = mvtec_with_bad_image
     with pytest.raises(DatasetError, match="001.png") as info:
         train(quick_config(root, tmp_path / "out", tiny_backbone, epochs=1))
@@ -203,7 +194,7 @@ def test_bad_sample_stops_training_naming_it(mvtec_with_bad_image, tiny_backbone
     assert not (tmp_path / "out" / WEIGHTS_NAME).exists()
 
 
-def test_bad_sample_is_skipped_and_listed(mvtec_with_bad_image, tiny_backbone, tmp_path, one_thread):
+def test_bad_sample_is_skipped_and_listed(mvtec_with_bad_image, tiny_backbone, tmp_path):
     root, bad = mvtec_with_bad_image
     messages: list[str] = []
     out = tmp_path / "out"
@@ -215,7 +206,7 @@ def test_bad_sample_is_skipped_and_listed(mvtec_with_bad_image, tiny_backbone, t
     assert read_checkpoint(out).metadata["n_train_samples"] == 5
 
 
-def test_should_stop_cancels_between_steps(small_mvtec, tiny_backbone, tmp_path, one_thread):
+def test_should_stop_cancels_between_steps(small_mvtec, tiny_backbone, tmp_path):
     calls = {"n": 0}
 
     def stop_in_first_epoch() -> bool:
@@ -231,7 +222,7 @@ def test_should_stop_cancels_between_steps(small_mvtec, tiny_backbone, tmp_path,
     assert (tmp_path / "out" / WEIGHTS_NAME).is_file()
 
 
-def test_push_uploads_only_the_checkpoint_files(small_mvtec, tiny_backbone, tmp_path, monkeypatch, one_thread):
+def test_push_uploads_only_the_checkpoint_files(small_mvtec, tiny_backbone, tmp_path, monkeypatch):
     import kanoclip.checkpoint as checkpoint
 
     uploaded: dict[str, list[str]] = {}
