@@ -43,8 +43,11 @@ def backbone_option(args: argparse.Namespace) -> str | None:
 
 def load_model(args: argparse.Namespace):
     """The model the options describe (errors are one-line :class:`KAnoCLIPError`)."""
+    from transformers.utils import logging as hf_logging
+
     from kanoclip.model import KAnoCLIP
 
+    hf_logging.disable_progress_bar()  # the command shows its own progress; no per-shard bars
     return KAnoCLIP.from_pretrained(args.checkpoint, backbone=backbone_option(args), device=args.device, kb=args.kb)
 
 
