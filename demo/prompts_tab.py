@@ -98,8 +98,9 @@ def build_prompts_tab(ctx: AppContext, class_choices: list[str]) -> gr.Dropdown:
         tokens = gr.Dataframe(label="Nearest vocabulary tokens of each context vector (cosine similarity)", interactive=False)
         kd = gr.Markdown()
         with gr.Row():
-            heatmap = gr.Plot(label="Cosine similarity: normal prompts, abnormal prompts, KB descriptions", format="png")
-            pca = gr.Plot(label="2-D PCA of the text features", format="png")
+            # the figures carry their own titles; a Gradio label would cover them
+            heatmap = gr.Plot(label="Cosine similarity: normal prompts, abnormal prompts, KB descriptions", format="png", show_label=False)
+            pca = gr.Plot(label="2-D PCA of the text features", format="png", show_label=False)
         texts = gr.Dataframe(label="What the labels stand for", wrap=True, interactive=False)
         button.click(
             show,
