@@ -19,7 +19,7 @@ from PIL import Image
 
 from kanoclip import KAnoCLIP
 from kanoclip.config import ScoringConfig
-from kanoclip.detection import Detection
+from kanoclip.detection import Detection, upsample_maps
 from kanoclip.errors import ImageError, InputError
 from kanoclip.images import load_image
 from kanoclip.viz import colorize, overlay_with_colorbar
@@ -58,22 +58,25 @@ def check_controls(threshold: float | None, sigma: float | None) -> tuple[float,
     return t, s
 
 
-def _shrunk(array: np.ndarray, max_side: int = GALLERY_MAX_SIDE) -> Image.Image:
-    image = Image.fromarray(colorize(array))
-    scale = max_side / max(image.size)
-    if scale < 1:
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BILINEAR)
-    return image
+def gallery_size(height: int, width: int, max_side: int = GALLERY_MAX_SIDE) -> tuple[int, int]:
+    """The input's (H, W) shrunk so that its longer side is at most ``max_side``."""
+    scale = min(1.0, max_side / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def map_gallery(det: Detection, stage_layers: tuple[int, ...] | list[int]) -> list[tuple[Image.Image, str]]:
-    """The 4 stage maps M_i^a, then M^n and M^a, coloured (jet, 0 blue .. 1 red), with captions."""
+    """The 4 stage maps M_i^a, then M^n and M^a, coloured (jet, 0 blue .. 1 red), with captions.
+
+    Upsampled from the model's resolution straight to the gallery's size, not via the input's.
+    """
+    maps = upsample_maps(det.model_maps, gallery_size(*det.anomaly_map.shape))  # [M^n, M^a, M_1^a ..]
+    images = [Image.fromarray(colorize(m)) for m in maps]
     items = [
-        (_shrunk(stage), f"stage {i} (layer {layer}): abnormal probability M{i}ᵃ")
-        for i, (stage, layer) in enumerate(zip(det.stage_maps, stage_layers), start=1)
+        (image, f"stage {i} (layer {layer}): abnormal probability M{i}ᵃ")
+        for i, (image, layer) in enumerate(zip(images[2:], stage_layers), start=1)
     ]
-    items.append((_shrunk(det.normal_map), "normal map Mⁿ (mean over stages)"))
-    items.append((_shrunk(det.abnormal_map), "abnormal map Mᵃ (mean over stages)"))
+    items.append((images[0], "normal map Mⁿ (mean over stages)"))
+    items.append((images[1], "abnormal map Mᵃ (mean over stages)"))
     return items
 
 

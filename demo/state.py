@@ -113,7 +113,9 @@ def resolve_choice(config: AppConfig, choice: str | None) -> str | None:
     name = text[len(CHECKPOINTS_PREFIX) :] if text.startswith(CHECKPOINTS_PREFIX) else text
     if "/" not in name and (config.checkpoints_dir / name).is_dir():
         return str(confine(config.checkpoints_dir, name, what="checkpoint", root_name="checkpoints folder"))
-    if _HUB_ID.fullmatch(text) and ".." not in text:
+    # a hub id only: the library would load a local folder of that name first, and no local
+    # path outside the checkpoints folder may be opened from the app
+    if _HUB_ID.fullmatch(text) and ".." not in text and not Path(text).exists():
         return text
     raise InputError(
         f"model {text!r} is not '{TRAINING_FREE}', a checkpoint under {config.checkpoints_dir}/ "

@@ -228,7 +228,11 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], trainin
     manager = TrainingManager()
 
     def model_updates(value: str | None = None) -> list[Any]:
-        return [dropdown_update(model_choices(config), value if i == 0 else None) for i, _ in enumerate(model_dropdowns)]
+        choices = model_choices(config)  # lists the checkpoints folder once
+        return [dropdown_update(choices, value if i == 0 else None) for i, _ in enumerate(model_dropdowns)]
+
+    # A new checkpoint appears only when a training ends: progress updates leave the lists alone.
+    unchanged = [gr.skip() for _ in model_dropdowns]
 
     @user_errors
     def train(
@@ -251,7 +255,7 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], trainin
         scratch = Path(tempfile.mkdtemp(prefix="kanoclip-train-"))
         launched = False
         try:
-            yield ("Checking the data…", None, *model_updates())
+            yield ("Checking the data…", None, *unchanged)
             data = prepare_data(ctx, source, folder, zip_file, scratch)
             chosen = None if not kind or kind == AUTO else kind
             found = chosen or detect_kind(data)
@@ -278,7 +282,7 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], trainin
 
             manager.launch(run, work, lambda: shutil.rmtree(scratch, ignore_errors=True))
             launched = True
-            yield (f"{described}\n\nTraining started → `{CHECKPOINTS_PREFIX}{checkpoint_name}`.", None, *model_updates())
+            yield (f"{described}\n\nTraining started → `{CHECKPOINTS_PREFIX}{checkpoint_name}`.", None, *unchanged)
             history: list[dict[str, float]] = []
             last_plot = last_yield = time.time()
             finished = False
@@ -288,7 +292,7 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], trainin
                 except queue.Empty:
                     if time.time() - last_yield >= HEARTBEAT_S:  # a yield lets Gradio notice a visitor who left
                         last_yield = time.time()
-                        yield (f"{described}\n\n{getattr(run.last, 'message', '') or 'training…'}", gr.skip(), *model_updates())
+                        yield (f"{described}\n\n{getattr(run.last, 'message', '') or 'training…'}", gr.skip(), *unchanged)
                     continue
                 batch = [event]
                 while not run.events.empty():
@@ -306,7 +310,7 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], trainin
                 if finished or time.time() - last_plot >= PLOT_EVERY_S:
                     last_plot = last_yield = time.time()
                     message = getattr(run.last, "message", "") or "training…"
-                    yield (f"{described}\n\n{message}", plot_loss_curves(history, "Training loss (live)"), *model_updates())
+                    yield (f"{described}\n\n{message}", plot_loss_curves(history, "Training loss (live)"), *unchanged)
             if run.error is not None:
                 raise run.error
             result = run.result

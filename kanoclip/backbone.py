@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from kanoclip.errors import BackboneError
+from kanoclip.errors import BackboneError, first_line
 
 RANDOM_INIT_KEY = "kanoclip_random_init"
 _ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt"]
@@ -83,13 +83,12 @@ def load_backbone(backbone: str, *, device: torch.device | str = "cpu", cache_di
     try:
         model = CLIPModel.from_pretrained(folder)
         tokenizer = CLIPTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BackboneError(f"backbone {backbone!r} at {folder} could not be loaded: {first}") from None
+        mean, std = _image_constants(folder)
+    except (OSError, ValueError) as exc:  # ValueError includes malformed JSON
+        raise BackboneError(f"backbone {backbone!r} at {folder} could not be loaded: {first_line(exc)}") from None
     model.requires_grad_(False)
     model.eval()
     model.to(device)
-    mean, std = _image_constants(folder)
     return Backbone(
         name=backbone,
         model=model,

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kanoclip.config import BiCMCIConfig
+from kanoclip.maps import similarity_probabilities
 
 
 class DeformableSelfAttention(nn.Module):
@@ -117,9 +118,7 @@ class BiCMCIStage(nn.Module):
         t = self.text_self(t)
         v_new = self.text_to_visual(v, context=t)  # visual parts attend to the text
         t = self.visual_to_text(t, context=v)  # text refined by the local visual features
-        v = v_new
-        sims = F.normalize(t, dim=-1) @ F.normalize(v, dim=-1).transpose(1, 2)  # (B, 2, L)
-        return (sims / self.temperature).softmax(dim=1)
+        return similarity_probabilities(v_new, t, self.temperature)  # (B, 2, L)
 
 
 class BiCMCI(nn.Module):

@@ -154,5 +154,6 @@ def push_to_hub(folder: str | os.PathLike[str], repo_id: str, *, private: bool =
     atomic_write_text(files.folder / "README.md", model_card(files.config, files.metadata))
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=str(files.folder), allow_patterns=["*.json", "*.safetensors", "README.md"])
+    # the checkpoint's own files only: a training folder also holds state, logs and caches
+    api.upload_folder(repo_id=repo_id, folder_path=str(files.folder), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, KB_NAME, "README.md"])
     return f"https://huggingface.co/{repo_id}"

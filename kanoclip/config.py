@@ -130,7 +130,7 @@ class KAnoCLIPConfig:
             raise CheckpointError(
                 f"{source}: config version {version!r} is not supported (expected {CONFIG_VERSION})"
             )
-        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        sections = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             if key not in sections:

@@ -70,17 +70,6 @@ class Detection:
     def stage_maps(self) -> list[np.ndarray]:
         return list(self._full_maps[2:])
 
-    def to_dict(self) -> dict:
-        """A JSON-ready summary (without the maps)."""
-        return {
-            "image": self.image,
-            "class": self.class_name,
-            "score": self.score,
-            "threshold": self.threshold,
-            "is_anomalous": self.is_anomalous,
-            "mode": self.mode,
-        }
-
 
 def upsample_maps(maps: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """(n, h, w) maps -> (n, H, W) float32 in [0, 1], bilinear."""

@@ -13,6 +13,12 @@ class KAnoCLIPError(Exception):
     """Base class of every error whose message is meant for the user."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 class BackboneError(KAnoCLIPError):
     """The CLIP backbone cannot be loaded (not cached, offline, malformed folder)."""
 

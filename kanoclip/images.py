@@ -25,13 +25,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from kanoclip.errors import ImageError
+from kanoclip.errors import ImageError, first_line
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
 MAX_PIXELS = 100_000_000  # larger images are refused (decompression-bomb guard)
 MIN_SIDE = 16  # a shorter side below this cannot be resized meaningfully to a patch grid
 _BACKGROUND = (128, 128, 128)  # neutral grey under transparent pixels
+_ORIENTATION = 0x0112  # the EXIF orientation tag
 
 
 def describe(image: ImageInput) -> str:
@@ -58,10 +59,9 @@ def load_image(image: ImageInput) -> Image.Image:
     else:
         raise ImageError(f"{name}: unsupported image type {type(image).__name__}; pass a path, bytes, a PIL image or a numpy array")
     try:
-        pil = ImageOps.exif_transpose(pil)
-        rgb = _to_rgb(pil, name)
+        rgb = _to_rgb(_upright(pil), name)
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"{name}: cannot decode the image ({_reason(exc)})") from None
+        raise ImageError(f"{name}: cannot decode the image ({first_line(exc)})") from None
     return rgb
 
 
@@ -88,8 +88,15 @@ def _open(source: str | os.PathLike | bytes, name: str) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file (unrecognised format)") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"{name}: corrupt or truncated image ({_reason(exc)})") from None
+        raise ImageError(f"{name}: corrupt or truncated image ({first_line(exc)})") from None
     return pil
+
+
+def _upright(pil: Image.Image) -> Image.Image:
+    """The image in its displayed orientation; itself (no copy) when EXIF asks for no rotation."""
+    if pil.getexif().get(_ORIENTATION, 1) in (0, 1):
+        return pil
+    return ImageOps.exif_transpose(pil)
 
 
 def _check_size(size: tuple[int, int], name: str) -> None:
@@ -108,15 +115,14 @@ def _to_rgb(pil: Image.Image, name: str) -> Image.Image:
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(pil)
         return _from_array(array.astype(np.float64) / _full_scale(array, mode), name)
-    if mode == "P":
-        pil = pil.convert("RGBA")
-    elif mode in ("LA", "PA"):
+    if mode in ("P", "LA", "PA"):
         pil = pil.convert("RGBA")
     if pil.mode == "RGBA":
         background = Image.new("RGB", pil.size, _BACKGROUND)
         background.paste(pil, mask=pil.getchannel("A"))
         return background
-    return pil.convert("RGB")
+    # already RGB (e.g. decoded once by the caller): returned as it is, not copied
+    return pil if pil.mode == "RGB" else pil.convert("RGB")
 
 
 def _full_scale(array: np.ndarray, mode: str) -> float:
@@ -147,11 +153,6 @@ def _from_array(array: np.ndarray, name: str) -> Image.Image:
         raise ImageError(f"{name}: array dtype {array.dtype} is not supported; use uint8, uint16, bool or float in [0, 1]")
     # uint8 (H, W) / (H, W, 3) / (H, W, 4) arrays map to L / RGB / RGBA
     return _to_rgb(Image.fromarray(np.ascontiguousarray(array)), name)
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def preprocess(images: list[Image.Image], size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

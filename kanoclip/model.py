@@ -27,12 +27,13 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from kanoclip.adapter import ConvAdapter
 from kanoclip.backbone import Backbone, load_backbone
 from kanoclip.bicmci import BiCMCI
-from kanoclip.checkpoint import read_checkpoint, write_checkpoint
+from kanoclip.checkpoint import KB_NAME, read_checkpoint, write_checkpoint
 from kanoclip.config import BACKBONE_ENV, KAnoCLIPConfig
 from kanoclip.detection import Detection, Guidance, upsample_maps
 from kanoclip.errors import CheckpointError, InputError
@@ -187,9 +188,10 @@ class KAnoCLIP(nn.Module):
         return self.adapter.down.weight.device
 
     def train(self, mode: bool = True) -> KAnoCLIP:
+        if mode != self.training:  # the learned parts may change (or have changed) meanwhile
+            self.clear_text_cache()
         super().train(mode)
         self.clip.eval()  # the backbone never leaves eval mode
-        self.clear_text_cache()
         return self
 
     def clear_text_cache(self) -> None:
@@ -210,6 +212,10 @@ class KAnoCLIP(nn.Module):
         return torch.autocast("cpu", enabled=False)
 
     # ------------------------------------------------------------------ forward
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Decoded RGB images -> the model's normalised input ``(B, 3, S, S)`` on the CPU."""
+        return preprocess(list(images), self.image_size, self.image_mean, self.image_std)
+
     def encode_image(self, pixel_values: torch.Tensor) -> VisualFeatures:
         """CLIP-VV features of a normalised batch ``(B, 3, S, S)`` (no gradients: frozen)."""
         with torch.no_grad(), self._autocast():
@@ -345,8 +351,7 @@ class KAnoCLIP(nn.Module):
         pil_images = [load_image(image) for image in images]
         if self.training:
             self.eval()
-        pixels = preprocess(pil_images, self.image_size, self.image_mean, self.image_std)
-        visual = self.encode_image(pixels)
+        visual = self.encode_image(self.pixel_values(pil_images))
         classes = [c for c, _ in resolved]
         with self._autocast():
             out = self.forward(visual, classes, sigma=sigma)
@@ -391,6 +396,6 @@ def _knowledge_from(kb: str | os.PathLike[str] | KnowledgeBase | None, checkpoin
         return kb
     if kb is not None:
         return KnowledgeBase.load(kb)
-    if checkpoint_folder is not None and (checkpoint_folder / "knowledge_base.json").is_file():
-        return KnowledgeBase.load(checkpoint_folder / "knowledge_base.json")
+    if checkpoint_folder is not None and (checkpoint_folder / KB_NAME).is_file():
+        return KnowledgeBase.load(checkpoint_folder / KB_NAME)
     return KnowledgeBase.builtin()

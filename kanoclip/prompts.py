@@ -24,13 +24,9 @@ from transformers import CLIPModel, CLIPTokenizer
 from transformers.masking_utils import create_causal_mask
 
 from kanoclip.config import PromptConfig
+from kanoclip.knowledge.classes import display_name as class_text  # metal_nut -> "metal nut"
 
 _PLACEHOLDER = "X"
-
-
-def class_text(class_name: str) -> str:
-    """The words for a class name in a prompt: ``metal_nut`` -> ``metal nut``."""
-    return " ".join(class_name.replace("_", " ").split())
 
 
 class TextEncoder:

@@ -6,6 +6,7 @@ using matplotlib's object API (no pyplot global state), so they are safe in serv
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from collections.abc import Mapping, Sequence
@@ -37,8 +38,12 @@ def heatmap_overlay(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 
     return Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8))
 
 
+@functools.lru_cache(maxsize=32)
 def colorbar_image(height: int, cmap: str = CMAP, width: int = 90) -> Image.Image:
-    """A vertical colour bar (0 at the bottom, 1 at the top) as an RGB image of the given height."""
+    """A vertical colour bar (0 at the bottom, 1 at the top) as an RGB image of the given height.
+
+    Cached: it depends on its arguments alone (callers paste it, never modify it).
+    """
     dpi = 100
     fig = Figure(figsize=(width / dpi, max(height, 120) / dpi), dpi=dpi)
     FigureCanvasAgg(fig)
@@ -63,29 +68,19 @@ def overlay_with_colorbar(image: Image.Image, anomaly_map: np.ndarray, alpha: fl
     return canvas
 
 
-def region_outline(image: Image.Image, anomaly_map: np.ndarray, threshold: float, color: tuple[int, int, int] = (255, 0, 0)) -> Image.Image:
-    """The image with the region ``anomaly_map >= threshold`` tinted and outlined."""
-    mask = anomaly_map >= threshold
-    base = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
-    tint = np.array(color, dtype=np.float32)
-    base[mask] = 0.6 * base[mask] + 0.4 * tint
-    edge = mask & ~_erode(mask)
-    base[edge] = tint
-    return Image.fromarray(np.clip(base + 0.5, 0, 255).astype(np.uint8))
-
-
-def _erode(mask: np.ndarray) -> np.ndarray:
-    from scipy.ndimage import binary_erosion
-
-    return binary_erosion(mask, iterations=max(1, min(mask.shape) // 300))
+def png_bytes(picture: Figure | Image.Image) -> bytes:
+    """A matplotlib figure or a PIL image encoded as PNG (lossless)."""
+    buffer = io.BytesIO()
+    if isinstance(picture, Figure):
+        picture.savefig(buffer, format="png")
+    else:
+        picture.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def figure_to_image(fig: Figure) -> Image.Image:
     """Render a matplotlib figure to an RGB PIL image."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    buffer.seek(0)
-    return Image.open(buffer).convert("RGB")
+    return Image.open(io.BytesIO(png_bytes(fig))).convert("RGB")
 
 
 def plot_loss_curves(history: Sequence[Mapping[str, float]], title: str = "Training loss") -> Figure:
@@ -106,8 +101,6 @@ def plot_loss_curves(history: Sequence[Mapping[str, float]], title: str = "Train
     return fig
 
 
-def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    """Write a figure as PNG, atomically."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return atomic_write_bytes(path, buffer.getvalue())
+def save_png(picture: Figure | Image.Image, path: str | os.PathLike[str]) -> Path:
+    """Write a figure or an image as PNG, atomically."""
+    return atomic_write_bytes(path, png_bytes(picture))

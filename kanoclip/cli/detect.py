@@ -44,7 +44,7 @@ def find_images(inputs: list[str]) -> list[tuple[Path, str]]:
     A missing path is kept (it is reported as that image's error). Overlay names are the
     path below the given folder joined with ``__``, made unique.
     """
-    from kanoclip.data import IMAGE_EXTENSIONS
+    from kanoclip.data.sample import IMAGE_EXTENSIONS, is_image
     from kanoclip.data.layouts import natural_key
     from kanoclip.errors import InputError
 
@@ -52,7 +52,7 @@ def find_images(inputs: list[str]) -> list[tuple[Path, str]]:
     for text in inputs:
         path = Path(text).expanduser()
         if path.is_dir():
-            files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+            files = [p for p in path.rglob("*") if p.is_file() and is_image(p)]
             if not files:
                 raise InputError(f"folder {path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             files.sort(key=lambda p: natural_key(p.relative_to(path).as_posix()))
@@ -73,7 +73,7 @@ def find_images(inputs: list[str]) -> list[tuple[Path, str]]:
 def _detect_all(model: Any, images: list[tuple[Path, str]], args: argparse.Namespace, emit) -> list[dict[str, Any]]:
     from kanoclip.errors import ImageError
     from kanoclip.images import load_image
-    from kanoclip.viz import overlay_with_colorbar
+    from kanoclip.viz import overlay_with_colorbar, save_png
 
     rows: list[dict[str, Any]] = []
     bar = progress_bar(len(images), "detecting", disable=len(images) < 2)
@@ -93,7 +93,7 @@ def _detect_all(model: Any, images: list[tuple[Path, str]], args: argparse.Names
                     row = {"image": str(path), "score": det.score, "is_anomalous": det.is_anomalous}
                     if args.out is not None:
                         overlay = overlay_with_colorbar(pil, det.anomaly_map)
-                        _save_png(overlay, args.out / name)
+                        save_png(overlay, args.out / name)
                         row["overlay"] = name
                     row["threshold"] = det.threshold
                     rows.append(row)
@@ -103,14 +103,6 @@ def _detect_all(model: Any, images: list[tuple[Path, str]], args: argparse.Names
         bar.close()
     order = {str(path): i for i, (path, _) in enumerate(images)}
     return sorted(rows, key=lambda r: order[r["image"]])
-
-
-def _save_png(image: Any, path: Path) -> None:
-    from kanoclip.fileio import atomic_write_bytes
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _write_csv(rows: list[dict[str, Any]], folder: Path) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from kanoclip.config import BACKBONE_ENV
@@ -36,11 +35,6 @@ def add_model_options(parser: argparse.ArgumentParser, *, checkpoint: bool = Tru
     )
 
 
-def backbone_option(args: argparse.Namespace) -> str | None:
-    """``--backbone``, else ``$KANOCLIP_BACKBONE``, else None (the checkpoint's or the default)."""
-    return args.backbone or os.environ.get(BACKBONE_ENV) or None
-
-
 def load_model(args: argparse.Namespace):
     """The model the options describe (errors are one-line :class:`KAnoCLIPError`)."""
     from transformers.utils import logging as hf_logging
@@ -48,7 +42,8 @@ def load_model(args: argparse.Namespace):
     from kanoclip.model import KAnoCLIP
 
     hf_logging.disable_progress_bar()  # the command shows its own progress; no per-shard bars
-    return KAnoCLIP.from_pretrained(args.checkpoint, backbone=backbone_option(args), device=args.device, kb=args.kb)
+    # from_pretrained applies the precedence: --backbone, $KANOCLIP_BACKBONE, the checkpoint's
+    return KAnoCLIP.from_pretrained(args.checkpoint, backbone=args.backbone, device=args.device, kb=args.kb)
 
 
 def positive_int(text: str) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from kanoclip.errors import DatasetError
+from kanoclip.errors import DatasetError, first_line
 
 #: File name endings recognised as images (compared case-insensitively).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -55,9 +55,8 @@ def read_mask_array(path: Path) -> np.ndarray:
                 image = image.convert("L")
             values = np.asarray(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DatasetError(
-            f"mask {path} cannot be read ({reason}); restore the file from the dataset archive"
+            f"mask {path} cannot be read ({first_line(exc)}); restore the file from the dataset archive"
         ) from exc
     if values.ndim != 2:
         raise DatasetError(f"mask {path} has shape {values.shape}, expected a 2-D image; restore the file")

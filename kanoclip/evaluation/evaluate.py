@@ -27,7 +27,7 @@ import torch
 
 from kanoclip.data import Sample, group_by_class, load_dataset, load_mask
 from kanoclip.evaluation.metrics import METRIC_KEYS, compute_metrics
-from kanoclip.images import load_image, preprocess
+from kanoclip.images import load_image
 
 ProgressFn = Callable[[int, int], None]  # (images done, images in all)
 
@@ -44,10 +44,9 @@ def predict(
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
         images = [load_image(s.image) for s in batch]
-        pixels = preprocess(images, model.image_size, model.image_mean, model.image_std)
         classes = [model.canonical_class(s.class_name)[0] for s in batch]
         with torch.inference_mode():
-            out = model(model.encode_image(pixels), classes)
+            out = model(model.encode_image(model.pixel_values(images)), classes)
         scores.append(out.score.float().clamp(0, 1).cpu().numpy())
         maps.append(out.anomaly_map.float().cpu().numpy())
         if on_batch is not None:

@@ -30,12 +30,12 @@ from typing import Any, Literal
 
 import httpx
 
+from kanoclip.data.sample import is_image
 from kanoclip.errors import GenerationError, InputError
 from kanoclip.knowledge import classes as _catalog
 from kanoclip.knowledge.base import LLM_TEMPLATE, VQA_TEMPLATE, KnowledgeBase, Provenance, image_sha256
 
 #: File extensions searched for by :func:`find_images`.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
@@ -273,7 +273,7 @@ def generate_vqa(
 
 
 def _image_payload(path: Path) -> tuple[bytes, str]:
-    """The bytes and MIME type to send; BMP/TIFF are converted to PNG when Pillow is available."""
+    """The bytes and MIME type to send; BMP/TIFF are converted to PNG."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -281,15 +281,13 @@ def _image_payload(path: Path) -> tuple[bytes, str]:
     mime = _MIME.get(path.suffix.lower())
     if mime is not None:
         return data, mime
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - Pillow is normally installed
-        return data, "image/bmp" if path.suffix.lower() == ".bmp" else "image/tiff"
+    from PIL import Image
+
     try:
         with Image.open(io.BytesIO(data)) as img:
             buffer = io.BytesIO()
             img.save(buffer, format="PNG")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"image {path}: cannot decode it ({exc}); pass a valid image") from None
     return buffer.getvalue(), "image/png"
 
@@ -300,7 +298,7 @@ def find_images(folder: str | os.PathLike[str]) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise InputError(f"image folder {root} does not exist or is not a folder; pass --images DIR")
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in root.rglob("*") if p.is_file() and is_image(p))
 
 
 def assign_classes(folder: str | os.PathLike[str], classes: Sequence[str]) -> tuple[list[tuple[str, Path]], list[Path]]:
@@ -350,7 +348,6 @@ class BuildReport:
     vqa_added: int = 0
     cached: int = 0  #: classes/images skipped because the file already had enough
     short: list[str] = field(default_factory=list)  #: tasks that got fewer descriptions than asked
-    skipped_images: list[Path] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from kanoclip.config import KAnoCLIPConfig
 from kanoclip.data import Sample, load_dataset, load_mask, parse_data_arg
 from kanoclip.errors import DatasetError, ImageError, InputError, KAnoCLIPError
 from kanoclip.fileio import atomic_write_json
-from kanoclip.images import load_image, preprocess
+from kanoclip.images import load_image
 from kanoclip.losses import kd_loss, total_loss
 from kanoclip.model import KAnoCLIP, resolve_device
 from kanoclip.training.feature_cache import CACHE_DIR, FeatureCache
@@ -54,7 +54,7 @@ from kanoclip.training.state import (
     restore_rng,
     save_state,
 )
-from kanoclip.viz import plot_loss_curves, save_figure
+from kanoclip.viz import plot_loss_curves, save_png
 
 HISTORY_NAME = "history.json"
 LOSS_CURVE_NAME = "loss_curve.png"
@@ -262,8 +262,7 @@ class _Batches:
         return bad
 
     def _encode(self, images: list) -> Any:
-        model = self.model
-        return model.encode_image(preprocess(images, model.image_size, model.image_mean, model.image_std))
+        return self.model.encode_image(self.model.pixel_values(images))
 
     def _mask(self, i: int) -> np.ndarray:
         packed = self.masks.get(i)
@@ -449,7 +448,7 @@ def _run(
     def write_outputs(epoch: int) -> None:
         model.save_pretrained(out, metadata={**meta, "epochs": epoch})
         atomic_write_json(out / HISTORY_NAME, {"history": history, "skipped": [list(s) for s in skipped], "run": run})
-        save_figure(plot_loss_curves(history), loss_curve)
+        save_png(plot_loss_curves(history), loss_curve)
 
     if state is not None and procs.is_main:
         write_outputs(start)  # repairs outputs a kill may have left half-updated
@@ -493,7 +492,7 @@ def push_checkpoint(out: Path, repo_id: str) -> str:
     import tempfile
 
     from kanoclip.checkpoint import CONFIG_NAME, KB_NAME, WEIGHTS_NAME, push_to_hub
-    from kanoclip.errors import CheckpointError
+    from kanoclip.errors import CheckpointError, first_line
 
     with tempfile.TemporaryDirectory(prefix="kanoclip-push-") as tmp:
         for name in (CONFIG_NAME, WEIGHTS_NAME, KB_NAME):
@@ -503,8 +502,7 @@ def push_checkpoint(out: Path, repo_id: str) -> str:
         except KAnoCLIPError:
             raise
         except Exception as exc:  # noqa: BLE001 - any hub failure is reported in one line
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise CheckpointError(
-                f"pushing {out} to the hub repo {repo_id!r} failed ({type(exc).__name__}: {first}); "
+                f"pushing {out} to the hub repo {repo_id!r} failed ({type(exc).__name__}: {first_line(exc)}); "
                 f"the checkpoint is saved, push it later with `hf upload {repo_id} {out}` or rerun with --resume --push-to-hub"
             ) from None
