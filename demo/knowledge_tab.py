@@ -102,15 +102,11 @@ def generate_descriptions(
         if kind == "VQA":
             texts = gen.generate_vqa(client, name, image, count, avoid=existing)
             provenance = Provenance(model=client.model, endpoint=client.url, date=today, template=VQA_TEMPLATE)
-            digest = image_sha256(image)
-            added: list[int] = []
-            kb = store.edit(lambda kb: added.append(kb.add_vqa(name, digest, os.path.basename(str(image)), texts, provenance)))
-        else:
-            texts = gen.generate_llm(client, name, count, avoid=existing)
-            provenance = Provenance(model=client.model, endpoint=client.url, date=today, template=LLM_TEMPLATE)
-            added = []
-            kb = store.edit(lambda kb: added.append(kb.add_llm(name, texts, provenance)))
-    return added[0], kb
+            digest, image_name = image_sha256(image), os.path.basename(str(image))
+            return store.edit(lambda kb: kb.add_vqa(name, digest, image_name, texts, provenance))
+        texts = gen.generate_llm(client, name, count, avoid=existing)
+        provenance = Provenance(model=client.model, endpoint=client.url, date=today, template=LLM_TEMPLATE)
+        return store.edit(lambda kb: kb.add_llm(name, texts, provenance))
 
 
 def build_knowledge_tab(ctx: AppContext, class_inputs: list[gr.Dropdown]) -> None:
@@ -130,7 +126,7 @@ def build_knowledge_tab(ctx: AppContext, class_inputs: list[gr.Dropdown]) -> Non
     def apply(class_name: str | None, text: str | None) -> tuple[Any, ...]:
         name = required_class_name(class_name, "pick or type the class whose descriptions you edit")
         lines = _lines(text)
-        kb = store.edit(lambda kb: kb.set_llm(name, lines))
+        _, kb = store.edit(lambda kb: kb.set_llm(name, lines))
         return refreshed(kb, name, f"Applied: `{name}` has {len(lines)} LLM descriptions; every loaded model uses them now.")
 
     @user_errors

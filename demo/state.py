@@ -17,9 +17,10 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from kanoclip import KAnoCLIP, KnowledgeBase
 from kanoclip.backbone import Backbone
@@ -30,6 +31,7 @@ from kanoclip.errors import InputError, KAnoCLIPError
 from demo.uploads import confine
 
 TRAINING_FREE = "training-free"
+T = TypeVar("T")
 CHECKPOINTS_PREFIX = "checkpoints/"
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 DEFAULT_KB_NAME = "knowledge_base.json"
@@ -209,7 +211,6 @@ class ModelRegistry:
                 with self._lock:
                     self._errors[key] = exc
                 raise
-            model.eval()
             with self._lock:
                 self._errors.pop(key, None)
                 self._models[key] = model
@@ -266,14 +267,17 @@ class KnowledgeStore:
             self._kb = kb.copy()
         self._push()
 
-    def edit(self, change) -> KnowledgeBase:
-        """Apply ``change(kb)`` to the master copy, push it to the loaded models, return a snapshot."""
+    def edit(self, change: Callable[[KnowledgeBase], T]) -> tuple[T, KnowledgeBase]:
+        """Apply ``change(kb)`` to the master copy and push it to the loaded models.
+
+        Returns what ``change`` returned and a snapshot of the edited knowledge base.
+        """
         with self._lock:
             work = self._kb.copy()
-            change(work)
+            result = change(work)
             self._kb = work
         self._push()
-        return self.snapshot()
+        return result, self.snapshot()
 
     def _push(self) -> None:
         if self.registry is not None:

@@ -9,7 +9,6 @@ model lists of the Detect and Prompts tabs.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import queue
 import re
@@ -27,6 +26,7 @@ import gradio as gr
 from kanoclip.config import default_backbone
 from kanoclip.data import KINDS, detect_kind, load_dataset, summarize
 from kanoclip.errors import InputError
+from kanoclip.training import TrainConfig, TrainProgress, TrainResult, train
 from kanoclip.viz import plot_loss_curves
 
 from demo.components import dropdown_update, user_errors
@@ -38,24 +38,7 @@ SOURCES = ("folder under the data root", "uploaded zip")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PLOT_EVERY_S = 1.0  # the loss plot is redrawn at most this often
 HEARTBEAT_S = 5.0  # without progress events, the status is re-sent this often
-TrainingAPI = tuple[type, Callable[..., Any]]  # (TrainConfig, train)
-
-
-def load_training_api() -> TrainingAPI:
-    """``(TrainConfig, train)`` from :mod:`kanoclip.training`, or a clear error when it is not installed."""
-    try:
-        from kanoclip.training import TrainConfig, train
-    except ImportError as exc:
-        raise InputError(f"training is not available in this installation ({exc}); detection still works") from None
-    return TrainConfig, train
-
-
-def make_config(config_class: type, **values: Any) -> Any:
-    """``config_class(**values)``, leaving out the values it has no field for (defaults apply)."""
-    if dataclasses.is_dataclass(config_class):
-        names = {f.name for f in dataclasses.fields(config_class)}
-        values = {k: v for k, v in values.items() if k in names}
-    return config_class(**values)
+TrainFn = Callable[..., TrainResult]  # kanoclip.training.train's signature: (config, progress=, should_stop=)
 
 
 @dataclass
@@ -113,9 +96,9 @@ class TrainingRun:
     stop: threading.Event = field(default_factory=threading.Event)
     events: queue.Queue = field(default_factory=queue.Queue)
     thread: threading.Thread | None = None
-    result: Any = None
+    result: TrainResult | None = None
     error: BaseException | None = None
-    last: Any = None  # the latest progress event
+    last: TrainProgress | None = None  # the latest progress event
 
     @property
     def running(self) -> bool:
@@ -126,23 +109,21 @@ class TrainingManager:
     """Admits one training at a time; the slot is freed when its thread (or its preparation) ends."""
 
     def __init__(self) -> None:
-        self._slot = threading.Lock()
         self._guard = threading.Lock()
         self.current: TrainingRun | None = None
 
     def begin(self, owner: str) -> TrainingRun:
-        if not self._slot.acquire(blocking=False):
-            raise InputError(f"the app is busy: {self.describe()}; one training runs at a time — wait for it to finish or cancel it")
-        run = TrainingRun(owner=owner)
         with self._guard:
-            self.current = run
-        return run
+            busy = self.current is not None
+            if not busy:
+                self.current = TrainingRun(owner=owner)
+                return self.current
+        raise InputError(f"the app is busy: {self.describe()}; one training runs at a time — wait for it to finish or cancel it")
 
     def end(self, run: TrainingRun) -> None:
         with self._guard:
             if self.current is run:
                 self.current = None
-                self._slot.release()
 
     def running(self) -> TrainingRun | None:
         with self._guard:
@@ -156,7 +137,7 @@ class TrainingManager:
         where = f", {stage(run.last)}" if run.last is not None else ""
         return f"a training started at {since} is running{where}"
 
-    def launch(self, run: TrainingRun, work: Callable[[TrainingRun], Any], cleanup: Callable[[], None]) -> None:
+    def launch(self, run: TrainingRun, work: Callable[[TrainingRun], TrainResult], cleanup: Callable[[], None]) -> None:
         """Run ``work(run)`` in a thread; the slot is released (and ``cleanup`` run) when it ends."""
 
         def target() -> None:
@@ -199,31 +180,33 @@ def summary_text(kind: str, samples: list) -> str:
     return f"Dataset **{kind}**, {len(samples)} images — " + "; ".join(parts) + more
 
 
-def history_point(event: Any) -> dict[str, float] | None:
-    """A loss-curve point (fractional epoch + loss terms) from a progress event, if it carries losses."""
-    losses = getattr(event, "losses", None) or {}
-    if not losses:
+def history_point(event: TrainProgress) -> dict[str, float] | None:
+    """A loss-curve point (fractional epoch + loss terms) from a training step; None for preparation."""
+    if event.epoch < 1 or not event.losses:
         return None
-    epoch, step, steps = getattr(event, "epoch", 1), getattr(event, "step", 0), max(1, getattr(event, "steps", 1) or 1)
-    point = {"epoch": (epoch - 1) + step / steps}
-    point.update({k: float(v) for k, v in losses.items()})
-    return point
+    return {"epoch": (event.epoch - 1) + event.step / max(1, event.steps), **{k: float(v) for k, v in event.losses.items()}}
 
 
-def stage(event: Any) -> str:
+def stage(event: TrainProgress) -> str:
     """``epoch e/E`` for a training step, ``preparing`` for a preparation step (epoch 0)."""
-    epoch = getattr(event, "epoch", 0)
-    return f"epoch {epoch}/{getattr(event, 'epochs', '?')}" if epoch >= 1 else "preparing (reading images, caching features)"
+    return f"epoch {event.epoch}/{event.epochs}" if event.epoch >= 1 else "preparing (reading images, caching features)"
 
 
-def fraction(event: Any) -> float:
-    epochs, steps = max(1, getattr(event, "epochs", 1) or 1), max(1, getattr(event, "steps", 1) or 1)
-    done = (getattr(event, "epoch", 1) - 1) + getattr(event, "step", 0) / steps
-    return min(1.0, max(0.0, done / epochs))
+def fraction(event: TrainProgress) -> float:
+    """The share of the whole training done (0 while preparing)."""
+    if event.epoch < 1:
+        return 0.0
+    done = (event.epoch - 1) + event.step / max(1, event.steps)
+    return min(1.0, done / max(1, event.epochs))
+
+
+def _message(event: TrainProgress | None) -> str:
+    return (event.message if event is not None else "") or "training…"
 
 
 # ---------------------------------------------------------------------------- the tab
-def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], training_api: TrainingAPI | None = None) -> None:
+def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], train_fn: TrainFn = train) -> None:
+    """The tab; ``train_fn`` runs a training (:func:`kanoclip.training.train`; tests pass a scripted one)."""
     config = ctx.config
     manager = TrainingManager()
 
@@ -250,7 +233,6 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], trainin
     ) -> Iterator[tuple[Any, ...]]:
         hyper = check_hyper(epochs, batch_size, lr, image_size)
         checkpoint_name, out = check_name(config.checkpoints_dir, name)
-        config_class, train_fn = training_api or load_training_api()
         run = manager.begin(getattr(request, "session_hash", None) or "anonymous")
         scratch = Path(tempfile.mkdtemp(prefix="kanoclip-train-"))
         launched = False
@@ -263,8 +245,7 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], trainin
             described = summary_text(found, samples)
             kb_file = scratch / "knowledge_base.json"
             ctx.knowledge.snapshot().save(kb_file)
-            train_config = make_config(
-                config_class,
+            train_config = TrainConfig(
                 data=[f"{found}={data}"],
                 out=out,
                 epochs=hyper.epochs,
@@ -277,7 +258,7 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], trainin
                 on_bad_sample="skip",  # an unreadable upload is reported, not fatal
             )
 
-            def work(run: TrainingRun) -> Any:
+            def work(run: TrainingRun) -> TrainResult:
                 return train_fn(train_config, progress=run.events.put, should_stop=run.stop.is_set)
 
             manager.launch(run, work, lambda: shutil.rmtree(scratch, ignore_errors=True))
@@ -292,7 +273,7 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], trainin
                 except queue.Empty:
                     if time.time() - last_yield >= HEARTBEAT_S:  # a yield lets Gradio notice a visitor who left
                         last_yield = time.time()
-                        yield (f"{described}\n\n{getattr(run.last, 'message', '') or 'training…'}", gr.skip(), *unchanged)
+                        yield (f"{described}\n\n{_message(run.last)}", gr.skip(), *unchanged)
                     continue
                 batch = [event]
                 while not run.events.empty():
@@ -309,25 +290,22 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], trainin
                     progress(fraction(run.last), desc=stage(run.last))
                 if finished or time.time() - last_plot >= PLOT_EVERY_S:
                     last_plot = last_yield = time.time()
-                    message = getattr(run.last, "message", "") or "training…"
-                    yield (f"{described}\n\n{message}", plot_loss_curves(history, "Training loss (live)"), *unchanged)
+                    yield (f"{described}\n\n{_message(run.last)}", plot_loss_curves(history, "Training loss (live)"), *unchanged)
             if run.error is not None:
                 raise run.error
             result = run.result
-            cancelled = bool(getattr(result, "cancelled", False))
-            checkpoint = getattr(result, "checkpoint", None)
-            skipped = getattr(result, "skipped", None) or []
-            final_history = getattr(result, "history", None) or history
-            if checkpoint and CHECKPOINTS_PREFIX + Path(checkpoint).name in list_checkpoints(config.checkpoints_dir):
-                choice = CHECKPOINTS_PREFIX + Path(checkpoint).name
+            assert result is not None  # the thread ended without an error
+            cancelled = result.cancelled
+            if CHECKPOINTS_PREFIX + result.checkpoint.name in list_checkpoints(config.checkpoints_dir):
+                choice = CHECKPOINTS_PREFIX + result.checkpoint.name
                 verb = "Cancelled; the checkpoint so far was saved" if cancelled else "Finished"
                 text = f"{verb}: `{choice}` — it is now in the model lists of Detect and Prompts."
             else:
                 choice = None
                 text = "Cancelled before a checkpoint was written." if cancelled else "The training ended without a checkpoint."
-            if skipped:
-                text += f" {len(skipped)} unreadable samples were skipped."
-            yield (f"{described}\n\n{text}", plot_loss_curves(final_history, "Training loss"), *model_updates(choice))
+            if result.skipped:
+                text += f" {len(result.skipped)} unreadable samples were skipped."
+            yield (f"{described}\n\n{text}", plot_loss_curves(result.history or history, "Training loss"), *model_updates(choice))
         finally:
             if not launched:
                 shutil.rmtree(scratch, ignore_errors=True)
@@ -351,7 +329,7 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], trainin
                 folder = gr.Dropdown(
                     choices=data_folders(config.data_root), value=None, allow_custom_value=True, label="Folder (relative to the data root)"
                 )
-                zip_file = gr.File(label="Dataset zip (≤ 2 GB, ≤ 4 GB unpacked, ≤ 100k entries)", file_types=[".zip"], type="filepath")
+                zip_file = gr.File(label=f"Dataset zip ({ZipLimits().describe()})", file_types=[".zip"], type="filepath")
                 kind = gr.Dropdown(choices=[AUTO, *KINDS], value=AUTO, label="Dataset kind")
             with gr.Column():
                 name = gr.Textbox(label="Checkpoint name (→ checkpoints/<name>)", placeholder="empty: run-<date>-<time>")

@@ -39,6 +39,10 @@ class ZipLimits:
     max_ratio: float = 200.0  # uncompressed / compressed, per large entry and for the whole archive
     ratio_min_size: int = 1 * MB  # smaller entries are not ratio-checked (tiny files compress well)
 
+    def describe(self) -> str:
+        """The limits a visitor needs to know, e.g. ``≤ 2 GB, ≤ 4 GB unpacked, ≤ 100,000 entries``."""
+        return f"≤ {self.max_compressed / GB:g} GB, ≤ {self.max_uncompressed / GB:g} GB unpacked, ≤ {self.max_entries:,} entries"
+
 
 @dataclass(frozen=True)
 class ZipSummary:

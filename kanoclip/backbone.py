@@ -1,9 +1,9 @@
 """The frozen CLIP backbone: transformers' ``CLIPModel`` loaded the standard way.
 
 ``backbone`` is a Hugging Face hub id (default ``openai/clip-vit-large-patch14-336``) or a
-local folder in the Hugging Face layout. A hub id is looked up in the local hub cache first;
-only when it is not cached is the hub contacted, with a short reachability probe so that an
-offline machine fails in seconds with one clear line instead of after minutes of retries.
+local folder in the Hugging Face layout. A hub id is resolved by :func:`kanoclip.hub.snapshot`:
+the local hub cache first, the hub only after a short reachability probe, so that an offline
+machine fails in seconds with one clear line instead of after minutes of retries.
 
 :func:`make_random_backbone` writes a randomly initialised CLIP in that same layout (used by
 the tests and by the benchmarks, where speed does not depend on the weights' values). Such a
@@ -22,6 +22,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from kanoclip.errors import BackboneError, first_line
+from kanoclip.hub import looks_like_repo_id, snapshot
 
 RANDOM_INIT_KEY = "kanoclip_random_init"
 _ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt"]
@@ -51,30 +52,10 @@ def resolve_backbone(backbone: str, *, cache_dir: str | os.PathLike[str] | None 
         if not (local / "config.json").is_file():
             raise BackboneError(f"backbone folder {local} has no config.json; it must be a Hugging Face CLIP folder")
         return local
-    if local.exists() or backbone.count("/") > 1 or backbone.startswith((".", "~", os.sep)):
-        raise BackboneError(f"backbone {backbone!r} is neither a folder nor a hub id; {_FIX.format(b=backbone)}")
-
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(backbone, cache_dir=cache_dir, local_files_only=True, allow_patterns=_ALLOW_PATTERNS))
-    except LocalEntryNotFoundError:
-        pass
     fix = _FIX.format(b=backbone)
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}:
-        raise BackboneError(f"backbone {backbone!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {fix}")
-    try:  # a quick probe: one request with a short timeout, instead of the hub client's retries
-        HfApi().model_info(backbone, timeout=5)
-    except Exception as exc:  # noqa: BLE001 - any failure here means "not reachable"
-        raise BackboneError(
-            f"backbone {backbone!r} is not cached and the Hugging Face Hub is not reachable "
-            f"({type(exc).__name__}); {fix}"
-        ) from None
-    try:
-        return Path(snapshot_download(backbone, cache_dir=cache_dir, allow_patterns=_ALLOW_PATTERNS))
-    except Exception as exc:  # noqa: BLE001
-        raise BackboneError(f"backbone {backbone!r} could not be downloaded ({exc}); {fix}") from None
+    if local.exists() or not looks_like_repo_id(backbone):
+        raise BackboneError(f"backbone {backbone!r} is neither a folder nor a hub id; {fix}")
+    return snapshot(backbone, allow_patterns=_ALLOW_PATTERNS, error=BackboneError, what="backbone", fix=fix, cache_dir=cache_dir)
 
 
 def load_backbone(backbone: str, *, device: torch.device | str = "cpu", cache_dir: str | None = None) -> Backbone:

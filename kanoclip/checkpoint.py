@@ -26,11 +26,13 @@ from safetensors.torch import save as save_safetensors
 from kanoclip.config import KAnoCLIPConfig
 from kanoclip.errors import CheckpointError
 from kanoclip.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from kanoclip.hub import looks_like_repo_id, snapshot
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 KB_NAME = "knowledge_base.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+_HUB_FILES = ["*.json", "*.safetensors", "*.md"]
 _PICKLE_WHY = "kanoclip reads only safetensors, because loading a pickle can run arbitrary code"
 
 
@@ -44,8 +46,8 @@ class CheckpointFiles:
     state_dict: dict[str, torch.Tensor]
 
 
-def resolve_checkpoint(checkpoint: str | os.PathLike[str]) -> Path:
-    """A local checkpoint folder for a folder path or a hub repo id (downloaded if needed)."""
+def resolve_checkpoint(checkpoint: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """A local checkpoint folder for a folder path or a hub repo id (cache first, then downloaded)."""
     path = Path(checkpoint).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(f"checkpoint {path} is a pickle file; {_PICKLE_WHY}")
@@ -53,22 +55,15 @@ def resolve_checkpoint(checkpoint: str | os.PathLike[str]) -> Path:
         raise CheckpointError(f"checkpoint {path} is a file; pass the checkpoint folder (holding {CONFIG_NAME} and {WEIGHTS_NAME})")
     if path.is_dir():
         return path
-    if str(checkpoint).count("/") != 1 or str(checkpoint).startswith((".", "/", "~")):
+    if not looks_like_repo_id(str(checkpoint)):
         raise CheckpointError(f"checkpoint {checkpoint} does not exist (not a folder, not a hub repo id like 'user/name')")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(checkpoint), allow_patterns=["*.json", "*.safetensors", "*.md"]))
-    except Exception as exc:  # noqa: BLE001 - any hub failure is reported the same way
-        raise CheckpointError(
-            f"checkpoint {checkpoint!r} is neither a local folder nor a reachable hub repo ({type(exc).__name__}); "
-            "check the path or download it with `hf download`"
-        ) from None
+    fix = f"check the name, or download it once with `hf download {checkpoint}` and pass the folder"
+    return snapshot(str(checkpoint), allow_patterns=_HUB_FILES, error=CheckpointError, what="checkpoint", fix=fix, cache_dir=cache_dir)
 
 
-def read_checkpoint(checkpoint: str | os.PathLike[str]) -> CheckpointFiles:
+def read_checkpoint(checkpoint: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None) -> CheckpointFiles:
     """Read and validate a checkpoint's config and weights (never a pickle; no NaN/Inf)."""
-    folder = resolve_checkpoint(checkpoint)
+    folder = resolve_checkpoint(checkpoint, cache_dir=cache_dir)
     config_path = folder / CONFIG_NAME
     weights_path = folder / WEIGHTS_NAME
     if not weights_path.is_file():

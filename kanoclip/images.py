@@ -19,13 +19,15 @@ import io
 import os
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kanoclip.errors import ImageError, first_line
+
+if TYPE_CHECKING:
+    import torch
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
@@ -157,6 +159,8 @@ def _from_array(array: np.ndarray, name: str) -> Image.Image:
 
 def preprocess(images: list[Image.Image], size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """RGB images -> ``(B, 3, size, size)`` float32, whole image resized (bicubic), normalised."""
+    import torch  # here, not at the top: decoding alone (the kb CLI's VQA images) needs no torch
+
     arrays = [np.asarray(img.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) for img in images]
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div_(255.0)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)

@@ -123,7 +123,7 @@ class KAnoCLIP(nn.Module):
         ``backbone_cache``, a mapping the caller owns, lets several models (say, training-free and
         a checkpoint) share one frozen backbone in memory instead of loading it once each.
         """
-        files = read_checkpoint(checkpoint) if checkpoint is not None else None
+        files = read_checkpoint(checkpoint, cache_dir=cache_dir) if checkpoint is not None else None
         cfg = config or (files.config if files else KAnoCLIPConfig())
         # backbone: the argument, else $KANOCLIP_BACKBONE (e.g. a local copy of the checkpoint's
         # hub backbone), else the checkpoint's or the config's; shapes are checked on load.
@@ -141,7 +141,7 @@ class KAnoCLIP(nn.Module):
         if files is not None:
             model.load_trainable_state_dict(files.state_dict, source=str(files.folder), trained_backbone=files.config.backbone)
             model.checkpoint_name = str(checkpoint)
-        return model
+        return model.eval()  # like transformers' from_pretrained: ready for inference
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in TRAINABLE_MODULES}
@@ -197,6 +197,13 @@ class KAnoCLIP(nn.Module):
     def clear_text_cache(self) -> None:
         with self._lock:
             self._text_cache.clear()
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # .to()/.cuda()/.half() end here: cached text features belong to the old device and dtype
+        with self._lock:
+            self._text_cache.clear()
+            self._knowledge_cache.clear()
+        return super()._apply(fn, recurse)
 
     def set_knowledge(self, knowledge: KnowledgeBase) -> None:
         """Use another knowledge base (e.g. after editing it in the app)."""
@@ -267,18 +274,22 @@ class KAnoCLIP(nn.Module):
 
     def knowledge_features(self, class_names: Sequence[str]) -> torch.Tensor:
         """Mean raw CLIP text feature of each class's LLM + VQA descriptions, ``(n, 1, C)`` (eq. 3)."""
-        out = []
-        for name in class_names:
+        return torch.stack([self.description_features(name).mean(dim=0, keepdim=True) for name in class_names])
+
+    def description_features(self, class_name: str) -> torch.Tensor:
+        """Raw CLIP text features of a class's knowledge-base descriptions, ``(D, C)``, encoded once.
+
+        Shared by the knowledge-distillation target (eq. 3) and the text side of inference, so
+        training never encodes the same descriptions twice.
+        """
+        with self._lock:
+            cached = self._knowledge_cache.get(class_name)
+        if cached is None:
+            with torch.no_grad():
+                cached = self.text_encoder.encode([d.text for d in self.knowledge.descriptions(class_name)]).float()
             with self._lock:
-                cached = self._knowledge_cache.get(name)
-            if cached is None:
-                texts = [d.text for d in self.knowledge.descriptions(name)]
-                with torch.no_grad():
-                    cached = self.text_encoder.encode(texts).float().mean(dim=0, keepdim=True)
-                with self._lock:
-                    self._knowledge_cache[name] = cached
-            out.append(cached)
-        return torch.stack(out)
+                self._knowledge_cache[class_name] = cached
+        return cached
 
     # ------------------------------------------------------------------ text side (cached per class)
     def canonical_class(self, class_name: str) -> tuple[str, bool]:
@@ -304,7 +315,7 @@ class KAnoCLIP(nn.Module):
     def _build_class_text(self, class_name: str) -> _ClassText:
         descriptions = self.knowledge.descriptions(class_name)
         kb_texts = [(d.text, d.source, "abnormal") for d in descriptions]
-        kb_features = self.text_encoder.encode([t for t, _, _ in kb_texts]).float()
+        kb_features = self.description_features(class_name)
         if self.trained:
             prompts = self.prompt_learner([class_name])
             state = prompts.state_features()[0]
@@ -327,6 +338,18 @@ class KAnoCLIP(nn.Module):
         return _ClassText(state=state, guidance_texts=guidance_texts, guidance_features=F.normalize(guidance, dim=-1))
 
     # ------------------------------------------------------------------ detection API
+    @torch.inference_mode()
+    def infer(self, images: Sequence[Image.Image], class_names: Sequence[str], *, sigma: float | None = None) -> tuple[KAnoCLIPOutput, VisualFeatures]:
+        """Inference on decoded RGB images of canonical classes: eval mode, autocast on CUDA.
+
+        The tensor-level path shared by :meth:`detect_batch` and evaluation; maps are S×S.
+        """
+        if self.training:
+            self.eval()
+        visual = self.encode_image(self.pixel_values(images))
+        with self._autocast():
+            return self.forward(visual, class_names, sigma=sigma), visual
+
     def detect(self, image: ImageInput, class_name: str, *, threshold: float | None = None, sigma: float | None = None) -> Detection:
         """Detect anomalies in one image of ``class_name`` (see :class:`~kanoclip.detection.Detection`)."""
         return self.detect_batch([image], [class_name], threshold=threshold, sigma=sigma)[0]
@@ -349,12 +372,7 @@ class KAnoCLIP(nn.Module):
             return []
         resolved = [self.canonical_class(name) for name in class_names]
         pil_images = [load_image(image) for image in images]
-        if self.training:
-            self.eval()
-        visual = self.encode_image(self.pixel_values(pil_images))
-        classes = [c for c, _ in resolved]
-        with self._autocast():
-            out = self.forward(visual, classes, sigma=sigma)
+        out, visual = self.infer(pil_images, [c for c, _ in resolved], sigma=sigma)
         threshold = self.config.scoring.threshold if threshold is None else float(threshold)
         results = []
         for i, (pil, (name, known)) in enumerate(zip(pil_images, resolved)):

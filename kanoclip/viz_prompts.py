@@ -60,8 +60,8 @@ def prompt_set(model, class_name: str) -> PromptSet:
     learner = model.prompt_learner
     with torch.no_grad():
         prompts = learner([class_name])
-        descriptions = model.knowledge.descriptions(class_name)
-        kb = model.text_encoder.encode([d.text for d in descriptions]).float()
+    descriptions = model.knowledge.descriptions(class_name)
+    kb = model.description_features(class_name)  # encoded once per class, shared with detection
     texts = learner.prompt_texts(class_name, False) + learner.prompt_texts(class_name, True) + [d.text for d in descriptions]
     groups = ["normal"] * prompts.normal.shape[1] + ["abnormal"] * prompts.abnormal.shape[1] + [d.source for d in descriptions]
     features = torch.cat([prompts.normal[0].float(), prompts.abnormal[0].float(), kb]).cpu().numpy()

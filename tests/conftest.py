@@ -57,19 +57,32 @@ def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_random_backbone(tmp_path_factory.mktemp("tiny-clip"), TOKENIZER, architecture="tiny", seed=0)
 
 
-@pytest.fixture(scope="session")
-def fake_hub_cache(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Hugging Face hub cache holding the tiny backbone as ``kanoclip-test/tiny-clip``."""
-    cache = tmp_path_factory.mktemp("hub-cache")
-    repo = cache / ("models--" + TINY_REPO_ID.replace("/", "--"))
+def put_in_hub_cache(folder: Path, repo_id: str, cache: Path) -> Path:
+    """Lay ``folder``'s files out as the Hugging Face hub cache does for ``repo_id``; returns ``cache``."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
     commit = "0" * 40
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
-    for file in tiny_backbone.iterdir():
+    for file in folder.iterdir():
         (snapshot / file.name).write_bytes(file.read_bytes())
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     return cache
+
+
+def write_test_image(path: Path, seed: int) -> Path:
+    """A real 32x32 image (format from the suffix) whose colour, and so bytes, depend on ``seed``."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), (seed * 37 % 256, 90, 200)).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fake_hub_cache(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hugging Face hub cache holding the tiny backbone as ``kanoclip-test/tiny-clip``."""
+    return put_in_hub_cache(tiny_backbone, TINY_REPO_ID, tmp_path_factory.mktemp("hub-cache"))
 
 
 @pytest.fixture(scope="session")

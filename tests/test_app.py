@@ -18,7 +18,6 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -34,6 +33,7 @@ from kanoclip import KAnoCLIP  # noqa: E402
 from kanoclip.errors import InputError  # noqa: E402
 from kanoclip.images import load_image  # noqa: E402
 from kanoclip.knowledge import KnowledgeBase  # noqa: E402
+from kanoclip.training import TrainProgress, TrainResult  # noqa: E402
 from kanoclip.viz import heatmap_overlay  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,21 +113,6 @@ def error_text(excinfo: pytest.ExceptionInfo) -> str:
 
 
 @dataclass
-class FakeTrainConfig:
-    """Stands for kanoclip.training.TrainConfig: the app fills only the fields it has."""
-
-    data: list
-    out: Path
-    epochs: int = 1
-    batch_size: int = 8
-    lr: float = 1e-3
-    image_size: int | None = None
-    kb: str | None = None
-    backbone: str | None = None
-    device: str = "cpu"
-
-
-@dataclass
 class ScriptedTrainer:
     """A trainer that reports steps until released (or stopped), then writes a real checkpoint."""
 
@@ -144,14 +129,14 @@ class ScriptedTrainer:
         step = 0
         while not self.release.wait(0.05):
             step += 1
-            progress(SimpleNamespace(epoch=1, epochs=config.epochs, step=step, steps=1000, losses={"total": 1.0 / step}, message=f"step {step}"))
+            progress(TrainProgress(epoch=1, epochs=config.epochs, step=step, steps=1000, losses={"total": 1.0 / step}, message=f"step {step}"))
             if should_stop():
                 self.stops += 1
-                return SimpleNamespace(checkpoint=None, history=[], cancelled=True, skipped=[])
+                return TrainResult(checkpoint=config.out, history=[], loss_curve=config.out / "loss.png", cancelled=True)
             if step > 2000:
                 raise RuntimeError("never released")
         KAnoCLIP.from_pretrained(backbone=config.backbone, device="cpu").save_pretrained(config.out)
-        return SimpleNamespace(checkpoint=config.out, history=[{"epoch": 1, "total": 0.5}], cancelled=False, skipped=[])
+        return TrainResult(checkpoint=config.out, history=[{"epoch": 1, "total": 0.5}], loss_curve=config.out / "loss.png")
 
 
 # ---------------------------------------------------------------------------- the shared app
@@ -167,7 +152,7 @@ def app(tiny_backbone: Path, bottle_dir: Path, tmp_path_factory: pytest.TempPath
     outside = tmp / "outside"
     outside.mkdir()
     (tmp / "data" / "escape").symlink_to(outside, target_is_directory=True)
-    running = launch(app_config(tmp, tiny_backbone), training_api=(FakeTrainConfig, trainer))
+    running = launch(app_config(tmp, tiny_backbone), train_fn=trainer)
     yield running
     running.demo.close()
 
@@ -573,3 +558,15 @@ def test_examples_and_their_credits_ship_with_the_app() -> None:
         assert (EXAMPLES_DIR / name).is_file() and name in credits
         load_image(EXAMPLES_DIR / name)
     assert "CC BY-NC-SA 4.0" in credits and "Bergmann" in credits and "Huang" in credits and "Kitamura" in credits
+
+
+def test_training_progress_maps_to_the_bar_and_the_curve() -> None:
+    """Preparation (epoch 0) moves neither the bar nor the loss curve; steps count within epochs."""
+    from demo.train_tab import fraction, history_point, stage
+
+    preparing = TrainProgress(epoch=0, epochs=4, step=30, steps=100, losses={}, message="caching")
+    assert fraction(preparing) == 0.0 and history_point(preparing) is None and stage(preparing).startswith("preparing")
+    step = TrainProgress(epoch=2, epochs=4, step=5, steps=10, losses={"total": 0.25, "kd": 0.5})
+    assert fraction(step) == pytest.approx(1.5 / 4)
+    assert history_point(step) == {"epoch": 1.5, "total": 0.25, "kd": 0.5}
+    assert stage(step) == "epoch 2/4"

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_test_image
 
 from kanoclip.cli import main
 from kanoclip.knowledge import LLM_TEMPLATE, KnowledgeBase, Provenance
@@ -111,9 +112,8 @@ def test_build_with_images_extends_existing_output(capsys, server, tmp_path):
     existing = KnowledgeBase()
     existing.add_llm("wood", ["an old description kept across builds"], PROV)
     existing.save(out)
-    for folder, name in [("Metal-Nut/test/bent", "000.png"), ("screw", "001.jpg"), ("other", "002.png")]:
-        (tmp_path / "imgs" / folder).mkdir(parents=True, exist_ok=True)
-        (tmp_path / "imgs" / folder / name).write_bytes(name.encode())
+    for seed, (folder, name) in enumerate([("Metal-Nut/test/bent", "000.png"), ("screw", "001.jpg"), ("other", "002.png")]):
+        write_test_image(tmp_path / "imgs" / folder / name, seed)
     code, stdout, stderr = run_cli(
         capsys, "kb", "build", "--classes", "metal nut,screw", "--images", str(tmp_path / "imgs"),
         "--llm-url", server.url, "--llm-model", "text-model", "--vqa-model", "vision-model",

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import socket
 import time
-from pathlib import Path
 
+import numpy as np
 import pytest
+from conftest import write_test_image
+from PIL import Image
 
-from kanoclip.errors import GenerationError, InputError
+from kanoclip.errors import GenerationError, ImageError, InputError
 from kanoclip.knowledge import LLM_TEMPLATE, VQA_TEMPLATE, KnowledgeBase
 from kanoclip.knowledge import generate as gen
 
@@ -24,12 +27,6 @@ except ImportError:  # tests/ imported as a package
 def client(server: ChatServer, **kwargs) -> gen.ChatClient:
     options = {"timeout": 5.0, "retries": 2, "backoff": 0.01, **kwargs}
     return gen.ChatClient(server.url, "test-model", **options)
-
-
-def write_image(path: Path, payload: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + payload)
-    return path
 
 
 # ----------------------------------------------------------------------------- LLM
@@ -96,7 +93,7 @@ def test_parse_descriptions_formats(answer, expected):
 
 # ----------------------------------------------------------------------------- VQA
 def test_vqa_sends_template_and_image_data_url_and_keeps_m(server, tmp_path):
-    images = [write_image(tmp_path / "imgs" / f"{i}.png", bytes([i]) * 10) for i in range(2)]
+    images = [write_test_image(tmp_path / "imgs" / f"{i}.png", i) for i in range(2)]
     out = tmp_path / "kb.json"
     with client(server) as llm:
         report = gen.build(out, ["bottle"], llm=None, vqa=llm, images=[("bottle", p) for p in images], m=2)
@@ -120,10 +117,33 @@ def test_vqa_sends_template_and_image_data_url_and_keeps_m(server, tmp_path):
     assert {prov.template for _, prov in kb.provenance("bottle")} == {VQA_TEMPLATE}
 
 
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n truncated", b"not an image at all", b""])
+def test_vqa_refuses_an_undecodable_image_before_asking(server, tmp_path, content):
+    """A broken image is named in one line and never sent: detection's own decoding guards VQA too."""
+    broken = tmp_path / "imgs" / "broken.png"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(content)
+    with client(server) as vqa, pytest.raises(ImageError) as info:
+        gen.generate_vqa(vqa, "bottle", broken)
+    assert "broken.png" in str(info.value) and "\n" not in str(info.value)
+    assert server.requests == []
+
+
+def test_vqa_converts_formats_chat_apis_do_not_take_to_png(server, tmp_path):
+    image = write_test_image(tmp_path / "scan.bmp", 5)
+    with client(server) as vqa:
+        gen.generate_vqa(vqa, "bottle", image)
+    (request,) = server.requests
+    prefix = "data:image/png;base64,"
+    assert request.image_url.startswith(prefix)
+    sent = Image.open(io.BytesIO(base64.b64decode(request.image_url[len(prefix):])))
+    assert sent.format == "PNG" and np.array_equal(np.asarray(sent.convert("RGB")), np.asarray(Image.open(image).convert("RGB")))
+
+
 def test_assign_classes_by_folder(tmp_path):
-    write_image(tmp_path / "Metal-Nut" / "test" / "a.png", b"a")
-    write_image(tmp_path / "screw" / "b.PNG", b"b")
-    write_image(tmp_path / "wood" / "c.jpg", b"c")
+    write_test_image(tmp_path / "Metal-Nut" / "test" / "a.png", 1)
+    write_test_image(tmp_path / "screw" / "b.PNG", 2)
+    write_test_image(tmp_path / "wood" / "c.jpg", 3)
     (tmp_path / "screw" / "notes.txt").write_text("not an image")
     pairs, skipped = gen.assign_classes(tmp_path, ["metal_nut", "screw"])
     assert [(c, p.name) for c, p in pairs] == [("metal_nut", "a.png"), ("screw", "b.PNG")]
@@ -197,7 +217,7 @@ def test_client_error_is_not_retried(server):
 # ----------------------------------------------------------------------------- cache / resume / progress
 def test_rerun_asks_only_for_what_is_missing(server, tmp_path):
     out = tmp_path / "kb.json"
-    images = [write_image(tmp_path / "imgs" / f"{i}.png", bytes([i])) for i in range(3)]
+    images = [write_test_image(tmp_path / "imgs" / f"{i}.png", i) for i in range(3)]
     pairs = [("bottle", p) for p in images[:2]]
     with client(server) as c:
         gen.build(out, ["bottle", "grid"], llm=c, vqa=c, images=pairs, n=5, m=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -79,8 +80,12 @@ def test_class_names(tiny_model, bottle_image):
     assert not odd.known_class and 0 <= odd.score <= 1
 
 
-def test_text_features_are_computed_once_per_class(small_config, bottle_image, monkeypatch):
+@pytest.mark.parametrize("trained", [False, True])
+def test_text_features_are_computed_once_per_class(small_config, bottle_image, monkeypatch, trained):
+    """Through detect and through the tensor-level forward alike, in both modes."""
     model = fresh_model(small_config)
+    model.trained = trained
+    assert not model.training  # from_pretrained gives a model ready for inference
     calls = []
     original = model.text_encoder.encode
     monkeypatch.setattr(model.text_encoder, "encode", lambda texts, **kw: calls.append(len(texts)) or original(texts, **kw))
@@ -88,7 +93,55 @@ def test_text_features_are_computed_once_per_class(small_config, bottle_image, m
     first = len(calls)
     model.detect(str(bottle_image), "bottle")
     model.detect(np.zeros((50, 60, 3), np.uint8), "bottle")
+    with torch.inference_mode():
+        model(model.encode_image(torch.zeros(2, 3, model.image_size, model.image_size)), ["bottle", "bottle"])
     assert first > 0 and len(calls) == first
+
+
+def test_knowledge_descriptions_are_encoded_once_for_training_inference_and_plots(small_config, bottle_image, monkeypatch):
+    """The KD target (eq. 3), the inference text side and the Prompts plots share one encoding."""
+    from kanoclip.viz_prompts import prompt_set
+
+    model = fresh_model(small_config)
+    descriptions = [d.text for d in model.knowledge.descriptions("bottle")]
+    encoded: list[list[str]] = []
+    original = model.text_encoder.encode
+    monkeypatch.setattr(model.text_encoder, "encode", lambda texts, **kw: encoded.append(list(texts)) or original(texts, **kw))
+    target = model.knowledge_features(["bottle"])
+    model.detect(str(bottle_image), "bottle")
+    plotted = prompt_set(model, "bottle")
+    assert encoded.count(descriptions) == 1
+    torch.testing.assert_close(target[0, 0], torch.as_tensor(plotted.group(("llm", "vqa"))).mean(dim=0))
+
+
+def test_moving_the_model_drops_cached_text_features(small_config, bottle_image):
+    """Cached features live on a device: after ``.to(...)`` they are rebuilt, not reused."""
+    model = fresh_model(small_config)
+    before = model.detect(str(bottle_image), "bottle")
+    assert model._text_cache and model._knowledge_cache
+    model.to("cpu")
+    assert not model._text_cache and not model._knowledge_cache
+    assert model.detect(str(bottle_image), "bottle").score == pytest.approx(before.score, abs=1e-6)
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_bf16_autocast_path_agrees_with_fp32(small_config, bottle_dir, monkeypatch, trained):
+    """The mixed-precision path a GPU takes (bf16 autocast), run here with CPU autocast.
+
+    Every module must accept bf16 activations beside fp32 weights and text features, and give
+    maps close to fp32 ones; CI has no GPU, so this is the nearest check of that path.
+    """
+    model = fresh_model(small_config, seed=3)
+    model.trained = trained
+    images = [Image.open(p).convert("RGB") for p in sorted((bottle_dir / "test" / "broken_large").glob("*.png"))[:2]]
+    full, _ = model.infer(images, ["bottle", "bottle"])
+    monkeypatch.setattr(model, "_autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    mixed, visual = model.infer(images, ["bottle", "bottle"])
+    assert visual.stages[0].dtype == torch.float32  # features leave encode_image in fp32
+    for name in ("anomaly_map", "score"):
+        a, b = getattr(full, name), getattr(mixed, name)
+        assert torch.isfinite(b).all(), name
+        torch.testing.assert_close(b.float(), a, atol=0.05, rtol=0, msg=name)
 
 
 def test_optimizer_step_touches_only_the_trainable_parts(small_config, bottle_image):
@@ -135,6 +188,32 @@ def test_checkpoint_round_trip(small_config, bottle_image, tmp_path):
     a, b = model.detect(str(bottle_image), "bottle"), loaded.detect(str(bottle_image), "bottle")
     assert a.score == pytest.approx(b.score, abs=1e-6)
     np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-5)
+
+
+def test_hub_id_checkpoint_loads_from_the_cache_offline(small_config, monkeypatch, tmp_path):
+    from conftest import put_in_hub_cache
+
+    model = fresh_model(small_config, seed=2)
+    model.trained = True
+    cache = put_in_hub_cache(model.save_pretrained(tmp_path / "ck"), "someone/kanoclip-test", tmp_path / "hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = KAnoCLIP.from_pretrained("someone/kanoclip-test", backbone=small_config.backbone, device="cpu", cache_dir=str(cache))
+    assert loaded.mode == "trained"
+    assert loaded.checkpoint_name == "someone/kanoclip-test"
+    for name, tensor in model.trainable_state_dict().items():
+        assert torch.equal(tensor, loaded.trainable_state_dict()[name]), name
+
+
+@pytest.mark.parametrize("offline", ["1", "0"])
+def test_uncached_hub_id_checkpoint_fails_fast_with_the_fix(offline, monkeypatch, tmp_path):
+    """Like the backbone: no waiting out the hub client's retries on an offline machine."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    start = time.monotonic()
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint("someone/not-cached", cache_dir=tmp_path)
+    assert time.monotonic() - start < 10
+    message = str(info.value)
+    assert "someone/not-cached" in message and "hf download" in message and "\n" not in message
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".pkl"])

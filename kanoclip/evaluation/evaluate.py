@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from kanoclip.data import Sample, group_by_class, load_dataset, load_mask
 from kanoclip.evaluation.metrics import METRIC_KEYS, compute_metrics
@@ -39,14 +38,11 @@ def predict(
     model: Any, samples: Sequence[Sample], *, batch_size: int = 16, on_batch: Callable[[int], None] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Image scores ``(N,)`` and S×S anomaly maps ``(N, S, S)`` (float32) of ``samples``."""
-    model.eval()
     scores, maps = [], []
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
         images = [load_image(s.image) for s in batch]
-        classes = [model.canonical_class(s.class_name)[0] for s in batch]
-        with torch.inference_mode():
-            out = model(model.encode_image(model.pixel_values(images)), classes)
+        out, _ = model.infer(images, [model.canonical_class(s.class_name)[0] for s in batch])
         scores.append(out.score.float().clamp(0, 1).cpu().numpy())
         maps.append(out.anomaly_map.float().cpu().numpy())
         if on_batch is not None:

@@ -32,6 +32,7 @@ import httpx
 
 from kanoclip.data.sample import is_image
 from kanoclip.errors import GenerationError, InputError
+from kanoclip.images import load_image
 from kanoclip.knowledge import classes as _catalog
 from kanoclip.knowledge.base import LLM_TEMPLATE, VQA_TEMPLATE, KnowledgeBase, Provenance, image_sha256
 
@@ -273,22 +274,16 @@ def generate_vqa(
 
 
 def _image_payload(path: Path) -> tuple[bytes, str]:
-    """The bytes and MIME type to send; BMP/TIFF are converted to PNG."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"image {path}: cannot read it ({exc.strerror or exc}); check the path") from None
+    """The bytes and MIME type to send, after the same safe decoding as detection's inputs.
+
+    PNG and JPEG files go as they are; other formats (BMP, TIFF, ...) are sent as PNG.
+    """
+    decoded = load_image(path)  # corrupt, truncated, bomb or missing files: one ImageError line naming the path
     mime = _MIME.get(path.suffix.lower())
     if mime is not None:
-        return data, mime
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            buffer = io.BytesIO()
-            img.save(buffer, format="PNG")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"image {path}: cannot decode it ({exc}); pass a valid image") from None
+        return path.read_bytes(), mime
+    buffer = io.BytesIO()
+    decoded.save(buffer, format="PNG")
     return buffer.getvalue(), "image/png"
 
 
