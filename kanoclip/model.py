@@ -372,41 +372,50 @@ class KAnoCLIP(nn.Module):
             return []
         resolved = [self.canonical_class(name) for name in class_names]
         pil_images = [load_image(image) for image in images]
-        out, visual = self.infer(pil_images, [c for c, _ in resolved], sigma=sigma)
+        classes = [c for c, _ in resolved]
+        out, visual = self.infer(pil_images, classes, sigma=sigma)
         threshold = self.config.scoring.threshold if threshold is None else float(threshold)
-        results = []
-        for i, (pil, (name, known)) in enumerate(zip(pil_images, resolved)):
-            model_maps = torch.cat([out.normal[i : i + 1], out.abnormal[i : i + 1], out.stage_abnormal[i]]).float().cpu()
-            results.append(
-                Detection(
-                    score=float(out.score[i].clamp(0, 1)),
-                    threshold=threshold,
-                    anomaly_map=upsample_maps(out.anomaly_map[i : i + 1].float().cpu(), (pil.height, pil.width))[0],
-                    class_name=name,
-                    known_class=known,
-                    mode=self.mode,
-                    guidance=self._guidance(name, out, visual, i),
-                    image=describe(images[i]),
-                    model_maps=model_maps.numpy(),
-                )
+        # One device-to-host copy of each output per batch, not one per image (on a GPU, many
+        # small copies and synchronisations would cost more than the maps themselves).
+        scores = out.score.float().clamp(0, 1).cpu().tolist()
+        anomaly_maps = out.anomaly_map.float().cpu()
+        model_maps = torch.cat([out.normal[:, None], out.abnormal[:, None], out.stage_abnormal], dim=1).float().cpu().numpy()
+        guidance = self._guidance(classes, out, visual)
+        return [
+            Detection(
+                score=scores[i],
+                threshold=threshold,
+                anomaly_map=upsample_maps(anomaly_maps[i : i + 1], (pil.height, pil.width))[0],
+                class_name=name,
+                known_class=known,
+                mode=self.mode,
+                guidance=guidance[i],
+                image=describe(images[i]),
+                model_maps=model_maps[i],
             )
-        return results
-
-    def _guidance(self, class_name: str, out: KAnoCLIPOutput, visual: VisualFeatures, i: int) -> list[Guidance]:
-        """The class's prompts ranked by similarity to the image (and to its most anomalous patches)."""
-        texts = self._class_text(class_name)
-        image_feature = F.normalize(out.global_feature[i].float(), dim=-1)
-        patches = visual.stages[-1][i]  # (L, C)
-        grid_map = F.adaptive_avg_pool2d(out.anomaly_map[i][None, None].float(), visual.grid).flatten()  # (L,)
-        top = grid_map.topk(max(1, grid_map.numel() // 20)).indices  # the top 5% of patches
-        region = F.normalize(patches[top].mean(dim=0), dim=-1)
-        image_sim = (texts.guidance_features @ image_feature).tolist()
-        region_sim = (texts.guidance_features @ region).tolist()
-        items = [
-            Guidance(text=t, source=src, state=state, image_similarity=a, region_similarity=r)  # type: ignore[arg-type]
-            for (t, src, state), a, r in zip(texts.guidance_texts, image_sim, region_sim)
+            for i, (pil, (name, known)) in enumerate(zip(pil_images, resolved))
         ]
-        return sorted(items, key=lambda g: g.image_similarity, reverse=True)
+
+    def _guidance(self, classes: Sequence[str], out: KAnoCLIPOutput, visual: VisualFeatures) -> list[list[Guidance]]:
+        """Each image's prompts ranked by similarity to the image and to its most anomalous patches."""
+        image = F.normalize(out.global_feature.float(), dim=-1)  # (B, C)
+        patches = visual.stages[-1]  # (B, L, C)
+        grid_map = F.adaptive_avg_pool2d(out.anomaly_map[:, None].float(), visual.grid).flatten(1)  # (B, L)
+        top = grid_map.topk(max(1, grid_map.shape[1] // 20), dim=1).indices  # (B, k): the top 5% of patches
+        region = torch.gather(patches, 1, top[..., None].expand(-1, -1, patches.shape[-1])).mean(dim=1)
+        # (B, 2, C) to the CPU at once; the similarities to a class's ~20 prompts are tiny products
+        features = torch.stack([image, F.normalize(region, dim=-1)], dim=1).cpu()
+        prompts = {name: self._class_text(name) for name in dict.fromkeys(classes)}
+        prompt_features = {name: texts.guidance_features.float().cpu() for name, texts in prompts.items()}
+        ranked = []
+        for name, feature in zip(classes, features):
+            image_sim, region_sim = (feature @ prompt_features[name].T).tolist()
+            items = [
+                Guidance(text=t, source=src, state=state, image_similarity=a, region_similarity=r)  # type: ignore[arg-type]
+                for (t, src, state), a, r in zip(prompts[name].guidance_texts, image_sim, region_sim)
+            ]
+            ranked.append(sorted(items, key=lambda g: g.image_similarity, reverse=True))
+        return ranked
 
 
 def _knowledge_from(kb: str | os.PathLike[str] | KnowledgeBase | None, checkpoint_folder: Path | None) -> KnowledgeBase:

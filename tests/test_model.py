@@ -71,6 +71,28 @@ def test_detect_batch_matches_single_detections(tiny_model, bottle_dir):
         tiny_model.detect_batch([str(paths[0])], ["a", "b"])
 
 
+def test_guidance_of_a_mixed_batch_is_each_images_own(tiny_model, bottle_dir):
+    """Each image's guidance: its own class's descriptions, with the cosine similarity between
+    the image and the text as CLIP itself computes them (``get_image_features``/``get_text_features``,
+    whose ``pooler_output`` is the projected feature in transformers 5)."""
+    paths = sorted((bottle_dir / "test" / "contamination").glob("*.png"))[:2]
+    images = [Image.open(p).convert("RGB") for p in paths]
+    detections = tiny_model.detect_batch(images, ["bottle", "screw"])
+    clip, tokenizer = tiny_model.clip, tiny_model.tokenizer
+    for image, name, det in zip(images, ["bottle", "screw"], detections):
+        described = [g for g in det.guidance if g.source in ("llm", "vqa")]
+        assert [g.text for g in sorted(described, key=lambda g: g.text)] == sorted(d.text for d in tiny_model.knowledge.descriptions(name))
+        pixels = preprocess([image], tiny_model.image_size, tiny_model.image_mean, tiny_model.image_std)
+        tokens = tokenizer([g.text for g in described], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            image_feature = torch.nn.functional.normalize(clip.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+            text_features = torch.nn.functional.normalize(clip.get_text_features(**tokens).pooler_output, dim=-1)
+        expected = (text_features @ image_feature[0]).tolist()
+        assert [g.image_similarity for g in described] == pytest.approx(expected, abs=1e-4)
+        single = tiny_model.detect(image, name)
+        assert [g.region_similarity for g in single.guidance] == pytest.approx([g.region_similarity for g in det.guidance], abs=1e-5)
+
+
 def test_class_names(tiny_model, bottle_image):
     with pytest.raises(InputError, match="class name is empty"):
         tiny_model.detect(str(bottle_image), "   ")
