@@ -34,9 +34,9 @@ class Detection:
 
     ``anomaly_map`` (eq. 10) is a float32 array of the input image's (H, W) in [0, 1].
     ``stage_maps`` (the per-stage anomaly probabilities ``M_i^a``), ``normal_map`` and
-    ``abnormal_map`` (``M^n`` and ``M^a`` of eq. 9) are too; they are kept at the model's
-    resolution and upsampled to (H, W) on first access, so callers that only need the score
-    and the map do not pay for them.
+    ``abnormal_map`` (``M^n`` and ``M^a`` of eq. 9) are too; they are kept on the patch grid
+    (h × w, where the model computes them) and upsampled bilinearly to (H, W) on first access,
+    so callers that only need the score and the map pay neither for them nor for their copies.
     """
 
     score: float
@@ -47,7 +47,7 @@ class Detection:
     mode: Literal["training-free", "trained"]
     guidance: list[Guidance] = field(default_factory=list)
     image: str = ""
-    # [M^n, M^a, M_1^a .. M_n^a] at the model's resolution, (2 + n_stages, S, S)
+    # [M^n, M^a, M_1^a .. M_n^a] on the patch grid, (2 + n_stages, h, w)
     model_maps: np.ndarray = field(default_factory=lambda: np.zeros((0, 1, 1), np.float32), repr=False)
 
     @property

@@ -10,7 +10,8 @@ and images over :data:`MAX_PIXELS` (decompression bombs, refused from the header
 pixel is decoded).
 
 Preprocessing resizes the whole image to the model's square input (no centre crop, so the
-anomaly map covers every pixel) and normalises with the backbone's mean and std.
+anomaly map covers every pixel) and normalises with the backbone's mean and std, on the model's
+device.
 """
 
 from __future__ import annotations
@@ -157,12 +158,18 @@ def _from_array(array: np.ndarray, name: str) -> Image.Image:
     return _to_rgb(Image.fromarray(np.ascontiguousarray(array)), name)
 
 
-def preprocess(images: list[Image.Image], size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """RGB images -> ``(B, 3, size, size)`` float32, whole image resized (bicubic), normalised."""
+def preprocess(
+    images: list[Image.Image], size: int, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """RGB images -> ``(B, 3, size, size)`` float32 on ``device``: whole image resized (bicubic), normalised.
+
+    The batch travels to the device as uint8 (a quarter of the bytes of float32) and is converted
+    and normalised there; images already ``size`` x ``size`` are not resampled.
+    """
     import torch  # here, not at the top: decoding alone (the kb CLI's VQA images) needs no torch
 
-    arrays = [np.asarray(img.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32) for img in images]
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).div_(255.0)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (batch - mean_t) / std_t
+    arrays = [np.asarray(img if img.size == (size, size) else img.resize((size, size), Image.Resampling.BICUBIC)) for img in images]
+    batch = torch.from_numpy(np.stack(arrays)).to(device)  # (B, S, S, 3) uint8
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return batch.permute(0, 3, 1, 2).float().div_(255.0).sub_(mean_t).div_(std_t)

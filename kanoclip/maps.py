@@ -25,13 +25,15 @@ def similarity_probabilities(patches: torch.Tensor, text: torch.Tensor, temperat
     return (sims / temperature).softmax(dim=1)
 
 
-def stage_maps_to_image(probs: list[torch.Tensor], grid: tuple[int, int], size: int) -> torch.Tensor:
-    """Upsample each stage's (B, 2, L) probabilities to (B, n_stages, 2, size, size)."""
+def stage_grid_maps(probs: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+    """Each stage's (B, 2, L) probabilities as maps on the patch grid: (B, n_stages, 2, h, w)."""
     b = probs[0].shape[0]
-    maps = torch.stack([p.view(b, 2, *grid) for p in probs], dim=1)  # (B, n, 2, h, w)
-    n = maps.shape[1]
-    up = F.interpolate(maps.flatten(0, 1).float(), size=(size, size), mode="bilinear", align_corners=False)
-    return up.view(b, n, 2, size, size)
+    return torch.stack([p.view(b, 2, *grid) for p in probs], dim=1)
+
+
+def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, k, h, w) maps -> (B, k, size, size), bilinear, float32."""
+    return F.interpolate(maps.float(), size=(size, size), mode="bilinear", align_corners=False)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:

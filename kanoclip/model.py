@@ -39,7 +39,7 @@ from kanoclip.detection import Detection, Guidance, upsample_maps
 from kanoclip.errors import CheckpointError, InputError
 from kanoclip.images import ImageInput, describe, load_image, preprocess
 from kanoclip.knowledge import KnowledgeBase
-from kanoclip.maps import combine_maps, global_score, similarity_probabilities, stage_maps_to_image
+from kanoclip.maps import combine_maps, global_score, similarity_probabilities, stage_grid_maps, upsample
 from kanoclip.prompts import PromptFeatures, PromptLearner, TextEncoder, class_text, mean_direction
 from kanoclip.vv_attention import CLIPVV, VisualFeatures
 
@@ -55,7 +55,7 @@ class KAnoCLIPOutput:
     anomaly_map: torch.Tensor  # (B, S, S), eq. 10
     normal: torch.Tensor  # (B, S, S), M^n of eq. 9
     abnormal: torch.Tensor  # (B, S, S), M^a of eq. 9
-    stage_abnormal: torch.Tensor  # (B, n, S, S), each stage's M_i^a
+    stage_maps: torch.Tensor  # (B, n, 2, h, w), each stage's [M_i^n, M_i^a] on the patch grid
     text: torch.Tensor  # (B, 2, C) normalised [normal, abnormal] text features used
     global_feature: torch.Tensor  # (B, C), through the adapter in trained mode
     prompts: PromptFeatures | None  # learned prompts' raw features per unique class (when training)
@@ -220,8 +220,8 @@ class KAnoCLIP(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """Decoded RGB images -> the model's normalised input ``(B, 3, S, S)`` on the CPU."""
-        return preprocess(list(images), self.image_size, self.image_mean, self.image_std)
+        """Decoded RGB images -> the model's normalised input ``(B, 3, S, S)`` on its device."""
+        return preprocess(list(images), self.image_size, self.image_mean, self.image_std, device=self.device)
 
     def encode_image(self, pixel_values: torch.Tensor) -> VisualFeatures:
         """CLIP-VV features of a normalised batch ``(B, 3, S, S)`` (no gradients: frozen)."""
@@ -256,8 +256,11 @@ class KAnoCLIP(nn.Module):
         else:
             probs = [similarity_probabilities(stage, text, tau) for stage in visual.stages]
             global_feature = visual.global_feature
-        maps = stage_maps_to_image(probs, visual.grid, self.image_size)  # (B, n, 2, S, S)
-        normal, abnormal = maps[:, :, 0].mean(dim=1), maps[:, :, 1].mean(dim=1)  # eq. 9, Norm = mean
+        grid_maps = stage_grid_maps(probs, visual.grid)  # (B, n, 2, h, w)
+        # Eq. 9 with Norm = mean over the stages, taken on the grid before upsampling to S x S:
+        # bilinear upsampling is linear, so this equals the mean of the upsampled stage maps,
+        # for a quarter of the upsampling work.
+        normal, abnormal = upsample(grid_maps.mean(dim=1), self.image_size).unbind(dim=1)  # (B, S, S) each
         anomaly_map = combine_maps(normal, abnormal, sigma)  # eq. 10
         score = global_score(global_feature, text, anomaly_map, tau)  # eq. 12
         return KAnoCLIPOutput(
@@ -265,7 +268,7 @@ class KAnoCLIP(nn.Module):
             anomaly_map=anomaly_map,
             normal=normal,
             abnormal=abnormal,
-            stage_abnormal=maps[:, :, 1],
+            stage_maps=grid_maps,
             text=text,
             global_feature=global_feature,
             prompts=prompts,
@@ -379,7 +382,8 @@ class KAnoCLIP(nn.Module):
         # small copies and synchronisations would cost more than the maps themselves).
         scores = out.score.float().clamp(0, 1).cpu().tolist()
         anomaly_maps = out.anomaly_map.float().cpu()
-        model_maps = torch.cat([out.normal[:, None], out.abnormal[:, None], out.stage_abnormal], dim=1).float().cpu().numpy()
+        grid_maps = out.stage_maps.float()  # (B, n, 2, h, w)
+        model_maps = torch.cat([grid_maps.mean(dim=1), grid_maps[:, :, 1]], dim=1).cpu().numpy()  # (B, 2 + n, h, w)
         guidance = self._guidance(classes, out, visual)
         return [
             Detection(

@@ -50,6 +50,27 @@ def test_detect_real_bottle_gives_a_map_of_the_input_size(trained, small_config,
     assert sims == sorted(sims, reverse=True)
 
 
+@pytest.mark.parametrize("trained", [False, True])
+def test_eq9_maps_are_the_mean_of_the_upsampled_stage_maps(small_config, bottle_image, trained):
+    """M^n, M^a (eq. 9, Norm = mean) against upsampling each stage's grid map first, by hand;
+    a Detection's extra maps are the grid maps taken straight to the image's size."""
+    model = fresh_model(small_config)
+    model.trained = trained
+    image = Image.open(bottle_image).convert("RGB")
+    out, _ = model.infer([image], ["bottle"])
+    s = model.image_size
+    per_stage = torch.nn.functional.interpolate(out.stage_maps[0].float(), size=(s, s), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out.normal[0], per_stage[:, 0].mean(dim=0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.abnormal[0], per_stage[:, 1].mean(dim=0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.stage_maps.sum(dim=2), torch.ones_like(out.stage_maps[:, :, 0]))  # softmax pairs
+
+    det = model.detect(image, "bottle")
+    stages = torch.nn.functional.interpolate(out.stage_maps[0, :, 1:2].float(), size=(900, 900), mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(np.stack(det.stage_maps), stages[:, 0].clamp(0, 1).numpy(), atol=1e-6)
+    abnormal = torch.nn.functional.interpolate(out.stage_maps[0, :, 1].mean(dim=0)[None, None], size=(900, 900), mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(det.abnormal_map, abnormal[0, 0].clamp(0, 1).numpy(), atol=1e-6)
+
+
 def test_inputs_of_every_kind_give_the_same_result(tiny_model, bottle_image):
     pil = Image.open(bottle_image)
     array = np.asarray(pil.convert("RGB"))
