@@ -21,12 +21,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPModel, CLIPTokenizer
-from transformers.masking_utils import create_causal_mask
 
 from kanoclip.config import PromptConfig
 from kanoclip.knowledge.classes import display_name as class_text  # metal_nut -> "metal nut"
 
 _PLACEHOLDER = "X"
+
+
+def causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """CLIP's causal text mask as an additive ``(1, 1, T, T)`` float mask (0 on and below the diagonal).
+
+    Built here rather than with ``transformers.masking_utils.create_causal_mask``, whose
+    arguments changed more than once within transformers 5.x; an additive float mask means the
+    same to the eager and the SDPA attention of every 5.x release.
+    """
+    blocked = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+    return torch.zeros(length, length, dtype=dtype, device=device).masked_fill(blocked, torch.finfo(dtype).min)[None, None]
 
 
 class TextEncoder:
@@ -66,7 +76,7 @@ class TextEncoder:
     def encode_embeddings(self, embeds: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
         """``(N, 77, D)`` word embeddings -> ``(N, C)`` projected EOT features."""
         hidden = self.text_model.embeddings(inputs_embeds=embeds)
-        mask = create_causal_mask(config=self.text_model.config, inputs_embeds=hidden, attention_mask=None, cache=None)
+        mask = causal_mask(hidden.shape[1], hidden.dtype, hidden.device)
         hidden = self.text_model.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
         hidden = self.text_model.final_layer_norm(hidden)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), eot_index]

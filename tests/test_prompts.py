@@ -26,6 +26,21 @@ def test_text_encoder_matches_the_library(encoder):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_our_causal_mask_means_the_same_to_every_attention_implementation(tiny_backbone, implementation):
+    """The text encoder builds its own causal mask: it must match the library under both attentions."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    model = CLIPModel.from_pretrained(tiny_backbone, attn_implementation=implementation).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_backbone)
+    texts = ["a photo of a scratched metal nut", "a bottle"]
+    ids = tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        ours = TextEncoder(model, tokenizer).encode(texts)
+        theirs = model.get_text_features(**ids).pooler_output
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
 def test_prompt_shapes_and_placeholder_positions(encoder):
     text_encoder, _ = encoder
     config = PromptConfig(n_ctx=12)
