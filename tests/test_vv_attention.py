@@ -21,6 +21,23 @@ def pixels():
     return torch.randn(2, 3, 112, 112)
 
 
+def hidden_states(clip, pixels: torch.Tensor) -> list[torch.Tensor]:
+    """The vision tower's hidden states as transformers defines them: the input of block 1, then
+    each block's output. Recorded with hooks on the library's own blocks, because not every
+    transformers 5.x release fills ``output_hidden_states`` for ``vision_model``."""
+    layers = clip.vision_model.encoder.layers
+    states: list[torch.Tensor] = []
+    handles = [layers[0].register_forward_pre_hook(lambda _m, args: states.append(args[0]))]
+    handles += [layer.register_forward_hook(lambda _m, _i, out: states.append(out)) for layer in layers]
+    try:
+        with torch.no_grad():
+            clip.vision_model(pixel_values=pixels)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return states
+
+
 def test_default_layout_scales_with_depth():
     assert VVConfig().resolve(24) == (6, (6, 12, 18, 24))  # ViT-L/14: blocks 6..24 replaced
     assert VVConfig().resolve(8) == (2, (2, 4, 6, 8))
@@ -51,7 +68,7 @@ def test_global_feature_is_clips_own(clip, pixels):
 
 
 def test_with_vv_off_hidden_states_equal_the_librarys(clip, pixels):
-    reference = clip.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    reference = hidden_states(clip, pixels)
     view = CLIPVV(clip, VVConfig(), vv_enabled=False)
     stages = view(pixels).stages
     for stage, layer in zip(stages, view.stage_layers):
@@ -61,7 +78,7 @@ def test_with_vv_off_hidden_states_equal_the_librarys(clip, pixels):
 def test_vv_path_follows_eq_8(clip, pixels):
     """Recompute the first stage by hand: S_l = out_proj(softmax(V Vᵀ scale) V) + S_{l-1}."""
     view = CLIPVV(clip, VVConfig(num_replaced_blocks=7))  # blocks 2..8, first stage at layer 2
-    hidden = clip.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    hidden = hidden_states(clip, pixels)
     layer = clip.vision_model.encoder.layers[1]
     attn = layer.self_attn
     v = attn.v_proj(layer.layer_norm1(hidden[1]))  # V from the ORIGINAL path's input
@@ -91,7 +108,7 @@ def test_stages_before_the_vv_path_are_the_original_tokens(clip, pixels):
     """With fewer replaced blocks, an early stage is the original path's tokens at that layer."""
     view = CLIPVV(clip, VVConfig(num_replaced_blocks=6))  # blocks 3..8; stages 2, 4, 6, 8
     assert view.first_replaced == 3
-    hidden = clip.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    hidden = hidden_states(clip, pixels)
     stages = view(pixels).stages
     torch.testing.assert_close(stages[0], view.project(hidden[2][:, 1:]), atol=1e-5, rtol=1e-5)
     assert (stages[1] - view.project(hidden[4][:, 1:])).abs().max() > 1e-3  # V-V by layer 4
