@@ -28,15 +28,21 @@ from kanoclip.knowledge.classes import display_name as class_text  # metal_nut -
 _PLACEHOLDER = "X"
 
 
-def causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """CLIP's causal text mask as an additive ``(1, 1, T, T)`` float mask (0 on and below the diagonal).
+def causal_mask(text_model: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
+    """CLIP's causal text mask for ``hidden`` ``(N, T, D)``, for the model's attention implementation.
 
-    Built here rather than with ``transformers.masking_utils.create_causal_mask``, whose
-    arguments changed more than once within transformers 5.x; an additive float mask means the
-    same to the eager and the SDPA attention of every 5.x release.
+    SDPA (transformers' default) gets ``None`` and applies causality itself (``is_causal``), with
+    its fastest kernels; any other implementation gets an additive ``(1, 1, T, T)`` float mask
+    (0 on and below the diagonal). Built here rather than with
+    ``transformers.masking_utils.create_causal_mask``, whose arguments changed more than once
+    within transformers 5.x.
     """
-    blocked = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
-    return torch.zeros(length, length, dtype=dtype, device=device).masked_fill(blocked, torch.finfo(dtype).min)[None, None]
+    if getattr(text_model.config, "_attn_implementation", "eager") == "sdpa":
+        return None
+    length = hidden.shape[1]
+    blocked = torch.ones(length, length, dtype=torch.bool, device=hidden.device).triu(1)
+    mask = torch.zeros(length, length, dtype=hidden.dtype, device=hidden.device)
+    return mask.masked_fill(blocked, torch.finfo(hidden.dtype).min)[None, None]
 
 
 class TextEncoder:
@@ -75,8 +81,11 @@ class TextEncoder:
 
     def encode_embeddings(self, embeds: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
         """``(N, 77, D)`` word embeddings -> ``(N, C)`` projected EOT features."""
+        # Attention is causal, so tokens after the last EOT never reach an EOT feature: cutting
+        # the padding there changes no output and runs ~20 tokens instead of 77.
+        embeds = embeds[:, : int(eot_index.max()) + 1]
         hidden = self.text_model.embeddings(inputs_embeds=embeds)
-        mask = causal_mask(hidden.shape[1], hidden.dtype, hidden.device)
+        mask = causal_mask(self.text_model, hidden)
         hidden = self.text_model.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
         hidden = self.text_model.final_layer_norm(hidden)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), eot_index]
