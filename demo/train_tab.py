@@ -114,8 +114,7 @@ class TrainingManager:
 
     def begin(self, owner: str) -> TrainingRun:
         with self._guard:
-            busy = self.current is not None
-            if not busy:
+            if self.current is None:
                 self.current = TrainingRun(owner=owner)
                 return self.current
         raise InputError(f"the app is busy: {self.describe()}; one training runs at a time — wait for it to finish or cancel it")
