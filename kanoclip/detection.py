@@ -8,7 +8,8 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from kanoclip.maps import upsample
 
 
 @dataclass(frozen=True)
@@ -75,5 +76,5 @@ def upsample_maps(maps: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.
     """(n, h, w) maps -> (n, H, W) float32 in [0, 1], bilinear."""
     tensor = torch.as_tensor(maps, dtype=torch.float32)
     if tuple(tensor.shape[-2:]) != tuple(size):
-        tensor = F.interpolate(tensor.unsqueeze(0), size=size, mode="bilinear", align_corners=False)[0]
+        tensor = upsample(tensor[None], tuple(size))[0]
     return tensor.clamp_(0.0, 1.0).numpy()

@@ -31,9 +31,9 @@ def stage_grid_maps(probs: list[torch.Tensor], grid: tuple[int, int]) -> torch.T
     return torch.stack([p.view(b, 2, *grid) for p in probs], dim=1)
 
 
-def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, k, h, w) maps -> (B, k, size, size), bilinear, float32."""
-    return F.interpolate(maps.float(), size=(size, size), mode="bilinear", align_corners=False)
+def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, k, h, w) maps -> (B, k, H, W), bilinear, float32 (every map of the project is resized this way)."""
+    return F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -260,7 +260,7 @@ class KAnoCLIP(nn.Module):
         # Eq. 9 with Norm = mean over the stages, taken on the grid before upsampling to S x S:
         # bilinear upsampling is linear, so this equals the mean of the upsampled stage maps,
         # for a quarter of the upsampling work.
-        normal, abnormal = upsample(grid_maps.mean(dim=1), self.image_size).unbind(dim=1)  # (B, S, S) each
+        normal, abnormal = upsample(grid_maps.mean(dim=1), (self.image_size, self.image_size)).unbind(dim=1)  # (B, S, S) each
         anomaly_map = combine_maps(normal, abnormal, sigma)  # eq. 10
         score = global_score(global_feature, text, anomaly_map, tau)  # eq. 12
         return KAnoCLIPOutput(
