@@ -8,7 +8,12 @@ in the README's "Where the paper is ambiguous" section.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +21,10 @@ from kanoclip.errors import CheckpointError
 
 DEFAULT_BACKBONE = "openai/clip-vit-large-patch14-336"
 BACKBONE_ENV = "KANOCLIP_BACKBONE"
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
+# Version 1 had ``prompts.normal_template`` (the old training-free normal prompt), now replaced by
+# the ``training_free`` section; a version-1 config loads with that key dropped.
+_OLD_KEYS = {1: {"prompts": ("normal_template",)}}
 
 
 def default_backbone() -> str:
@@ -32,8 +40,6 @@ class PromptConfig:
     normal_adjectives: tuple[str, ...] = ("normal", "perfect", "flawless", "unblemished")
     abnormal_adjectives: tuple[str, ...] = ("abnormal", "defective", "damaged", "broken")
     ctx_init_std: float = 0.02  # CoOp's initialisation of the context vectors
-    # Training-free normal prompts (no learned context yet): one per normal adjective.
-    normal_template: str = "a photo of a {adjective} {class_name}."
 
 
 @dataclass
@@ -104,6 +110,84 @@ class ScoringConfig:
     threshold: float = 0.5  # det.is_anomalous == (det.score >= threshold)
 
 
+# The training-free state ensemble, written for kanoclip after WinCLIP's compositional prompt
+# ensemble (state words x templates; Jeong et al., CVPR 2023, §3.2): both states share every
+# template, so the difference between the two directions is the state alone.
+NORMAL_STATES = (
+    "{}",
+    "normal {}",
+    "flawless {}",
+    "intact {}",
+    "pristine {}",
+    "{} without defects",
+    "{} in perfect condition",
+)
+ABNORMAL_STATES = (
+    "abnormal {}",
+    "defective {}",
+    "damaged {}",
+    "broken {}",
+    "{} with a defect",
+    "{} with damage",
+    "{} with a flaw",
+)
+STATE_TEMPLATES = (
+    "a photo of a {}.",
+    "a close-up photo of the {}.",
+    "a cropped photo of a {}.",
+    "a bright photo of the {}.",
+    "a dark photo of a {}.",
+    "a blurry photo of the {}.",
+    "a low-resolution photo of a {}.",
+    "an inspection photo of a {}.",
+    "a photo of the {} on a production line.",
+    "a photo of a {} for quality control.",
+)
+
+
+@dataclass
+class TrainingFreeConfig:
+    """The training-free mode (no checkpoint; not in the paper, which always trains).
+
+    Defaults follow the published training-free methods, not the trained paper model:
+
+    * ``num_replaced_blocks = 6``: CLIP Surgery (Li et al., arXiv:2304.05653; its released
+      ``clip_surgery_model.py`` applies the V-V surgery to the last 6 blocks) reads its
+      training-free maps off the V-V path's last layer.
+    * ``stage_weights = (0, 0, 0, 1)``: only the last stage. Without training, nothing aligns a
+      shallow layer's tokens with text once they pass the final layer norm and projection:
+      WinCLIP (CVPR 2023) uses the final layer only, and the methods that read layers 6/12/18
+      (APRIL-GAN, AnomalyCLIP) first train a projection or prompts for them.
+    * a symmetric ensemble, ``templates`` x ``normal_states`` / ``abnormal_states``: WinCLIP's
+      compositional ensemble gives 91.8 image / 85.1 pixel AUROC zero-shot on MVTec-AD against
+      71.5 / 38.2 for CLIP-AC's two fixed prompts (KAnoCLIP paper, Table 1).
+    * ``use_descriptions = True``: the knowledge base's descriptions of the class (the paper's
+      knowledge, §2.2.1) join the abnormal ensemble as further members, one vote each.
+
+    Every field can be changed for an ablation (``kanoclip eval --set`` / ``--sweep``).
+    """
+
+    stage_weights: tuple[float, ...] = (0.0, 0.0, 0.0, 1.0)  # one per stage, >= 0, normalised to sum 1
+    num_replaced_blocks: int = 6  # V-V blocks in this mode (the trained mode uses ``vv``)
+    templates: tuple[str, ...] = STATE_TEMPLATES  # each with one ``{}`` for the state phrase
+    normal_states: tuple[str, ...] = NORMAL_STATES  # each with one ``{}`` for the class name
+    abnormal_states: tuple[str, ...] = ABNORMAL_STATES
+    use_descriptions: bool = True  # knowledge-base descriptions join the abnormal ensemble
+
+    def __post_init__(self) -> None:
+        self.stage_weights = tuple(float(w) for w in self.stage_weights)
+        if not self.stage_weights or any(not math.isfinite(w) or w < 0 for w in self.stage_weights) or sum(self.stage_weights) <= 0:
+            raise ValueError(f"training_free.stage_weights must be non-negative numbers with a positive sum, got {self.stage_weights}")
+        if self.num_replaced_blocks < 1:
+            raise ValueError(f"training_free.num_replaced_blocks must be >= 1, got {self.num_replaced_blocks}")
+        for name in ("templates", "normal_states", "abnormal_states"):
+            values = tuple(getattr(self, name))
+            setattr(self, name, values)
+            bad = [v for v in values if not isinstance(v, str) or v.count("{}") != 1]
+            if not values or bad:
+                raise ValueError(f"training_free.{name} must be a non-empty list of texts with one '{{}}' each, got {bad or values}")
+
+
 @dataclass
 class KAnoCLIPConfig:
     """Everything that defines a KAnoCLIP model apart from its weights."""
@@ -116,6 +200,7 @@ class KAnoCLIPConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    training_free: TrainingFreeConfig = field(default_factory=TrainingFreeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict, tagged with the config format version."""
@@ -123,10 +208,13 @@ class KAnoCLIPConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "<dict>") -> KAnoCLIPConfig:
-        """Rebuild a config; unknown or missing keys are reported naming ``source``."""
+        """Rebuild a config; unknown keys and invalid values are reported naming ``source``.
+
+        Missing keys take their defaults, so a checkpoint written before a field existed loads.
+        """
         data = dict(data)
         version = data.pop("kanoclip_config_version", None)
-        if version != CONFIG_VERSION:
+        if version not in (*_OLD_KEYS, CONFIG_VERSION):
             raise CheckpointError(
                 f"{source}: config version {version!r} is not supported (expected {CONFIG_VERSION})"
             )
@@ -139,11 +227,107 @@ class KAnoCLIPConfig:
             if sub is None:
                 kwargs[key] = value
                 continue
+            dropped = _OLD_KEYS.get(version, {}).get(key, ())
+            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items() if k not in dropped}
             try:
-                kwargs[key] = sub(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
-            except TypeError as exc:
+                kwargs[key] = sub(**fields)
+            except (TypeError, ValueError) as exc:
                 raise CheckpointError(f"{source}: bad {key!r} section: {exc}") from None
         return cls(**kwargs)
+
+
+def parse_assignment(text: str) -> tuple[str, str]:
+    """``"training_free.stage_weights=0,0,0,1"`` -> ``("training_free.stage_weights", "0,0,0,1")``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"expected KEY=VALUE with a dotted KEY such as training_free.stage_weights=0,0,0,1, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def flatten_overrides(data: Any, *, where: str = "the overrides") -> dict[str, Any]:
+    """Nested sections and dotted keys alike as dotted keys, for :func:`with_overrides`.
+
+    ``{"training_free": {"stage_weights": [0, 0, 0, 1]}, "scoring.sigma": 2}`` ->
+    ``{"training_free.stage_weights": [0, 0, 0, 1], "scoring.sigma": 2}``. A whole config as a
+    checkpoint's ``config.json`` holds it is accepted too (its version tag is dropped).
+
+    Raises:
+        ValueError: ``data`` is not a JSON object (``where`` names it).
+    """
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where} must be a JSON object of config keys, got {type(data).__name__}")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "kanoclip_config_version":
+            continue
+        if key in _SECTIONS and isinstance(value, Mapping):
+            flat.update({f"{key}.{name}": v for name, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def with_overrides(config: KAnoCLIPConfig, overrides: Mapping[str, Any]) -> KAnoCLIPConfig:
+    """A copy of ``config`` with dotted-path overrides applied and validated.
+
+    Keys are ``section.field`` (``scoring.sigma``) or a top-level field (``image_size``).
+    Values are typed (from JSON or Python) or text (from a command line): text is read as JSON
+    when it parses (``4``, ``true``, ``[0, 1]``, ``"x"``), a comma-separated list for tuple
+    fields (``0,0,0,1``), else as the text itself. Each value is checked against the field's
+    type and then by the section's own validation.
+
+    Raises:
+        ValueError: one line naming the key and what is wrong with it.
+    """
+    nested: dict[str | None, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        owner = _SECTIONS.get(section) if section else KAnoCLIPConfig
+        if owner is None or "." in section:
+            raise ValueError(f"unknown config section in {key!r}; sections: {', '.join(_SECTIONS)}")
+        hints = typing.get_type_hints(owner)
+        if name not in hints or name in _SECTIONS:
+            known = ", ".join(n for n in hints if n not in _SECTIONS)
+            raise ValueError(f"unknown config key {key!r}; {section or 'top-level'} keys: {known}")
+        nested.setdefault(section or None, {})[name] = _coerce(value, hints[name], key)
+    top = nested.pop(None, {})
+    try:
+        sections = {name: dataclasses.replace(getattr(config, name), **fields) for name, fields in nested.items()}
+    except (TypeError, ValueError) as exc:
+        raise ValueError(str(exc)) from None
+    return dataclasses.replace(config, **top, **sections)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """``value`` converted to the type ``hint`` of the field ``key`` (see :func:`with_overrides`)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(value, str) and hint is not str:
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            if origin is tuple:
+                value = [_coerce(part.strip(), args[0], key) for part in value.split(",")]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(v, args[0], key) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"{key} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(hint, True)
+    if not ok:
+        raise ValueError(f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+    return float(value) if hint is float else value
 
 
 _SECTIONS: dict[str, type] = {
@@ -153,4 +337,5 @@ _SECTIONS: dict[str, type] = {
     "adapter": AdapterConfig,
     "loss": LossConfig,
     "scoring": ScoringConfig,
+    "training_free": TrainingFreeConfig,
 }

@@ -8,19 +8,23 @@ Two modes:
 
 * **trained** (a checkpoint is loaded, or after training): text = the learned prompts,
   maps = Bi-CMCI over the 4 CLIP-VV stages, global feature through the Conv-Adapter.
-* **training-free** (no checkpoint): abnormal text = the class's knowledge-base descriptions,
-  normal text = the normal-adjective prompts, maps = CLIP-VV patch/text similarity over the
-  4 stages, global feature = CLIP's own. This is what runs before anyone has trained.
+* **training-free** (no checkpoint; :class:`~kanoclip.config.TrainingFreeConfig`): a symmetric
+  state ensemble (the same templates for both states, WinCLIP-style), the class's
+  knowledge-base descriptions joining the abnormal side, maps = CLIP-VV patch/text similarity
+  on the V-V path of CLIP Surgery's length (6 blocks), weighted over the stages (default: the
+  last one), global feature = CLIP's own. This is what runs before anyone has trained.
 
-Both end the same way: ``M^n, M^a`` = mean over stages (eq. 9), ``M = G_σ(M^a + 1 − M^n)/2``
-(eq. 10), score = ``(softmax(Î_G·F_textᵀ/τ)[abnormal] + max M) / 2`` (eq. 12, in [0, 1]).
+Both end the same way: ``M^n, M^a`` = the stages' (weighted) mean (eq. 9),
+``M = G_σ(M^a + 1 − M^n)/2`` (eq. 10), score = ``(softmax(Î_G·F_textᵀ/τ)[abnormal] + max M) / 2``
+(eq. 12, in [0, 1]). The backbone may run in reduced precision (:mod:`~kanoclip.precision`);
+everything from the stage features on runs in fp32.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -34,13 +38,14 @@ from kanoclip.adapter import ConvAdapter
 from kanoclip.backbone import Backbone, load_backbone
 from kanoclip.bicmci import BiCMCI
 from kanoclip.checkpoint import KB_NAME, read_checkpoint, write_checkpoint
-from kanoclip.config import BACKBONE_ENV, KAnoCLIPConfig
+from kanoclip.config import BACKBONE_ENV, KAnoCLIPConfig, with_overrides
 from kanoclip.detection import Detection, Guidance, upsample_maps
 from kanoclip.errors import CheckpointError, InputError
 from kanoclip.images import ImageInput, describe, load_image, preprocess
 from kanoclip.knowledge import KnowledgeBase
 from kanoclip.maps import combine_maps, global_score, similarity_probabilities, stage_grid_maps, upsample
-from kanoclip.prompts import PromptFeatures, PromptLearner, TextEncoder, class_text, mean_direction
+from kanoclip.precision import backbone_autocast, full_precision, resolve_precision
+from kanoclip.prompts import PromptFeatures, PromptLearner, TextEncoder, mean_direction, state_ensemble
 from kanoclip.vv_attention import CLIPVV, VisualFeatures
 
 TRAINABLE_MODULES = ("prompt_learner", "bicmci", "adapter")
@@ -56,6 +61,7 @@ class KAnoCLIPOutput:
     normal: torch.Tensor  # (B, S, S), M^n of eq. 9
     abnormal: torch.Tensor  # (B, S, S), M^a of eq. 9
     stage_maps: torch.Tensor  # (B, n, 2, h, w), each stage's [M_i^n, M_i^a] on the patch grid
+    grid_maps: torch.Tensor  # (B, 2, h, w), [M^n, M^a] of eq. 9 on the patch grid
     text: torch.Tensor  # (B, 2, C) normalised [normal, abnormal] text features used
     global_feature: torch.Tensor  # (B, C), through the adapter in trained mode
     prompts: PromptFeatures | None  # learned prompts' raw features per unique class (when training)
@@ -81,9 +87,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
 class KAnoCLIP(nn.Module):
     """KAnoCLIP on a frozen transformers CLIP. Build it with :meth:`from_pretrained`."""
 
-    def __init__(self, backbone: Backbone, config: KAnoCLIPConfig, knowledge: KnowledgeBase | None = None) -> None:
+    def __init__(
+        self, backbone: Backbone, config: KAnoCLIPConfig, knowledge: KnowledgeBase | None = None, *, precision: str = "auto"
+    ) -> None:
         super().__init__()
         self.config = config
+        self.requested_precision = precision
+        self._backbone = backbone  # kept for :meth:`variant`, which shares it
         self.backbone_name = backbone.name
         self.random_backbone = backbone.random_init
         self.tokenizer = backbone.tokenizer
@@ -96,6 +106,13 @@ class KAnoCLIP(nn.Module):
         self.prompt_learner = PromptLearner(config.prompts, self.text_encoder)
         self.bicmci = BiCMCI(dim, len(self.visual.stage_layers), config.bicmci, config.scoring.temperature)
         self.adapter = ConvAdapter(dim, config.adapter)
+        n_stages = len(self.visual.stage_layers)
+        if len(config.training_free.stage_weights) != n_stages:
+            raise InputError(
+                f"training_free.stage_weights has {len(config.training_free.stage_weights)} weights but the model has "
+                f"{n_stages} stages (layers {list(self.visual.stage_layers)}); give one weight per stage"
+            )
+        self.visual.first_layer(config.training_free.num_replaced_blocks)  # checked against the depth now
         self.knowledge = knowledge or KnowledgeBase.builtin()
         self.trained = False  # set by a loaded checkpoint or by training
         self.checkpoint_name: str | None = None
@@ -115,6 +132,8 @@ class KAnoCLIP(nn.Module):
         config: KAnoCLIPConfig | None = None,
         cache_dir: str | None = None,
         backbone_cache: MutableMapping[tuple[str, str], Backbone] | None = None,
+        precision: str = "auto",
+        overrides: Mapping[str, Any] | None = None,
     ) -> KAnoCLIP:
         """Load a model: training-free with ``checkpoint=None``, else a checkpoint folder or hub id.
 
@@ -122,26 +141,65 @@ class KAnoCLIP(nn.Module):
         ``kb`` defaults to the checkpoint's knowledge base (or the built-in one).
         ``backbone_cache``, a mapping the caller owns, lets several models (say, training-free and
         a checkpoint) share one frozen backbone in memory instead of loading it once each.
+        ``precision``: the backbone's precision, see :mod:`kanoclip.precision` (``model.precision``
+        says which is in force). ``overrides``: dotted config paths applied on top of ``config``
+        or the checkpoint's, e.g. ``{"training_free.stage_weights": (0, 0, 0, 1)}``
+        (:func:`kanoclip.config.with_overrides`).
         """
         files = read_checkpoint(checkpoint, cache_dir=cache_dir) if checkpoint is not None else None
         cfg = config or (files.config if files else KAnoCLIPConfig())
+        if overrides:
+            try:
+                cfg = with_overrides(cfg, overrides)
+            except ValueError as exc:
+                raise InputError(f"config override: {exc}") from None
         # backbone: the argument, else $KANOCLIP_BACKBONE (e.g. a local copy of the checkpoint's
         # hub backbone), else the checkpoint's or the config's; shapes are checked on load.
         cfg = replace(cfg, backbone=backbone or os.environ.get(BACKBONE_ENV) or cfg.backbone)
         knowledge = _knowledge_from(kb, files.folder if files else None)
         torch_device = resolve_device(device)
+        resolve_precision(precision, torch_device)  # a precision the device cannot run fails before loading
         key = (cfg.backbone, str(torch_device))
         loaded = backbone_cache.get(key) if backbone_cache is not None else None
         if loaded is None:
             loaded = load_backbone(cfg.backbone, device=torch_device, cache_dir=cache_dir)
             if backbone_cache is not None:
                 backbone_cache[key] = loaded
-        model = cls(loaded, cfg, knowledge)
+        model = cls(loaded, cfg, knowledge, precision=precision)
         model.to(torch_device)
         if files is not None:
             model.load_trainable_state_dict(files.state_dict, source=str(files.folder), trained_backbone=files.config.backbone)
             model.checkpoint_name = str(checkpoint)
         return model.eval()  # like transformers' from_pretrained: ready for inference
+
+    def variant(self, overrides: Mapping[str, Any]) -> KAnoCLIP:
+        """A model that differs from this one by config ``overrides`` and shares its backbone and weights.
+
+        Used by sweeps (``kanoclip eval --sweep``), which run every variant on one backbone forward
+        per image; so a variant may not change what that forward computes (``backbone``,
+        ``image_size``, ``vv.stage_layers``) nor the shapes of the trained parts.
+
+        Args:
+            overrides: dotted config paths and values, as for :meth:`from_pretrained`.
+
+        Returns:
+            A model in the same mode, in eval mode, on the same device.
+        """
+        fixed = sorted(set(overrides) & {"backbone", "image_size", "vv.stage_layers"})
+        if fixed:
+            raise InputError(f"a sweep variant cannot set {', '.join(fixed)}: all variants share one backbone pass; evaluate that setting on its own with --set")
+        try:
+            config = with_overrides(self.config, overrides)
+        except ValueError as exc:
+            raise InputError(f"config override: {exc}") from None
+        other = type(self)(self._backbone, config, self.knowledge, precision=self.requested_precision).to(self.device)
+        if self.trained:
+            try:
+                other.load_trainable_state_dict(self.trainable_state_dict(), source="the trained weights")
+            except CheckpointError:
+                raise InputError("a sweep variant cannot change the shapes of the trained parts (e.g. bicmci.dim, prompts.n_ctx)") from None
+        other.checkpoint_name = self.checkpoint_name
+        return other.eval()
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in TRAINABLE_MODULES}
@@ -212,11 +270,26 @@ class KAnoCLIP(nn.Module):
             self._text_cache.clear()
             self._knowledge_cache.clear()
 
-    def _autocast(self):
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return torch.autocast("cpu", enabled=False)
+    @property
+    def precision(self) -> str:
+        """The backbone's precision in force on the current device: ``"fp32"``, ``"bf16"`` or ``"fp16"``."""
+        return resolve_precision(self.requested_precision, self.device)
+
+    def backbone_autocast(self):
+        """The autocast context of the backbone's forward at :attr:`precision` (nothing for fp32)."""
+        return backbone_autocast(self.precision, self.device)
+
+    def num_replaced_blocks(self) -> int:
+        """The V-V path's length in the current mode: ``config.vv``'s when trained, else ``config.training_free``'s."""
+        if self.trained:
+            return self.visual.depth - self.visual.first_replaced + 1
+        return self.config.training_free.num_replaced_blocks
+
+    def stage_weights(self) -> torch.Tensor:
+        """Eq. 9's weights over the stages, summing to 1: equal when trained, the config's otherwise."""
+        n = len(self.visual.stage_layers)
+        weights = torch.ones(n) if self.trained else torch.tensor(self.config.training_free.stage_weights)
+        return (weights / weights.sum()).to(self.device)
 
     # ------------------------------------------------------------------ forward
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -224,22 +297,34 @@ class KAnoCLIP(nn.Module):
         return preprocess(list(images), self.image_size, self.image_mean, self.image_std, device=self.device)
 
     def encode_image(self, pixel_values: torch.Tensor) -> VisualFeatures:
-        """CLIP-VV features of a normalised batch ``(B, 3, S, S)`` (no gradients: frozen)."""
-        with torch.no_grad(), self._autocast():
-            features = self.visual(pixel_values.to(self.device))
-        return VisualFeatures(
-            global_feature=features.global_feature.float(),
-            stages=[s.float() for s in features.stages],
-            grid=features.grid,
-        )
+        """CLIP-VV features of a normalised batch ``(B, 3, S, S)`` for the current mode (frozen: no gradients).
+
+        The backbone runs at :attr:`precision`; the features come out in fp32.
+        """
+        n = self.num_replaced_blocks()
+        return self.encode_image_paths(pixel_values, [n])[n]
+
+    def encode_image_paths(self, pixel_values: torch.Tensor, replaced: Sequence[int]) -> dict[int, VisualFeatures]:
+        """CLIP-VV features for several V-V path lengths from one backbone forward (used by sweeps)."""
+        with torch.no_grad(), self.backbone_autocast():
+            paths = self.visual.features(pixel_values.to(self.device), replaced)
+        return {
+            n: VisualFeatures(global_feature=f.global_feature.float(), stages=[s.float() for s in f.stages], grid=f.grid)
+            for n, f in paths.items()
+        }
 
     def forward(self, visual: VisualFeatures, class_names: Sequence[str], *, sigma: float | None = None) -> KAnoCLIPOutput:
         """Maps and scores from CLIP-VV features, in the model's current mode.
 
         In trained mode and ``self.training``, the learned prompts are encoded anew so gradients
         reach them, Bi-CMCI and the adapter (used by training); otherwise the text side comes
-        from the per-class cache.
+        from the per-class cache. Everything here runs in fp32, also under a caller's autocast.
         """
+        with full_precision(self.device):
+            return self._forward(visual, class_names, sigma)
+
+    def _forward(self, visual: VisualFeatures, class_names: Sequence[str], sigma: float | None) -> KAnoCLIPOutput:
+        visual = VisualFeatures(visual.global_feature.float(), [s.float() for s in visual.stages], visual.grid)
         sigma = self.config.scoring.sigma if sigma is None else sigma
         classes = list(dict.fromkeys(class_names))
         index = torch.tensor([classes.index(c) for c in class_names], device=self.device)
@@ -256,11 +341,12 @@ class KAnoCLIP(nn.Module):
         else:
             probs = [similarity_probabilities(stage, text, tau) for stage in visual.stages]
             global_feature = visual.global_feature
-        grid_maps = stage_grid_maps(probs, visual.grid)  # (B, n, 2, h, w)
-        # Eq. 9 with Norm = mean over the stages, taken on the grid before upsampling to S x S:
-        # bilinear upsampling is linear, so this equals the mean of the upsampled stage maps,
-        # for a quarter of the upsampling work.
-        normal, abnormal = upsample(grid_maps.mean(dim=1), (self.image_size, self.image_size)).unbind(dim=1)  # (B, S, S) each
+        stage_maps = stage_grid_maps(probs, visual.grid)  # (B, n, 2, h, w)
+        # Eq. 9 with Norm = the stages' weighted mean, taken on the grid before upsampling to
+        # S x S: bilinear upsampling is linear, so this equals the mean of the upsampled stage
+        # maps, for a quarter of the upsampling work.
+        grid_maps = torch.einsum("n,bnkhw->bkhw", self.stage_weights(), stage_maps)  # (B, 2, h, w)
+        normal, abnormal = upsample(grid_maps, (self.image_size, self.image_size)).unbind(dim=1)  # (B, S, S) each
         anomaly_map = combine_maps(normal, abnormal, sigma)  # eq. 10
         score = global_score(global_feature, text, anomaly_map, tau)  # eq. 12
         return KAnoCLIPOutput(
@@ -268,7 +354,8 @@ class KAnoCLIP(nn.Module):
             anomaly_map=anomaly_map,
             normal=normal,
             abnormal=abnormal,
-            stage_maps=grid_maps,
+            stage_maps=stage_maps,
+            grid_maps=grid_maps,
             text=text,
             global_feature=global_feature,
             prompts=prompts,
@@ -330,28 +417,32 @@ class KAnoCLIP(nn.Module):
             guidance_texts = learned + kb_texts
             guidance = torch.cat([prompts.normal[0], prompts.abnormal[0], kb_features])
         else:
-            template = self.config.prompts.normal_template
-            normal_texts = [
-                template.format(adjective=adj, class_name=class_text(class_name)) for adj in self.config.prompts.normal_adjectives
-            ]
-            normal_features = self.text_encoder.encode(normal_texts).float()
-            state = torch.stack([mean_direction(normal_features), mean_direction(kb_features)])
-            guidance_texts = [(t, "template", "normal") for t in normal_texts] + kb_texts
-            guidance = torch.cat([normal_features, kb_features])
+            # The symmetric state ensemble; the descriptions join the abnormal side as members.
+            recipe = self.config.training_free
+            normal_texts = state_ensemble(class_name, recipe.normal_states, recipe.templates)
+            abnormal_texts = state_ensemble(class_name, recipe.abnormal_states, recipe.templates)
+            features = self.text_encoder.encode(normal_texts + abnormal_texts).float()
+            normal_features, abnormal_features = features[: len(normal_texts)], features[len(normal_texts) :]
+            if not recipe.use_descriptions:
+                kb_texts, kb_features = [], kb_features[:0]
+            state = torch.stack([mean_direction(normal_features), mean_direction(torch.cat([abnormal_features, kb_features]))])
+            guidance_texts = (
+                [(t, "template", "normal") for t in normal_texts] + [(t, "template", "abnormal") for t in abnormal_texts] + kb_texts
+            )
+            guidance = torch.cat([normal_features, abnormal_features, kb_features])
         return _ClassText(state=state, guidance_texts=guidance_texts, guidance_features=F.normalize(guidance, dim=-1))
 
     # ------------------------------------------------------------------ detection API
     @torch.inference_mode()
     def infer(self, images: Sequence[Image.Image], class_names: Sequence[str], *, sigma: float | None = None) -> tuple[KAnoCLIPOutput, VisualFeatures]:
-        """Inference on decoded RGB images of canonical classes: eval mode, autocast on CUDA.
+        """Inference on decoded RGB images of canonical classes: eval mode, the backbone at :attr:`precision`.
 
         The tensor-level path shared by :meth:`detect_batch` and evaluation; maps are S×S.
         """
         if self.training:
             self.eval()
         visual = self.encode_image(self.pixel_values(images))
-        with self._autocast():
-            return self.forward(visual, class_names, sigma=sigma), visual
+        return self.forward(visual, class_names, sigma=sigma), visual
 
     def detect(self, image: ImageInput, class_name: str, *, threshold: float | None = None, sigma: float | None = None) -> Detection:
         """Detect anomalies in one image of ``class_name`` (see :class:`~kanoclip.detection.Detection`)."""
@@ -382,8 +473,7 @@ class KAnoCLIP(nn.Module):
         # small copies and synchronisations would cost more than the maps themselves).
         scores = out.score.float().clamp(0, 1).cpu().tolist()
         anomaly_maps = out.anomaly_map.float().cpu()
-        grid_maps = out.stage_maps.float()  # (B, n, 2, h, w)
-        model_maps = torch.cat([grid_maps.mean(dim=1), grid_maps[:, :, 1]], dim=1).cpu().numpy()  # (B, 2 + n, h, w)
+        model_maps = torch.cat([out.grid_maps, out.stage_maps[:, :, 1]], dim=1).cpu().numpy()  # (B, 2 + n, h, w)
         guidance = self._guidance(classes, out, visual)
         return [
             Detection(

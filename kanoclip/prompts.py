@@ -14,6 +14,7 @@ one dataset apply to any class name a user types.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,6 +44,35 @@ def causal_mask(text_model: nn.Module, hidden: torch.Tensor) -> torch.Tensor | N
     blocked = torch.ones(length, length, dtype=torch.bool, device=hidden.device).triu(1)
     mask = torch.zeros(length, length, dtype=hidden.dtype, device=hidden.device)
     return mask.masked_fill(blocked, torch.finfo(hidden.dtype).min)[None, None]
+
+
+_AN_EXCEPTIONS = ("one", "uni", "use", "usu", "eu", "ewe")  # vowel letters that sound like a consonant
+
+
+def fix_articles(text: str) -> str:
+    """``"a photo of a unblemished bottle."`` -> ``"a photo of an unblemished bottle."``.
+
+    The written rule (``an`` before a vowel letter, with a few "you"/"one" sounds kept as
+    ``a``), which is all the state and class words of a prompt need.
+    """
+
+    def article(match: re.Match[str]) -> str:
+        word = match.group(2)
+        vowel = word[0].lower() in "aeiou" and not word.lower().startswith(_AN_EXCEPTIONS)
+        return f"{match.group(1)}{'n' if vowel else ''} {word}"
+
+    return re.sub(r"\b([Aa])n? ([A-Za-z]\w*)", article, text)
+
+
+def state_ensemble(class_name: str, states: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every template x state for one class (WinCLIP's compositional ensemble), articles fixed.
+
+    ``states`` hold ``{}`` for the class name (``"damaged {}"``); ``templates`` hold ``{}`` for
+    the state phrase (``"a photo of a {}."``). Returns ``len(states) * len(templates)`` texts,
+    state-major.
+    """
+    name = class_text(class_name)
+    return [fix_articles(template.format(state.format(name))) for state in states for template in templates]
 
 
 class TextEncoder:

@@ -19,6 +19,7 @@ Outputs (C = the joint embedding width, L = number of patches):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -47,21 +48,30 @@ class CLIPVV:
     def __init__(self, clip: CLIPModel, config: VVConfig, vv_enabled: bool = True) -> None:
         self.vision_model = clip.vision_model
         self.visual_projection = clip.visual_projection
-        depth = len(self.vision_model.encoder.layers)
-        self.first_replaced, self.stage_layers = config.resolve(depth)
+        self.depth = len(self.vision_model.encoder.layers)
+        self.first_replaced, self.stage_layers = config.resolve(self.depth)
         self.patch_size = int(clip.config.vision_config.patch_size)
         # With the V-V path off the "stages" are the original path's tokens: the ablation
         # of Table 3's CLIP-VV column, and the check that the original path is untouched.
         self.vv_enabled = vv_enabled
 
-    @contextmanager
-    def _capture(self, vv: bool):
-        """Record, during the original forward, what the V-V path and the stages need.
+    def first_layer(self, num_replaced_blocks: int | None) -> int:
+        """The first replaced layer (1-based) for ``num_replaced_blocks`` (None: the config's)."""
+        if num_replaced_blocks is None:
+            return self.first_replaced
+        if not 1 <= num_replaced_blocks <= self.depth:
+            raise ValueError(f"num_replaced_blocks must be in [1, {self.depth}] for this backbone, got {num_replaced_blocks}")
+        return self.depth - num_replaced_blocks + 1
 
-        ``values[l]``: block l's value projection ``V_l`` (replaced blocks); ``start``: the input
-        of the first replaced block; ``outputs[l]``: the original path's output of block l, for
-        stages taken from the original path. Hooks rather than ``output_hidden_states``, which
-        would keep every layer's tokens (measurably slower on ViT-L).
+    @contextmanager
+    def _capture(self, starts: set[int]):
+        """Record, during the original forward, what the V-V paths and the stages need.
+
+        ``starts`` holds the first replaced layer of each V-V path wanted (empty: none).
+        ``values[l]``: block l's value projection ``V_l``; ``start[f]``: the input of block f;
+        ``outputs[l]``: the original path's output of block l, for stages that some path takes
+        from the original path. Hooks rather than ``output_hidden_states``, which would keep
+        every layer's tokens (measurably slower on ViT-L).
         """
         layers = self.vision_model.encoder.layers
         captured: dict[str, dict[int, torch.Tensor]] = {"values": {}, "start": {}, "outputs": {}}
@@ -73,15 +83,19 @@ class CLIPVV:
 
             return hook
 
-        def keep_input(_module, args):
-            captured["start"][0] = args[0]
+        def keep_input(layer: int):
+            def hook(_module, args):
+                captured["start"][layer] = args[0]
 
-        if vv:
-            handles.append(layers[self.first_replaced - 1].register_forward_pre_hook(keep_input))
-            for layer in range(self.first_replaced, self.stage_layers[-1] + 1):
+            return hook
+
+        for first in starts:
+            handles.append(layers[first - 1].register_forward_pre_hook(keep_input(first)))
+        if starts:
+            for layer in range(min(starts), self.stage_layers[-1] + 1):
                 handles.append(layers[layer - 1].self_attn.v_proj.register_forward_hook(keep("values", layer)))
         for layer in self.stage_layers:
-            if not vv or layer < self.first_replaced:
+            if not starts or layer < max(starts):
                 handles.append(layers[layer - 1].register_forward_hook(keep("outputs", layer)))
         try:
             yield captured
@@ -101,25 +115,47 @@ class CLIPVV:
         """Post-layernorm and visual projection: ``(..., width) -> (..., C)``."""
         return self.visual_projection(self.vision_model.post_layernorm(tokens))
 
-    def __call__(self, pixel_values: torch.Tensor) -> VisualFeatures:
-        """``pixel_values``: (B, 3, S, S), normalised. Returns global and stage features."""
+    def __call__(self, pixel_values: torch.Tensor, num_replaced_blocks: int | None = None) -> VisualFeatures:
+        """``pixel_values``: (B, 3, S, S), normalised. Returns global and stage features.
+
+        ``num_replaced_blocks``: the V-V path's length (None: the config's).
+        """
+        return self.features(pixel_values, [num_replaced_blocks])[num_replaced_blocks]
+
+    def features(self, pixel_values: torch.Tensor, replaced: Sequence[int | None]) -> dict[int | None, VisualFeatures]:
+        """Features for several V-V path lengths from one forward of the original path.
+
+        Each V-V path reads only the original path (its start state and each block's ``V_l``),
+        so paths of several lengths cost one backbone forward plus each path's own V-V blocks.
+
+        Args:
+            pixel_values: (B, 3, S, S), normalised.
+            replaced: V-V path lengths (numbers of replaced blocks; None: the config's).
+
+        Returns:
+            ``{length: VisualFeatures}`` for each requested length.
+        """
         size = pixel_values.shape[-1]
         native = int(self.vision_model.config.image_size)
-        with self._capture(self.vv_enabled) as captured:
+        firsts = {n: self.first_layer(n) for n in replaced}
+        with self._capture(set(firsts.values()) if self.vv_enabled else set()) as captured:
             out = self.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=size != native)
         global_feature = self.visual_projection(out.pooler_output)  # pooler = post_layernorm(CLS)
+        grid = (size // self.patch_size, size // self.patch_size)
+        return {n: self._path(captured, first, global_feature, grid) for n, first in firsts.items()}
 
-        stages: dict[int, torch.Tensor] = {layer: t[:, 1:] for layer, t in captured["outputs"].items()}
+    def _path(self, captured: dict[str, dict[int, torch.Tensor]], first: int, global_feature: torch.Tensor, grid: tuple[int, int]) -> VisualFeatures:
+        """One V-V path, starting at block ``first``, from the captured original forward."""
+        stages = {layer: captured["outputs"][layer][:, 1:] for layer in self.stage_layers if not self.vv_enabled or layer < first}
         if self.vv_enabled:
             # Out-of-place additions only: each stored stage is its own tensor, so later
             # blocks cannot overwrite it (the bug that made public implementations' 4
             # "stages" all equal the last one).
-            state = captured["start"][0]  # S_{l-1} at the first replaced block, (B, T, width)
-            for layer in range(self.first_replaced, self.stage_layers[-1] + 1):
+            state = captured["start"][first]  # S_{l-1} at the first replaced block, (B, T, width)
+            for layer in range(first, self.stage_layers[-1] + 1):
                 state = state + self._vv_attention(layer, captured["values"][layer])
                 if layer in self.stage_layers:
                     stages[layer] = state[:, 1:]
-        grid = (size // self.patch_size, size // self.patch_size)
         # One LN + projection over all stages' tokens (per-token ops, so the same as one each).
         projected = self.project(torch.cat([stages[layer] for layer in self.stage_layers], dim=1))
         return VisualFeatures(global_feature=global_feature, stages=list(projected.chunk(len(self.stage_layers), dim=1)), grid=grid)

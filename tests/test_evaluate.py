@@ -7,6 +7,7 @@ layout and that the report's numbers are compute_metrics' numbers.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -16,8 +17,9 @@ import torch
 from PIL import Image
 
 from kanoclip import KAnoCLIP
-from kanoclip.data import load_dataset, load_mask
-from kanoclip.evaluation.evaluate import RANDOM_WARNING, evaluate, format_report
+from kanoclip.data import group_by_class, load_dataset, load_mask
+from kanoclip.config import flatten_overrides
+from kanoclip.evaluation.evaluate import RANDOM_WARNING, evaluate, format_report, sweep
 from kanoclip.evaluation.metrics import METRIC_KEYS, compute_metrics
 from kanoclip.images import load_image, preprocess
 from test_training import make_small_mvtec, run_cli
@@ -151,3 +153,92 @@ def test_eval_cli_errors_are_one_line(tmp_path, small_sets):
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("kanoclip eval: error:") and "no-such-backbone" in lines[0]
+
+
+SWEEP = {
+    "last stage": {"training_free.stage_weights": [0, 0, 0, 1]},
+    "all stages, 8 V-V blocks": {"training_free": {"stage_weights": [1, 1, 1, 1], "num_replaced_blocks": 8}},
+    "no descriptions, sigma 1": {"training_free.use_descriptions": False, "scoring.sigma": 1.0},
+}
+
+
+def test_sweep_makes_one_backbone_pass_per_image_and_equals_separate_runs(tiny_backbone, small_sets):
+    """Three variants (two V-V path lengths among them) cost one vision forward per image, and
+    each variant's figures are those of a model loaded with the same overrides on its own."""
+    model = KAnoCLIP.from_pretrained(backbone=str(tiny_backbone), device="cpu")
+    images = []
+    handle = model.clip.vision_model.register_forward_hook(
+        lambda _m, _args, kwargs, _out: images.append(kwargs["pixel_values"].shape[0]), with_kwargs=True
+    )
+    try:
+        results = sweep(model, small_sets, SWEEP, batch_size=4)
+    finally:
+        handle.remove()
+    per_class = [len(group) for kind, root in small_sets for group in group_by_class(load_dataset(kind, root)).values()]
+    assert sum(images) == sum(per_class) and len(images) == sum(math.ceil(n / 4) for n in per_class)
+    assert list(results["variants"]) == list(SWEEP)
+    for name, overrides in SWEEP.items():
+        alone = KAnoCLIP.from_pretrained(backbone=str(tiny_backbone), device="cpu", overrides=flatten_overrides(overrides))
+        expected = evaluate(alone, small_sets, batch_size=4)
+        for kind, dataset in expected["datasets"].items():
+            got = results["variants"][name]["datasets"][kind]["mean"]
+            assert got == pytest.approx(dataset["mean"], abs=1e-6), (name, kind)
+    # the variants really differ (else the sweep would prove nothing)
+    means = [results["variants"][name]["datasets"]["mvtec"]["mean"]["pixel_auroc"] for name in SWEEP]
+    assert len(set(means)) == len(means)
+
+
+def test_sweep_cli_on_the_real_bottle_data_prints_one_row_per_variant(tiny_backbone, shared_data, tmp_path):
+    sweep_file = tmp_path / "sweep.json"
+    sweep_file.write_text(json.dumps(SWEEP))
+    out_json = tmp_path / "sweep-results.json"
+    result = run_cli(
+        "eval", "--backbone", str(tiny_backbone), "--device", "cpu", "--data", f"mvtec={shared_data / 'mvtec_ad'}",
+        "--sweep", str(sweep_file), "--json", str(out_json), "--set", "scoring.sigma=2",
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "| mvtec |" in line]
+    assert [row.split("|")[1].strip() for row in rows] == list(SWEEP)
+    saved = json.loads(out_json.read_text())
+    bottle = saved["variants"]["last stage"]["datasets"]["mvtec"]["classes"]["bottle"]
+    assert (bottle["n_normal"], bottle["n_anomalous"]) == (20, 63)
+    assert "random backbone" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"a": {"image_size": 168}}', "cannot set image_size"),
+        ('{"a": {"scoring.sigmaa": 1}}', "unknown config key 'scoring.sigmaa'"),
+        ('{"a": {"training_free.stage_weights": [1, 1]}}', "has 2 weights but the model has 4 stages"),
+        ("[1, 2]", "expected a non-empty JSON object"),
+        ("{not json", "not valid JSON"),
+    ],
+)
+def test_sweep_and_set_errors_are_one_line(tiny_backbone, small_sets, tmp_path, content, message):
+    sweep_file = tmp_path / "bad.json"
+    sweep_file.write_text(content)
+    kind, root = small_sets[0]
+    result = run_cli("eval", "--backbone", str(tiny_backbone), "--device", "cpu", "--data", f"{kind}={root}", "--sweep", str(sweep_file))
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()[-1:]) == 1
+
+
+def test_set_and_config_flags_reach_the_model(tiny_backbone, small_sets, tmp_path):
+    """--config then --set: the report equals a model loaded with the same overrides."""
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"training_free": {"stage_weights": [1, 0, 0, 0]}, "scoring.sigma": 1}))
+    kind, root = small_sets[0]
+    out_json = tmp_path / "r.json"
+    result = run_cli(
+        "eval", "--backbone", str(tiny_backbone), "--device", "cpu", "--data", f"{kind}={root}",
+        "--config", str(config_file), "--set", "scoring.sigma=3", "--json", str(out_json),
+    )
+    assert result.returncode == 0, result.stderr
+    alone = KAnoCLIP.from_pretrained(
+        backbone=str(tiny_backbone), device="cpu", overrides={"training_free.stage_weights": (1, 0, 0, 0), "scoring.sigma": 3.0}
+    )
+    expected = evaluate(alone, [(kind, root)])
+    assert json.loads(out_json.read_text())["datasets"][kind]["mean"] == pytest.approx(expected["datasets"][kind]["mean"], abs=1e-6)
+    bad = run_cli("eval", "--backbone", str(tiny_backbone), "--data", f"{kind}={root}", "--set", "nonsense")
+    assert bad.returncode == 2 and "--set: expected KEY=VALUE" in bad.stderr

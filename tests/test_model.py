@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from kanoclip import KAnoCLIP, KnowledgeBase
 from kanoclip.checkpoint import WEIGHTS_NAME, read_checkpoint
-from kanoclip.config import BiCMCIConfig, KAnoCLIPConfig
+from kanoclip.config import BiCMCIConfig, KAnoCLIPConfig, TrainingFreeConfig
 from kanoclip.errors import CheckpointError, InputError
 from kanoclip.images import preprocess
 from kanoclip.losses import kd_loss, total_loss
@@ -51,23 +52,28 @@ def test_detect_real_bottle_gives_a_map_of_the_input_size(trained, small_config,
 
 
 @pytest.mark.parametrize("trained", [False, True])
-def test_eq9_maps_are_the_mean_of_the_upsampled_stage_maps(small_config, bottle_image, trained):
-    """M^n, M^a (eq. 9, Norm = mean) against upsampling each stage's grid map first, by hand;
-    a Detection's extra maps are the grid maps taken straight to the image's size."""
-    model = fresh_model(small_config)
+def test_eq9_maps_are_the_weighted_mean_of_the_upsampled_stage_maps(small_config, bottle_image, trained):
+    """M^n, M^a (eq. 9: the mean when trained; training-free, the config's stage weights, here
+    1, 0, 2, 1) against upsampling each stage's grid map first, by hand; a Detection's extra maps
+    are the grid maps taken straight to the image's size."""
+    config = replace(small_config, training_free=TrainingFreeConfig(stage_weights=(1, 0, 2, 1)))
+    model = fresh_model(config)
     model.trained = trained
+    weights = torch.full((4,), 0.25) if trained else torch.tensor([0.25, 0.0, 0.5, 0.25])
     image = Image.open(bottle_image).convert("RGB")
     out, _ = model.infer([image], ["bottle"])
     s = model.image_size
     per_stage = torch.nn.functional.interpolate(out.stage_maps[0].float(), size=(s, s), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(out.normal[0], per_stage[:, 0].mean(dim=0), atol=1e-6, rtol=0)
-    torch.testing.assert_close(out.abnormal[0], per_stage[:, 1].mean(dim=0), atol=1e-6, rtol=0)
+    expected = (weights[:, None, None, None] * per_stage).sum(dim=0)  # (2, S, S)
+    torch.testing.assert_close(out.normal[0], expected[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.abnormal[0], expected[1], atol=1e-6, rtol=0)
     torch.testing.assert_close(out.stage_maps.sum(dim=2), torch.ones_like(out.stage_maps[:, :, 0]))  # softmax pairs
 
     det = model.detect(image, "bottle")
     stages = torch.nn.functional.interpolate(out.stage_maps[0, :, 1:2].float(), size=(900, 900), mode="bilinear", align_corners=False)
     np.testing.assert_allclose(np.stack(det.stage_maps), stages[:, 0].clamp(0, 1).numpy(), atol=1e-6)
-    abnormal = torch.nn.functional.interpolate(out.stage_maps[0, :, 1].mean(dim=0)[None, None], size=(900, 900), mode="bilinear", align_corners=False)
+    grid_abnormal = (weights[:, None, None] * out.stage_maps[0, :, 1]).sum(dim=0)
+    abnormal = torch.nn.functional.interpolate(grid_abnormal[None, None], size=(900, 900), mode="bilinear", align_corners=False)
     np.testing.assert_allclose(det.abnormal_map, abnormal[0, 0].clamp(0, 1).numpy(), atol=1e-6)
 
 
@@ -165,26 +171,6 @@ def test_moving_the_model_drops_cached_text_features(small_config, bottle_image)
     model.to("cpu")
     assert not model._text_cache and not model._knowledge_cache
     assert model.detect(str(bottle_image), "bottle").score == pytest.approx(before.score, abs=1e-6)
-
-
-@pytest.mark.parametrize("trained", [False, True])
-def test_bf16_autocast_path_agrees_with_fp32(small_config, bottle_dir, monkeypatch, trained):
-    """The mixed-precision path a GPU takes (bf16 autocast), run here with CPU autocast.
-
-    Every module must accept bf16 activations beside fp32 weights and text features, and give
-    maps close to fp32 ones; CI has no GPU, so this is the nearest check of that path.
-    """
-    model = fresh_model(small_config, seed=3)
-    model.trained = trained
-    images = [Image.open(p).convert("RGB") for p in sorted((bottle_dir / "test" / "broken_large").glob("*.png"))[:2]]
-    full, _ = model.infer(images, ["bottle", "bottle"])
-    monkeypatch.setattr(model, "_autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-    mixed, visual = model.infer(images, ["bottle", "bottle"])
-    assert visual.stages[0].dtype == torch.float32  # features leave encode_image in fp32
-    for name in ("anomaly_map", "score"):
-        a, b = getattr(full, name), getattr(mixed, name)
-        assert torch.isfinite(b).all(), name
-        torch.testing.assert_close(b.float(), a, atol=0.05, rtol=0, msg=name)
 
 
 def test_optimizer_step_touches_only_the_trainable_parts(small_config, bottle_image):

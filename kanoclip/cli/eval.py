@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kanoclip.cli.options import add_data_option, add_model_options, load_model, positive_int, progress_bar
+from kanoclip.cli.options import add_data_option, add_model_options, load_model, positive_int, progress_bar, read_json_file
 
 DESCRIPTION = (
     "Run the model over each dataset's test images and print, per class and as each dataset's mean, "
@@ -21,15 +21,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the metrics as JSON to FILE")
     parser.add_argument("--report", metavar="FILE.md", help="also write the markdown report to FILE.md")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default 16)")
+    parser.add_argument(
+        "--sweep", metavar="FILE.json",
+        help='evaluate named config variants on one backbone pass per image: a JSON object '
+        '{"variant": {"dotted.path": value, ...}, ...}; prints one row per variant and dataset',
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from kanoclip.data import parse_data_arg
-    from kanoclip.evaluation.evaluate import evaluate, format_report
+    from kanoclip.errors import InputError
+    from kanoclip.evaluation.evaluate import evaluate, format_report, format_sweep_report, sweep
     from kanoclip.fileio import atomic_write_json, atomic_write_text
 
     datasets = [parse_data_arg(spec) for spec in args.data]
+    variants = read_json_file(args.sweep, "--sweep") if args.sweep else None
+    if variants is not None and not (isinstance(variants, dict) and variants):
+        raise InputError(f'--sweep {args.sweep}: expected a non-empty JSON object {{"variant name": {{"dotted.path": value}}}}')
     model = load_model(args)
     bar = progress_bar(0, "evaluating")
 
@@ -39,10 +48,13 @@ def run(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        results = evaluate(model, datasets, batch_size=args.batch_size, progress=progress)
+        if variants is None:
+            results = evaluate(model, datasets, batch_size=args.batch_size, progress=progress)
+        else:
+            results = sweep(model, datasets, variants, batch_size=args.batch_size, progress=progress)
     finally:
         bar.close()
-    report = format_report(results, model)
+    report = format_report(results, model) if variants is None else format_sweep_report(results, model)
     if args.json:
         atomic_write_json(args.json, results)
     if args.report:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+from typing import Any
 
 from kanoclip.config import BACKBONE_ENV
+from kanoclip.errors import InputError
+from kanoclip.precision import PRECISIONS
 
 
 def add_data_option(parser: argparse.ArgumentParser, purpose: str) -> None:
@@ -33,6 +38,44 @@ def add_model_options(parser: argparse.ArgumentParser, *, checkpoint: bool = Tru
     parser.add_argument(
         "--device", default="auto", metavar="D", help=f"cpu, cuda, cuda:1, ... (default: auto = cuda when available{per_process})"
     )
+    parser.add_argument(
+        "--precision", default="auto", choices=PRECISIONS,
+        help="the backbone's precision; maps and scores are always fp32 (default: auto = bf16 on a GPU, fp32 on the CPU)",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value by its dotted path, e.g. training_free.stage_weights=0,0,0,1 (repeatable; after --config)",
+    )
+    parser.add_argument("--config", metavar="FILE.json", help="config overrides: a JSON object of dotted keys or sections")
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--config`` file's overrides, then each ``--set`` on top (values still text)."""
+    from kanoclip.config import flatten_overrides, parse_assignment
+
+    overrides: dict[str, Any] = {}
+    if args.config:
+        try:
+            overrides.update(flatten_overrides(read_json_file(args.config, "--config"), where=f"--config {args.config}"))
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+    for text in args.set:
+        try:
+            key, value = parse_assignment(text)
+        except ValueError as exc:
+            raise InputError(f"--set: {exc}") from None
+        overrides[key] = value
+    return overrides
+
+
+def read_json_file(path: str, flag: str) -> Any:
+    """A JSON file named by ``flag``, or one line saying why it cannot be read."""
+    try:
+        return json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{flag} {path}: not valid JSON ({exc})") from None
 
 
 def load_model(args: argparse.Namespace):
@@ -43,7 +86,10 @@ def load_model(args: argparse.Namespace):
 
     hf_logging.disable_progress_bar()  # the command shows its own progress; no per-shard bars
     # from_pretrained applies the precedence: --backbone, $KANOCLIP_BACKBONE, the checkpoint's
-    return KAnoCLIP.from_pretrained(args.checkpoint, backbone=args.backbone, device=args.device, kb=args.kb)
+    return KAnoCLIP.from_pretrained(
+        args.checkpoint, backbone=args.backbone, device=args.device, kb=args.kb,
+        precision=args.precision, overrides=config_overrides(args),
+    )
 
 
 def positive_int(text: str) -> int:

@@ -13,18 +13,27 @@ masks, 5·S² bytes per image (0.56 MB at S = 336; MTD's 1 344 images take 760 M
 Pixel metrics exist for a class when at least one of its images has a mask file; its normal
 images then count as all-normal masks. Classes without any mask (HeadCT, Br35H, ...) get
 ``None`` pixel metrics, shown as ``-``.
+
+Sweeps (``sweep(model, datasets, {"name": {"dotted.path": value}, ...})``): every variant is the
+model with some config overrides (:meth:`kanoclip.KAnoCLIP.variant`); they share one backbone
+forward per image (each V-V path length among them is computed from that forward), then each
+runs its own text side, fusion, maps and metrics. One class's maps are held per variant.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from kanoclip.config import flatten_overrides
 from kanoclip.data import Sample, group_by_class, load_dataset, load_mask
+from kanoclip.errors import InputError
 from kanoclip.evaluation.metrics import METRIC_KEYS, compute_metrics
 from kanoclip.images import load_image
 
@@ -35,19 +44,29 @@ _HEADERS = ("image AUROC", "image AP", "image F1-max", "pixel AUROC", "pixel AUP
 
 
 def predict(
-    model: Any, samples: Sequence[Sample], *, batch_size: int = 16, on_batch: Callable[[int], None] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Image scores ``(N,)`` and S×S anomaly maps ``(N, S, S)`` (float32) of ``samples``."""
-    scores, maps = [], []
+    models: Mapping[str, Any], samples: Sequence[Sample], *, batch_size: int = 16, on_batch: Callable[[int], None] | None = None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each model's image scores ``(N,)`` and S×S anomaly maps ``(N, S, S)`` (float32) of ``samples``.
+
+    ``models`` are a model and its variants (they share a backbone, input size and stage
+    layers): each batch takes one backbone forward, shared by all of them.
+    """
+    first = next(iter(models.values()))
+    lengths = sorted({m.num_replaced_blocks() for m in models.values()})
+    results: dict[str, tuple[list, list]] = {name: ([], []) for name in models}
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
-        images = [load_image(s.image) for s in batch]
-        out, _ = model.infer(images, [model.canonical_class(s.class_name)[0] for s in batch])
-        scores.append(out.score.float().clamp(0, 1).cpu().numpy())
-        maps.append(out.anomaly_map.float().cpu().numpy())
+        classes = [first.canonical_class(s.class_name)[0] for s in batch]
+        pixels = first.pixel_values([load_image(s.image) for s in batch])
+        with torch.inference_mode():
+            paths = first.encode_image_paths(pixels, lengths)
+            for name, model in models.items():
+                out = model(paths[model.num_replaced_blocks()], classes)
+                results[name][0].append(out.score.clamp(0, 1).cpu().numpy())
+                results[name][1].append(out.anomaly_map.cpu().numpy())
         if on_batch is not None:
             on_batch(len(batch))
-    return np.concatenate(scores), np.concatenate(maps)
+    return {name: (np.concatenate(scores), np.concatenate(maps)) for name, (scores, maps) in results.items()}
 
 
 def class_ground_truth(samples: Sequence[Sample], size: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -85,6 +104,52 @@ def evaluate(
     ``datasets`` holds ``(kind, root)`` pairs (kind None: detected). ``progress(done, total)``
     is called after each batch. Metrics are fractions in [0, 1]; ``None`` where undefined.
     """
+    return _evaluate_models({"": model}, datasets, batch_size=batch_size, progress=progress)[""]
+
+
+def sweep(
+    model: Any,
+    datasets: Sequence[tuple[str | None, str | Path]],
+    variants: Mapping[str, Mapping[str, Any]],
+    *,
+    batch_size: int = 16,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """:func:`evaluate` for several config variants of ``model`` on one backbone forward per image.
+
+    Args:
+        model: the loaded model (training-free or a checkpoint); the variants' base.
+        datasets: ``(kind, root)`` pairs, as for :func:`evaluate`.
+        variants: ``{"variant name": {"dotted.path": value, ...}}`` (an empty mapping is the
+            base model itself), e.g. ``{"last": {"training_free.stage_weights": [0, 0, 0, 1]}}``.
+        batch_size: images per backbone forward.
+        progress: called with (images done, images in all) after each batch.
+
+    Returns:
+        ``{"variants": {name: {"overrides": {...}, "datasets": ...}}}``, each like :func:`evaluate`'s.
+    """
+    if not variants:
+        raise InputError("the sweep has no variants; give at least one, e.g. {\"base\": {}}")
+    models = {}
+    for name, overrides in variants.items():
+        try:
+            flat = flatten_overrides(overrides, where=f"sweep variant {name!r}")
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        models[name] = model.variant(flat)
+    results = _evaluate_models(models, datasets, batch_size=batch_size, progress=progress)
+    return {"variants": {name: {"overrides": flatten_overrides(variants[name]), **results[name]} for name in models}}
+
+
+def _evaluate_models(
+    models: Mapping[str, Any],
+    datasets: Sequence[tuple[str | None, str | Path]],
+    *,
+    batch_size: int,
+    progress: ProgressFn | None,
+) -> dict[str, dict[str, Any]]:
+    """:func:`evaluate`'s results for each of ``models`` (a model and its variants)."""
+    first = next(iter(models.values()))
     listed = [(kind, load_dataset(kind, root)) for kind, root in datasets]
     total = sum(len(samples) for _, samples in listed)
     done = 0
@@ -95,17 +160,19 @@ def evaluate(
         if progress is not None:
             progress(done, total)
 
-    results: dict[str, Any] = {"datasets": {}}
+    results: dict[str, dict[str, Any]] = {name: {"datasets": {}} for name in models}
     for kind, samples in listed:
-        classes: dict[str, dict[str, Any]] = {}
-        for name, group in group_by_class(samples).items():
-            scores, maps = predict(model, group, batch_size=batch_size, on_batch=on_batch)
-            labels, masks = class_ground_truth(group, model.image_size)
-            metrics = compute_metrics(labels, scores, masks, maps if masks is not None else None)
-            classes[name] = {"n_normal": int((labels == 0).sum()), "n_anomalous": int((labels == 1).sum()), **metrics}
-            del maps, masks
-        key = _unique_key(kind or samples[0].dataset, results["datasets"])
-        results["datasets"][key] = {"classes": classes, "mean": _mean(list(classes.values()))}
+        key = _unique_key(kind or samples[0].dataset, results[next(iter(models))]["datasets"])
+        classes: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in models}
+        for class_name, group in group_by_class(samples).items():
+            predictions = predict(models, group, batch_size=batch_size, on_batch=on_batch)
+            labels, masks = class_ground_truth(group, first.image_size)
+            counts = {"n_normal": int((labels == 0).sum()), "n_anomalous": int((labels == 1).sum())}
+            for name, (scores, maps) in predictions.items():
+                classes[name][class_name] = {**counts, **compute_metrics(labels, scores, masks, maps if masks is not None else None)}
+            del predictions, masks
+        for name in models:
+            results[name]["datasets"][key] = {"classes": classes[name], "mean": _mean(list(classes[name].values()))}
     return results
 
 
@@ -113,17 +180,23 @@ def _cell(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{100 * value:.1f}"
 
 
-def format_report(results: dict[str, Any], model: Any) -> str:
-    """A markdown report: one row per class and a mean row per dataset (values in %)."""
+def _report_header(title: str, model: Any) -> list[str]:
     mode = f"trained checkpoint `{model.checkpoint_name}`" if model.checkpoint_name else f"{model.mode}"
-    lines = ["# KAnoCLIP evaluation", ""]
+    lines = [f"# {title}", ""]
     if model.random_backbone:
         lines += [f"> **{RANDOM_WARNING}**", ""]
-    lines += [
-        f"- model: {mode}",
+    return lines + [
+        f"- model: {mode}, backbone precision {model.precision}",
         f"- backbone: `{model.backbone_name}`" + (" (randomly initialised)" if model.random_backbone else ""),
         f"- maps and masks compared at {model.image_size}x{model.image_size}; values in %, `-` where a dataset has no pixel masks",
         "",
+    ]
+
+
+def format_report(results: dict[str, Any], model: Any) -> str:
+    """A markdown report: one row per class and a mean row per dataset (values in %)."""
+    lines = _report_header("KAnoCLIP evaluation", model)
+    lines += [
         "| dataset | class | n_normal | n_anomalous | " + " | ".join(_HEADERS) + " |",
         "|---|---|---:|---:|" + "---:|" * len(_HEADERS),
     ]
@@ -136,4 +209,19 @@ def format_report(results: dict[str, Any], model: Any) -> str:
         n_anomalous = sum(row["n_anomalous"] for row in classes.values())
         cells = [_cell(entry["mean"][k]) for k in METRIC_KEYS]
         lines.append(f"| {kind} | **mean** | {n_normal} | {n_anomalous} | " + " | ".join(f"**{c}**" for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_sweep_report(results: dict[str, Any], model: Any) -> str:
+    """A markdown table of a :func:`sweep`: one row per variant and dataset (its mean over classes)."""
+    lines = _report_header("KAnoCLIP sweep", model)
+    lines += [
+        "| variant | dataset | " + " | ".join(_HEADERS) + " | overrides |",
+        "|---|---|" + "---:|" * len(_HEADERS) + "---|",
+    ]
+    for name, entry in results["variants"].items():
+        overrides = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in entry["overrides"].items()) or "(base)"
+        for kind, dataset in entry["datasets"].items():
+            cells = [_cell(dataset["mean"][k]) for k in METRIC_KEYS]
+            lines.append(f"| {name} | {kind} | " + " | ".join(cells) + f" | {overrides} |")
     return "\n".join(lines) + "\n"
