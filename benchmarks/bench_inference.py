@@ -1,12 +1,13 @@
-"""Issue 6.1 and 6.2: inference overhead against the bare CLIP vision forward, and throughput.
+"""Inference overhead against the bare CLIP vision forward, per precision, and throughput.
 
 Overhead: the same 900x900 image content, but a distinct array on every run (so no cache keyed
-by image content could stand in for the work), fp32 on CPU. ``model.detect`` against the bare
-CLIP vision forward (``CLIPImageProcessor`` + ``CLIPVisionModel``), medians of interleaved runs,
-in training-free and trained mode (three-way interleaved). The text features of a class are computed once and cached, so
-the warm-up call pays for them.
+by image content could stand in for the work). ``model.detect`` in training-free and trained
+mode, with the backbone at each of ``--precisions`` (default fp32 and bf16), against the bare
+fp32 CLIP vision forward (``CLIPImageProcessor`` + ``CLIPVisionModel``): medians of rounds that
+interleave all of them. The text features of a class are computed once and cached, so the
+warm-up call pays for them.
 
-    python benchmarks/bench_inference.py [--runs 5] [--batches 1,8,32] [--device cpu]
+    python benchmarks/bench_inference.py [--runs 5] [--batches 1,8,32] [--device cpu] [--precisions fp32,bf16]
 """
 
 from __future__ import annotations
@@ -36,36 +37,39 @@ def distinct_images(base: np.ndarray, n: int, seed: int = 0) -> list[np.ndarray]
     return out
 
 
-def overhead(model: KAnoCLIP, bare: CLIPVisionModel, processor: CLIPImageProcessor, base: np.ndarray, runs: int) -> dict:
-    """Interleaved runs of the bare forward and ``detect`` in both modes, so load hits all alike.
+def overhead(models: dict[str, KAnoCLIP], bare: CLIPVisionModel, processor: CLIPImageProcessor, base: np.ndarray, runs: int) -> dict:
+    """Interleaved runs of the bare fp32 forward and ``detect`` in both modes at each precision.
 
-    The text-feature cache is keyed by mode and class, so switching ``model.trained`` between
-    calls re-encodes nothing after the warm-up.
+    ``models`` maps a precision to a model (they share one backbone); one round runs the bare
+    forward, then every (precision, mode), so machine load hits all alike. The text-feature cache
+    is keyed by mode and class, so switching ``model.trained`` re-encodes nothing after the warm-up.
     """
-    images = iter(distinct_images(base, 3 * runs + 4))
+    cells = [(precision, mode) for precision in models for mode in ("training-free", "trained")]
+    images = iter(distinct_images(base, (len(cells) + 1) * (runs + 1)))
     with torch.inference_mode():
         bare(**processor(images=next(images), return_tensors="pt"))
-    for trained in (False, True):  # warm-up, which also fills each mode's text cache
-        model.trained = trained
-        model.detect(next(images), "bottle")
-    times: dict[str, list[float]] = {"bare": [], "training-free": [], "trained": []}
+    for precision, mode in cells:  # warm-up, which also fills each mode's text cache
+        models[precision].trained = mode == "trained"
+        models[precision].detect(next(images), "bottle")
+    times: dict[str, list[float]] = {"bare": [], **{f"{mode}/{precision}": [] for precision, mode in cells}}
     for _ in range(runs):
         image = next(images)
         start = time.perf_counter()
         with torch.inference_mode():
             bare(**processor(images=image, return_tensors="pt"))
         times["bare"].append(time.perf_counter() - start)
-        for mode, trained in (("training-free", False), ("trained", True)):
-            model.trained = trained
+        for precision, mode in cells:
+            model = models[precision]
+            model.trained = mode == "trained"
             image = next(images)
             start = time.perf_counter()
             model.detect(image, "bottle")
-            times[mode].append(time.perf_counter() - start)
+            times[f"{mode}/{precision}"].append(time.perf_counter() - start)
     medians = {k: statistics.median(v) for k, v in times.items()}
     return {
-        "bare_s": medians["bare"],
-        **{f"{mode}_detect_s": medians[mode] for mode in ("training-free", "trained")},
-        **{f"{mode}_ratio": medians[mode] / medians["bare"] for mode in ("training-free", "trained")},
+        "bare_fp32_s": medians["bare"],
+        **{f"{cell}_detect_s": medians[cell] for cell in medians if cell != "bare"},
+        **{f"{cell}_ratio_to_bare_fp32": medians[cell] / medians["bare"] for cell in medians if cell != "bare"},
     }
 
 
@@ -83,17 +87,23 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precisions", default="fp32,bf16", help="backbone precisions to time against the bare fp32 forward")
     parser.add_argument("--skip-overhead", action="store_true")
     args = parser.parse_args()
 
     folder = vit_l_backbone()
     base = np.asarray(np.random.default_rng(0).integers(0, 256, (900, 900, 3)), dtype=np.uint8)
     results: dict = {"machine": machine()}
-    model = KAnoCLIP.from_pretrained(backbone=str(folder), device=args.device)
+    shared: dict = {}  # one backbone in memory for every precision's model
+    models = {
+        p: KAnoCLIP.from_pretrained(backbone=str(folder), device=args.device, precision=p, backbone_cache=shared)
+        for p in args.precisions.split(",")
+    }
+    model = models[next(iter(models))]
     if not args.skip_overhead:
         bare = CLIPVisionModel.from_pretrained(folder).eval().to(args.device)
         processor = CLIPImageProcessor.from_pretrained(folder)
-        results["overhead"] = overhead(model, bare, processor, base, args.runs)
+        results["overhead"] = overhead(models, bare, processor, base, args.runs)
         del bare
     model.trained = True  # the full path for throughput
     results["throughput_images_per_s"] = {b: throughput(model, base, int(b)) for b in args.batches.split(",") if b}
