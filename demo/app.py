@@ -37,7 +37,7 @@ def build_app(
     ctx = AppContext.create(config)
     with gr.Blocks(title="KAnoCLIP") as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
-        status = gr.Markdown(ctx.startup, elem_id="app-status")
+        status = gr.Markdown(ctx.registry.status(config.start_choice), elem_id="app-status")
         with gr.Tabs():
             detect = build_detect_tab(ctx)
             build_knowledge_tab(ctx, [detect.class_name])

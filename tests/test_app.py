@@ -6,6 +6,8 @@ never accuracy. Training uses a scripted trainer (the real one is tested with ka
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import socket
@@ -15,6 +17,7 @@ import sys
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -519,12 +522,16 @@ def test_knowledge_generation_from_an_llm_endpoint(kb_app: Running, monkeypatch:
 
 
 # ---------------------------------------------------------------------------- the entry point
-def test_app_py_comes_up_without_a_backbone_and_says_why(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def app_py(tmp_path: Path, *args: str) -> Iterator[tuple[Client, int, Path]]:
+    """``python app.py ARGS`` offline with an empty HF_HOME on a free port: (client, port, its output file)."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HOME": str(tmp_path / "hf")}
     env.pop("KANOCLIP_BACKBONE", None)
-    command = [sys.executable, str(REPO / "app.py"), "--backbone", "does-not-exist/model", "--port", str(port), "--data-root", str(tmp_path), "--no-training"]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = tmp_path / "app-output.txt"
+    command = [sys.executable, str(REPO / "app.py"), *args, "--port", str(port), "--data-root", str(tmp_path)]
+    with open(output, "wb") as sink:
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=sink, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120
         client = None
@@ -534,7 +541,18 @@ def test_app_py_comes_up_without_a_backbone_and_says_why(tmp_path: Path) -> None
                 break
             except Exception:  # noqa: BLE001 - not up yet
                 time.sleep(0.5)
-        assert client is not None, f"app.py did not come up: {process.stdout.read().decode(errors='replace')[-2000:] if process.poll() is not None else 'timeout'}"
+        assert client is not None, f"app.py did not come up: {output.read_text(errors='replace')[-2000:]}"
+        yield client, port, output
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_app_py_comes_up_without_a_backbone_and_says_why(tmp_path: Path) -> None:
+    with app_py(tmp_path, "--backbone", "does-not-exist/model", "--no-training") as (client, _, _):
         endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
         assert "/detect" in endpoints and "/train" not in endpoints  # --no-training hides the Train tab
         status = client.predict(api_name="/status")
@@ -542,12 +560,27 @@ def test_app_py_comes_up_without_a_backbone_and_says_why(tmp_path: Path) -> None
         with pytest.raises(AppError) as excinfo:
             client.predict(handle_file(str(REPO / "demo" / "examples" / "bottle_broken_large_000.png")), "bottle", api_name="/detect")
         assert "does-not-exist/model" in error_text(excinfo)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        assert "--backbone" in str(excinfo.value)  # the app is started with flags: its errors name them
+
+
+def test_default_app_py_offline_says_on_the_terminal_what_failed_once(tmp_path: Path) -> None:
+    """The plain ``python app.py`` on a machine without the default backbone: terminal and page agree."""
+    default = "openai/clip-vit-large-patch14-336"
+    with app_py(tmp_path) as (client, port, output):
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=30) as answer:
+            page = answer.read().decode()
+        status = client.predict(api_name="/status")
+        text = output.read_text(errors="replace")
+    reason = next(line.split("could not be loaded: ", 1)[1] for line in text.splitlines() if "could not be loaded: " in line)
+    assert reason.startswith(f"backbone '{default}' is not in the local Hugging Face cache")
+    assert "--backbone / KANOCLIP_BACKBONE" in reason  # app.py's flag, not the API's backbone=
+    assert text.count(reason) == 1  # printed once
+    assert f"loading the model (training-free, backbone {default}) on device auto (cpu)" in text
+    assert f"http://127.0.0.1:{port}" in text  # listening on localhost only
+    assert reason in status
+    assert page.count(json.dumps(reason)[1:-1]) == 1  # the page says it once (the header), not in the Detect summary too
 
 
 def test_examples_and_their_credits_ship_with_the_app() -> None:
