@@ -7,7 +7,8 @@ import gradio as gr
 from demo.detect_tab import build_detect_tab
 from demo.knowledge_tab import build_knowledge_tab
 from demo.prompts_tab import build_prompts_tab
-from demo.state import AppConfig, AppContext
+from demo.components import dropdown_update
+from demo.state import AppConfig, AppContext, model_choices
 from demo.train_tab import TrainFn, build_train_tab
 from demo.uploads import ZipLimits
 from kanoclip.training import train
@@ -19,6 +20,9 @@ INTRO = (
     "and a Conv-Adapter, as in the *KAnoCLIP* paper."
 )
 UPLOAD_LIMIT = ZipLimits().max_compressed  # bytes: the largest upload is a training zip
+# Gradio's own cleanup of uploads and results: every hour, files older than an hour (and all at
+# shutdown), so a public Space does not fill its disk. Training zips are deleted at once.
+DELETE_CACHE = (3600, 3600)
 
 
 def build_app(
@@ -30,20 +34,28 @@ def build_app(
 
     The start model is loaded here (unless ``config.preload`` is False) so that the header can
     say which mode, backbone and device it runs on — or, when it cannot be loaded, why and how
-    to fix it; the app comes up either way. ``train_fn`` replaces
+    to fix it; the app comes up either way. The model lists are re-read on every page load
+    (checkpoints trained since the app was built appear). ``train_fn`` replaces
     :func:`kanoclip.training.train` (tests pass a scripted trainer).
     """
     config = config or AppConfig.from_env()
     ctx = AppContext.create(config)
-    with gr.Blocks(title="KAnoCLIP") as demo:
+    with gr.Blocks(title="KAnoCLIP", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
-        status = gr.Markdown(ctx.startup, elem_id="app-status")
+        status = gr.Markdown(ctx.registry.status(config.start_choice), elem_id="app-status")
         with gr.Tabs():
             detect = build_detect_tab(ctx)
             build_knowledge_tab(ctx, [detect.class_name])
             prompts_model = build_prompts_tab(ctx, ctx.knowledge.snapshot().classes())
+            model_lists = [detect.model, prompts_model]
             if config.training:  # KANOCLIP_TRAINING=off / --no-training hides it (e.g. on a public Space)
-                build_train_tab(ctx, [detect.model, prompts_model], train_fn)
+                build_train_tab(ctx, model_lists, train_fn)
         demo.load(lambda: ctx.registry.status(config.start_choice), outputs=status, api_name="status")
+
+        def refresh_model_lists() -> list[dict]:
+            choices = model_choices(config)  # lists the checkpoints folder once
+            return [dropdown_update(choices) for _ in model_lists]
+
+        demo.load(refresh_model_lists, outputs=model_lists, api_name="model_lists")
     demo.queue(default_concurrency_limit=config.concurrency)
     return demo

@@ -13,6 +13,7 @@ stored on it (each request gets its own :class:`~kanoclip.detection.Detection`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import threading
@@ -27,9 +28,11 @@ from kanoclip.backbone import Backbone
 from kanoclip.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from kanoclip.config import default_backbone
 from kanoclip.errors import InputError, KAnoCLIPError
+from kanoclip.model import resolve_device
 
 from demo.uploads import confine
 
+log = logging.getLogger("kanoclip.app")
 TRAINING_FREE = "training-free"
 T = TypeVar("T")
 CHECKPOINTS_PREFIX = "checkpoints/"
@@ -208,9 +211,10 @@ class ModelRegistry:
                     backbone_cache=self._backbones,
                 )
             except KAnoCLIPError as exc:
+                error = type(exc)(exc.message(flags=True))  # the app is started with flags: name them
                 with self._lock:
-                    self._errors[key] = exc
-                raise
+                    self._errors[key] = error
+                raise error from None
             with self._lock:
                 self._errors.pop(key, None)
                 self._models[key] = model
@@ -238,13 +242,19 @@ class ModelRegistry:
         with self._lock:
             return list(self._models.values())
 
+    def describe_choice(self, choice: str | None) -> str:
+        """``model (<choice>, backbone <name>)``: what a load of ``choice`` uses."""
+        training_free = (choice or TRAINING_FREE) == TRAINING_FREE
+        backbone = self.config.backbone or (default_backbone() if training_free else "the checkpoint's")
+        return f"model ({choice or TRAINING_FREE}, backbone {backbone})"
+
     def status(self, choice: str | None) -> str:
         """Markdown describing the model of ``choice`` as far as it is known (never loads)."""
         state = self.peek(choice)
         if isinstance(state, KAnoCLIP):
             return describe_model(state)
         if isinstance(state, KAnoCLIPError):
-            return describe_failure(state, f"The model ({choice or TRAINING_FREE}, backbone {self.config.backbone or default_backbone()})")
+            return describe_failure(state, "The " + self.describe_choice(choice))
         return f"**Model:** `{choice or TRAINING_FREE}` — not loaded yet (it loads on the first request)."
 
 
@@ -313,18 +323,30 @@ class AppContext:
     config: AppConfig
     knowledge: KnowledgeStore
     registry: ModelRegistry
-    startup: str = ""  # Markdown: the start model's state (or why it could not be loaded)
+    startup: str = ""  # Markdown for the Detect summary before the first result
 
     @classmethod
     def create(cls, config: AppConfig) -> AppContext:
+        """The context; with ``config.preload`` the start model is loaded, saying so on the terminal.
+
+        The terminal (the ``kanoclip.app`` log) gets what loads (model, backbone, device) and,
+        when it fails, the same one-line reason the page's header shows. The header alone
+        explains a failure; the Detect summary then only points at it.
+        """
         knowledge = KnowledgeStore(config)
         registry = ModelRegistry(config, knowledge)
         knowledge.registry = registry
         ctx = cls(config=config, knowledge=knowledge, registry=registry)
         if config.preload:
+            what = registry.describe_choice(config.start_choice)
+            device = f"auto ({resolve_device('auto')})" if config.device == "auto" else config.device
+            log.info("loading the %s on device %s", what, device)
             try:
-                registry.get(config.start_choice)
-            except KAnoCLIPError:
-                pass  # reported by status() below, where results would be
+                model = registry.get(config.start_choice)
+            except KAnoCLIPError as exc:
+                log.error("the %s could not be loaded: %s", what, exc)
+                ctx.startup = "No model is loaded: the message at the top of the page says why and how to fix it."
+                return ctx
+            log.info("loaded %s on %s", model.backbone_name, model.device)
         ctx.startup = registry.status(config.start_choice)
         return ctx

@@ -4,7 +4,9 @@ One training runs at a time (:class:`TrainingManager`); a second request is told
 busy. The training runs in a background thread; the event handler is a generator that streams
 its progress (a progress bar and live loss curves) and stops it when cancelled or when the
 visitor leaves. The finished checkpoint is written to ``checkpoints/<name>`` and added to the
-model lists of the Detect and Prompts tabs.
+model lists of the Detect and Prompts tabs. The loss curve is drawn per training step (each
+step reports the running means of its epoch), so a 1-epoch run is a curve, not one dot.
+An uploaded zip is deleted as soon as it is extracted (or refused).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from kanoclip.config import default_backbone
 from kanoclip.data import KINDS, detect_kind, load_dataset, summarize
@@ -31,7 +34,7 @@ from kanoclip.viz import plot_loss_curves
 
 from demo.components import dropdown_update, user_errors
 from demo.state import CHECKPOINTS_PREFIX, AppContext, list_checkpoints, model_choices
-from demo.uploads import ZipLimits, confine, extract_zip
+from demo.uploads import ZipLimits, confine, discard_upload, extract_zip
 
 AUTO = "auto-detect"
 SOURCES = ("folder under the data root", "uploaded zip")
@@ -99,6 +102,7 @@ class TrainingRun:
     result: TrainResult | None = None
     error: BaseException | None = None
     last: TrainProgress | None = None  # the latest progress event
+    history: list[dict[str, float]] = field(default_factory=list)  # one loss-curve point per training step
 
     @property
     def running(self) -> bool:
@@ -169,7 +173,26 @@ def prepare_data(ctx: AppContext, source: str, folder: str | None, zip_file: str
         if not zip_file:
             raise InputError("no zip uploaded; upload a dataset archive or choose a folder under the data root")
         return extract_zip(zip_file, scratch / "data", ZipLimits())
+    if not ctx.config.data_root.is_dir():
+        raise InputError(data_root_hint(ctx.config.data_root))
     return confine(ctx.config.data_root, folder or "", what="data folder")
+
+
+def data_root_hint(root: Path) -> str:
+    """Why the folder list is empty and how to fill it (``--data-root``); ``""`` when it is not."""
+    if root.is_dir() and data_folders(root, limit=1):
+        return ""
+    state = "does not exist" if not root.is_dir() else "holds no dataset folders"
+    return (
+        f"the data root {root} {state}; start the app with --data-root /path/to/datasets "
+        "(or KANOCLIP_DATA_ROOT), or upload a zip"
+    )
+
+
+def source_inputs(source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Updates showing only the chosen data source's input: (folder dropdown, zip upload)."""
+    from_zip = source == SOURCES[1]
+    return gr.update(visible=not from_zip), gr.update(visible=from_zip)
 
 
 def summary_text(kind: str, samples: list) -> str:
@@ -236,8 +259,14 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], train_f
         scratch = Path(tempfile.mkdtemp(prefix="kanoclip-train-"))
         launched = False
         try:
-            yield ("Checking the data…", None, *unchanged)
-            data = prepare_data(ctx, source, folder, zip_file, scratch)
+            yield ("", None, *unchanged)  # clear the last run's status and curves
+            # on the progress bar, not in the status: it goes when the event ends, error or not
+            progress(0.0, desc="Checking the data…")
+            try:
+                data = prepare_data(ctx, source, folder, zip_file, scratch)
+            finally:
+                if source == SOURCES[1] and zip_file:
+                    discard_upload(zip_file, get_upload_folder())
             chosen = None if not kind or kind == AUTO else kind
             found = chosen or detect_kind(data)
             samples = load_dataset(found, data)
@@ -263,7 +292,6 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], train_f
             manager.launch(run, work, lambda: shutil.rmtree(scratch, ignore_errors=True))
             launched = True
             yield (f"{described}\n\nTraining started → `{CHECKPOINTS_PREFIX}{checkpoint_name}`.", None, *unchanged)
-            history: list[dict[str, float]] = []
             last_plot = last_yield = time.time()
             finished = False
             while not finished:
@@ -284,12 +312,12 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], train_f
                     run.last = item
                     point = history_point(item)
                     if point:
-                        history.append(point)
+                        run.history.append(point)
                 if run.last is not None:
                     progress(fraction(run.last), desc=stage(run.last))
                 if finished or time.time() - last_plot >= PLOT_EVERY_S:
                     last_plot = last_yield = time.time()
-                    yield (f"{described}\n\n{_message(run.last)}", plot_loss_curves(history, "Training loss (live)"), *unchanged)
+                    yield (f"{described}\n\n{_message(run.last)}", plot_loss_curves(run.history, "Training loss (live)"), *unchanged)
             if run.error is not None:
                 raise run.error
             result = run.result
@@ -304,7 +332,7 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], train_f
                 text = "Cancelled before a checkpoint was written." if cancelled else "The training ended without a checkpoint."
             if result.skipped:
                 text += f" {len(result.skipped)} unreadable samples were skipped."
-            yield (f"{described}\n\n{text}", plot_loss_curves(result.history or history, "Training loss"), *model_updates(choice))
+            yield (f"{described}\n\n{text}", plot_loss_curves(run.history or result.history, "Training loss"), *model_updates(choice))
         finally:
             if not launched:
                 shutil.rmtree(scratch, ignore_errors=True)
@@ -325,10 +353,18 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], train_f
         with gr.Row():
             with gr.Column():
                 source = gr.Radio(list(SOURCES), value=SOURCES[0], label="Data source")
+                hint = data_root_hint(config.data_root)
                 folder = gr.Dropdown(
-                    choices=data_folders(config.data_root), value=None, allow_custom_value=True, label="Folder (relative to the data root)"
+                    choices=data_folders(config.data_root),
+                    value=None,
+                    allow_custom_value=True,
+                    label="Folder (relative to the data root)",
+                    info=hint or None,
+                    elem_id="train-folder",
                 )
-                zip_file = gr.File(label=f"Dataset zip ({ZipLimits().describe()})", file_types=[".zip"], type="filepath")
+                zip_file = gr.File(
+                    label=f"Dataset zip ({ZipLimits().describe()})", file_types=[".zip"], type="filepath", visible=False, elem_id="train-zip"
+                )
                 kind = gr.Dropdown(choices=[AUTO, *KINDS], value=AUTO, label="Dataset kind")
             with gr.Column():
                 name = gr.Textbox(label="Checkpoint name (→ checkpoints/<name>)", placeholder="empty: run-<date>-<time>")
@@ -353,3 +389,4 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], train_f
         )
         stop.click(cancel, outputs=status, api_name="cancel_training", queue=False)
         folder.focus(lambda: dropdown_update(data_folders(config.data_root)), outputs=folder, api_visibility="private")
+        source.change(source_inputs, inputs=source, outputs=[folder, zip_file], api_name="train_source", queue=False)

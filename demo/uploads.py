@@ -10,10 +10,12 @@ Two ways for a visitor to name training data, both refused unless safe:
   the compression ratio (zip bombs), path traversal (``../x``), absolute names (``/etc/x``,
   ``C:\\x``), symlinks and other special files, encrypted and duplicate entries. Extraction
   then counts the bytes it really writes, so an archive whose headers lie is stopped too.
+* :func:`discard_upload` — an upload is deleted from Gradio's upload folder once processed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -190,6 +192,24 @@ def _empty(folder: Path) -> None:
             shutil.rmtree(child, ignore_errors=True)
         else:
             child.unlink(missing_ok=True)
+
+
+def discard_upload(path: str | os.PathLike[str], upload_root: str | os.PathLike[str]) -> bool:
+    """Delete an uploaded file once it is processed, with its folder when that is left empty.
+
+    Only a file inside ``upload_root`` (Gradio's upload folder) is deleted, never a file the
+    app was pointed at elsewhere. Returns whether something was deleted. Gradio's own
+    ``delete_cache`` removes whatever is left behind later; this frees the disk at once.
+    """
+    root = Path(upload_root).resolve()
+    file = Path(path).resolve()
+    if not file.is_relative_to(root) or file == root or not file.is_file():
+        return False
+    file.unlink(missing_ok=True)
+    if file.parent != root:
+        with contextlib.suppress(OSError):  # not empty: another upload shares it
+            file.parent.rmdir()
+    return True
 
 
 def confine(

@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-from kanoclip.errors import BackboneError, first_line
-from kanoclip.hub import looks_like_repo_id, snapshot
+from kanoclip.errors import ARG, BackboneError, first_line
+from kanoclip.hub import is_local_path, snapshot
 
 RANDOM_INIT_KEY = "kanoclip_random_init"
 _ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt"]
 _FIX = (
     "download it once with `hf download {b}` (or `huggingface-cli download {b}`), "
-    "or point --backbone / KANOCLIP_BACKBONE at a local folder holding it"
+    f"or point {ARG} / KANOCLIP_BACKBONE at a local folder holding it"
 )
 
 
@@ -46,16 +46,31 @@ class Backbone:
 
 
 def resolve_backbone(backbone: str, *, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Return a local folder holding ``backbone``: itself, its hub-cache snapshot, or a download."""
+    """Return a local folder holding ``backbone``: itself, its hub-cache snapshot, or a download.
+
+    Args:
+        backbone: a hub id (``owner/name``) or a local Hugging Face CLIP folder.
+        cache_dir: the Hugging Face hub cache to look in (default: the hub client's).
+
+    Returns:
+        The folder. Failures raise :class:`BackboneError` about the ``backbone`` argument.
+    """
     local = Path(backbone).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise BackboneError(f"backbone folder {local} has no config.json; it must be a Hugging Face CLIP folder")
         return local
+    if local.exists():
+        raise BackboneError(f"backbone {backbone!r} is a file; point {ARG} at a CLIP folder or a hub id", argument="backbone")
+    if is_local_path(backbone):
+        raise BackboneError(
+            f"backbone folder {backbone!r}: no such folder; check the path given as {ARG} (a hub id looks like 'owner/name')",
+            argument="backbone",
+        )
     fix = _FIX.format(b=backbone)
-    if local.exists() or not looks_like_repo_id(backbone):
-        raise BackboneError(f"backbone {backbone!r} is neither a folder nor a hub id; {fix}")
-    return snapshot(backbone, allow_patterns=_ALLOW_PATTERNS, error=BackboneError, what="backbone", fix=fix, cache_dir=cache_dir)
+    return snapshot(
+        backbone, allow_patterns=_ALLOW_PATTERNS, error=BackboneError, what="backbone", fix=fix, argument="backbone", cache_dir=cache_dir
+    )
 
 
 def load_backbone(backbone: str, *, device: torch.device | str = "cpu", cache_dir: str | None = None) -> Backbone:

@@ -24,9 +24,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from kanoclip.config import KAnoCLIPConfig
-from kanoclip.errors import CheckpointError
+from kanoclip.errors import ARG, CheckpointError
 from kanoclip.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
-from kanoclip.hub import looks_like_repo_id, snapshot
+from kanoclip.hub import is_local_path, snapshot
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -47,7 +47,17 @@ class CheckpointFiles:
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """A local checkpoint folder for a folder path or a hub repo id (cache first, then downloaded)."""
+    """A local checkpoint folder for a folder path or a hub repo id (cache first, then downloaded).
+
+    Args:
+        checkpoint: a checkpoint folder, or a hub repo id ``owner/name``.
+        cache_dir: the Hugging Face hub cache to look in (default: the hub client's).
+
+    Returns:
+        The folder. A local path that does not exist (``./x``, ``/abs/x``, ``~/x``, or
+        ``owner/name`` where ``owner/`` is a folder here) is reported as "no such folder",
+        never as a hub repo to download. Failures raise :class:`CheckpointError`.
+    """
     path = Path(checkpoint).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(f"checkpoint {path} is a pickle file; {_PICKLE_WHY}")
@@ -55,10 +65,15 @@ def resolve_checkpoint(checkpoint: str | os.PathLike[str], *, cache_dir: str | o
         raise CheckpointError(f"checkpoint {path} is a file; pass the checkpoint folder (holding {CONFIG_NAME} and {WEIGHTS_NAME})")
     if path.is_dir():
         return path
-    if not looks_like_repo_id(str(checkpoint)):
-        raise CheckpointError(f"checkpoint {checkpoint} does not exist (not a folder, not a hub repo id like 'user/name')")
-    fix = f"check the name, or download it once with `hf download {checkpoint}` and pass the folder"
-    return snapshot(str(checkpoint), allow_patterns=_HUB_FILES, error=CheckpointError, what="checkpoint", fix=fix, cache_dir=cache_dir)
+    if is_local_path(str(checkpoint)):
+        raise CheckpointError(
+            f"checkpoint folder {str(checkpoint)!r}: no such folder; check the path given as {ARG} (a hub id looks like 'user/name')",
+            argument="checkpoint",
+        )
+    fix = f"check the name, or download it once with `hf download {checkpoint}` and pass the folder as {ARG}"
+    return snapshot(
+        str(checkpoint), allow_patterns=_HUB_FILES, error=CheckpointError, what="checkpoint", fix=fix, argument="checkpoint", cache_dir=cache_dir
+    )
 
 
 def read_checkpoint(checkpoint: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None) -> CheckpointFiles:

@@ -55,6 +55,15 @@ class Detection:
     def is_anomalous(self) -> bool:
         return self.score >= self.threshold
 
+    def __repr__(self) -> str:
+        # the dataclass repr would print every array element; this is what a reader looks for
+        verdict = "anomalous" if self.is_anomalous else "normal"
+        return (
+            f"Detection(score={self.score:.4f}, threshold={self.threshold:.4f}, verdict={verdict!r}, "
+            f"class_name={self.class_name!r}, mode={self.mode!r}, map_shape={tuple(self.anomaly_map.shape)}, "
+            f"guidance={len(self.guidance)} prompts)"
+        )
+
     @cached_property
     def _full_maps(self) -> np.ndarray:
         return upsample_maps(self.model_maps, self.anomaly_map.shape)

@@ -20,6 +20,16 @@ def looks_like_repo_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "~", os.sep)) and not name.endswith("/")
 
 
+def is_local_path(name: str) -> bool:
+    """Whether ``name`` means a local folder rather than a hub repo id.
+
+    A path that is not ``owner/name`` (``./x``, ``/abs/x``, ``~/x``, ``a/b/c``) is local, and so
+    is ``owner/name`` when ``owner`` is a folder here (``checkpoints/mine`` beside ``checkpoints/``):
+    a missing folder is then reported as such, not as a hub repo to download.
+    """
+    return not looks_like_repo_id(name) or Path(name).expanduser().parent.is_dir()
+
+
 def snapshot(
     repo_id: str,
     *,
@@ -27,11 +37,13 @@ def snapshot(
     error: type[KAnoCLIPError],
     what: str,
     fix: str,
+    argument: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
     """The local snapshot folder of ``repo_id``: from the cache, else downloaded.
 
-    Every failure raises ``error`` with one line: ``{what} 'repo' <why>; {fix}``.
+    Every failure raises ``error(..., argument=argument)`` with one line:
+    ``{what} 'repo' <why>; {fix}`` (``fix`` may name the argument as :data:`kanoclip.errors.ARG`).
     """
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -41,12 +53,12 @@ def snapshot(
     except LocalEntryNotFoundError:
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in _OFFLINE_VALUES:
-        raise error(f"{what} {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {fix}")
+        raise error(f"{what} {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {fix}", argument=argument)
     try:  # one request with a short timeout, instead of the hub client's retries
         HfApi().model_info(repo_id, timeout=5)
     except Exception as exc:  # noqa: BLE001 - any failure here means "not reachable"
-        raise error(f"{what} {repo_id!r} is not cached and the Hugging Face Hub is not reachable ({type(exc).__name__}); {fix}") from None
+        raise error(f"{what} {repo_id!r} is not cached and the Hugging Face Hub is not reachable ({type(exc).__name__}); {fix}", argument=argument) from None
     try:
         return Path(snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=allow_patterns))
     except Exception as exc:  # noqa: BLE001 - any download failure is reported the same way
-        raise error(f"{what} {repo_id!r} could not be downloaded ({type(exc).__name__}); {fix}") from None
+        raise error(f"{what} {repo_id!r} could not be downloaded ({type(exc).__name__}); {fix}", argument=argument) from None

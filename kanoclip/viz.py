@@ -83,15 +83,28 @@ def figure_to_image(fig: Figure) -> Image.Image:
     return Image.open(io.BytesIO(png_bytes(fig))).convert("RGB")
 
 
+MARKED_POINTS = 30  # curves with at most this many points mark each one
+
+
 def plot_loss_curves(history: Sequence[Mapping[str, float]], title: str = "Training loss") -> Figure:
-    """Loss terms per epoch (``history``: one dict per epoch with ``epoch`` and loss terms)."""
+    """Loss terms against the (fractional) epoch.
+
+    Args:
+        history: one dict per point with ``epoch`` and the loss terms: one per epoch, or one
+            per training step with ``epoch`` = epochs done so far (e.g. 0.25 after a quarter).
+        title: the plot's title.
+
+    Returns:
+        The figure; each point is marked only on short curves.
+    """
     fig = Figure(figsize=(7, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     if history:
         epochs = [h["epoch"] for h in history]
+        marker = "o" if len(history) <= MARKED_POINTS else None
         for key in [k for k in history[0] if k != "epoch"]:
-            ax.plot(epochs, [h[key] for h in history], marker="o", label=key)
+            ax.plot(epochs, [h[key] for h in history], marker=marker, label=key)
         ax.legend()
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")

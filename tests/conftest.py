@@ -25,11 +25,30 @@ TOKENIZER = SHARED / "clip_tokenizer"
 TINY_REPO_ID = "kanoclip-test/tiny-clip"
 
 
+SHARED_SKIP = "needs the shared test folder"  # how every skip of require_shared starts
+
+
 def require_shared(path: Path = DATA) -> Path:
-    """Skip the calling test, with the reason, when ../shared (or a part of it) is absent."""
+    """Skip the calling test, with the reason and the fix, when ../shared (or a part of it) is absent."""
     if not path.exists():
-        pytest.skip(f"needs {path} (the shared real data / tokenizer beside the checkout); it is absent here")
+        pytest.skip(
+            f"{SHARED_SKIP} {path}, absent here; set KANOCLIP_SHARED_DIR=/path/to/shared "
+            f"(a folder holding clip_tokenizer/ and data/) or put it at {REPO.parent / 'shared'}"
+        )
     return path
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Report every require_shared skip at one place, so ``-ra`` folds them into one line per folder.
+
+    pytest reports a skip by the test's own location, and its summary folds only skips with the
+    same location and reason: without this, a clone without ../shared lists ~90 lines.
+    """
+    report = yield
+    if report.skipped and isinstance(report.longrepr, tuple) and SHARED_SKIP in report.longrepr[2]:
+        report.longrepr = (__file__, None, report.longrepr[2])
+    return report
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,8 @@ never accuracy. Training uses a scripted trainer (the real one is tested with ka
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import socket
@@ -15,6 +17,7 @@ import sys
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +31,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from demo import AppConfig, build_app  # noqa: E402
-from demo.uploads import ZipLimits, check_zip, confine, extract_zip  # noqa: E402
+from demo.uploads import ZipLimits, check_zip, confine, discard_upload, extract_zip  # noqa: E402
 from kanoclip import KAnoCLIP  # noqa: E402
 from kanoclip.errors import InputError  # noqa: E402
 from kanoclip.images import load_image  # noqa: E402
@@ -121,14 +124,15 @@ class ScriptedTrainer:
     configs: list = field(default_factory=list)
     kb_classes: list = field(default_factory=list)
     stops: int = 0  # how many trainings ended because should_stop() said so
+    steps: int = 0  # progress events of the latest training
 
     def __call__(self, config, progress, should_stop):
         self.configs.append(config)
         self.kb_classes = KnowledgeBase.load(config.kb).classes()  # the file lives only while training
         self.started.set()
-        step = 0
+        step = self.steps = 0
         while not self.release.wait(0.05):
-            step += 1
+            step = self.steps = step + 1
             progress(TrainProgress(epoch=1, epochs=config.epochs, step=step, steps=1000, losses={"total": 1.0 / step}, message=f"step {step}"))
             if should_stop():
                 self.stops += 1
@@ -353,6 +357,76 @@ def test_training_stops_when_its_stream_is_abandoned(app: Running, trainer: Scri
     assert wait_until_idle(app.client(), deadline), "the training slot was not freed"
 
 
+def test_failed_training_leaves_no_checking_message(client: Client) -> None:
+    job = client.submit(*train_inputs("", "no-such-folder"), api_name="/train")
+    with pytest.raises(AppError) as excinfo:
+        job.result(timeout=60)
+    assert "does not exist" in error_text(excinfo)
+    statuses = [out[0] for out in job.outputs()]
+    assert statuses and not any("Checking" in text for text in statuses)  # the status was cleared, not left beside the error
+
+
+def test_model_lists_are_reread_on_page_load(app: Running, client: Client) -> None:
+    copied = app.config.checkpoints_dir / "copied-in"  # a checkpoint that appears after the app was built
+    copied.mkdir(parents=True)
+    (copied / "config.json").write_text("{}")
+    (copied / "model.safetensors").write_bytes(b"")
+    try:
+        detect_list, prompts_list = client.predict(api_name="/model_lists")
+        for listed in (detect_list, prompts_list):
+            assert ["checkpoints/copied-in"] * 2 in listed["choices"] and ["training-free"] * 2 in listed["choices"]
+    finally:
+        shutil.rmtree(copied)
+
+
+def test_loss_curve_is_drawn_per_step(app: Running, trainer: ScriptedTrainer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import demo.train_tab
+
+    drawn: list[list[dict]] = []
+    original = demo.train_tab.plot_loss_curves
+
+    def recording(history, title="Training loss"):
+        drawn.append([dict(h) for h in history])
+        return original(history, title)
+
+    monkeypatch.setattr(demo.train_tab, "plot_loss_curves", recording)
+    trainer.release.clear()
+    trainer.started.clear()
+    job = app.client().submit(*train_inputs("per-step", "mvtec-mini"), api_name="/train")
+    assert trainer.started.wait(30)
+    deadline = time.time() + 30
+    while trainer.steps < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    trainer.release.set()
+    status, *_ = job.result(timeout=60)
+    assert "Finished: `checkpoints/per-step`" in status
+    final = drawn[-1]  # the trainer's own history is one point per epoch ({"epoch": 1, "total": 0.5}); the app keeps every step
+    assert len(final) == trainer.steps >= 4
+    assert [p["epoch"] for p in final] == pytest.approx([i / 1000 for i in range(1, trainer.steps + 1)])  # step i of 1000 in epoch 1
+    assert [p["total"] for p in final] == pytest.approx([1.0 / i for i in range(1, trainer.steps + 1)])
+
+
+def test_train_tab_shows_one_source_and_explains_a_missing_data_root(tiny_backbone: Path, tmp_path: Path) -> None:
+    running = launch(app_config(tmp_path, tiny_backbone, preload=False))  # tmp/data does not exist
+    try:
+        import urllib.request
+
+        with urllib.request.urlopen(running.url + "config", timeout=30) as answer:
+            components = {c["props"].get("elem_id"): c["props"] for c in json.load(answer)["components"]}
+        assert "--data-root" in components["train-folder"]["info"] and "does not exist" in components["train-folder"]["info"]
+        assert components["train-folder"]["visible"] is not False and components["train-zip"]["visible"] is False
+        client = running.client()
+        folder, archive = client.predict("uploaded zip", api_name="/train_source")
+        assert folder["visible"] is False and archive["visible"] is True
+        folder, archive = client.predict("folder under the data root", api_name="/train_source")
+        assert folder["visible"] is True and archive["visible"] is False
+        with pytest.raises(AppError) as excinfo:
+            client.predict(*train_inputs("x", "mvtec"), api_name="/train")
+        assert "--data-root" in error_text(excinfo) and str(tmp_path / "data") in str(excinfo.value)
+    finally:
+        running.demo.close()
+
+
 def make_zip(path: Path, entries: dict[str, bytes], symlinks: dict[str, str] | None = None, compression=zipfile.ZIP_DEFLATED) -> Path:
     with zipfile.ZipFile(path, "w", compression=compression) as archive:
         for name, data in entries.items():
@@ -369,17 +443,30 @@ def zip_folder(folder: Path, path: Path) -> Path:
     return make_zip(path, entries, compression=zipfile.ZIP_STORED)
 
 
-def test_train_from_an_uploaded_zip(app: Running, trainer: ScriptedTrainer, tmp_path: Path) -> None:
-    archive = zip_folder(app.config.data_root / "mvtec-mini", tmp_path / "mini.zip")
+def uploaded_copies(name: str) -> list[Path]:
+    """Files called ``name`` in Gradio's upload folder (where the server keeps uploads)."""
+    from gradio.utils import get_upload_folder
+
+    return list(Path(get_upload_folder()).rglob(name))
+
+
+def test_train_from_an_uploaded_zip(app: Running, trainer: ScriptedTrainer, tmp_path: Path, bottle_image: Path) -> None:
+    tag = f"{os.getpid()}-{time.time_ns()}"
+    archive = zip_folder(app.config.data_root / "mvtec-mini", tmp_path / f"mini-{tag}.zip")
     trainer.release.set()
     status, *_ = app.client().predict(*train_inputs("from-zip", archive=archive), api_name="/train")
     assert "Dataset **mvtec**, 4 images" in status and "Finished: `checkpoints/from-zip`" in status
     data = Path(trainer.configs[-1].data[0].split("=", 1)[1])
     assert not data.exists()  # the extracted upload is removed after the training
-    evil = make_zip(tmp_path / "evil.zip", {"../evil.txt": b"x"})
+    assert uploaded_copies(archive.name) == []  # ...and so is the uploaded zip itself
+    image = shutil.copy(bottle_image, tmp_path / f"image-{tag}.png")
+    app.client().predict(handle_file(str(image)), "bottle", api_name="/detect")
+    assert len(uploaded_copies(Path(image).name)) == 1  # the control: uploads do land where we looked
+    evil = make_zip(tmp_path / f"evil-{tag}.zip", {"../evil.txt": b"x"})
     with pytest.raises(AppError) as excinfo:
         app.client().predict(*train_inputs("evil", archive=evil), api_name="/train")
     assert "points outside the archive" in error_text(excinfo)
+    assert uploaded_copies(evil.name) == []  # a refused upload is deleted too
 
 
 def test_real_training_through_the_app(tiny_backbone: Path, bottle_dir: Path, bottle_image: Path, tmp_path: Path) -> None:
@@ -461,6 +548,24 @@ def test_safe_zip_is_extracted(tmp_path: Path) -> None:
     assert not (dest / "__MACOSX").exists()
 
 
+def test_discard_upload_deletes_only_inside_the_upload_folder(tmp_path: Path) -> None:
+    root = tmp_path / "uploads"
+    upload = root / "hash1" / "data.zip"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(b"zip")
+    shared = root / "hash2"
+    shared.mkdir()
+    (shared / "a.zip").write_bytes(b"a")
+    (shared / "b.zip").write_bytes(b"b")
+    elsewhere = tmp_path / "mine.zip"
+    elsewhere.write_bytes(b"keep")
+    assert discard_upload(upload, root) and not upload.exists() and not upload.parent.exists()
+    assert discard_upload(shared / "a.zip", root) and (shared / "b.zip").is_file()  # the folder stays for b.zip
+    assert not discard_upload(elsewhere, root) and elsewhere.read_bytes() == b"keep"
+    assert not discard_upload(root / "hash2" / ".." / ".." / "mine.zip", root) and elsewhere.exists()
+    assert root.is_dir()
+
+
 def test_confine_keeps_paths_under_the_root(tmp_path: Path) -> None:
     root = tmp_path / "root"
     (root / "a" / "b").mkdir(parents=True)
@@ -519,12 +624,16 @@ def test_knowledge_generation_from_an_llm_endpoint(kb_app: Running, monkeypatch:
 
 
 # ---------------------------------------------------------------------------- the entry point
-def test_app_py_comes_up_without_a_backbone_and_says_why(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def app_py(tmp_path: Path, *args: str) -> Iterator[tuple[Client, int, Path]]:
+    """``python app.py ARGS`` offline with an empty HF_HOME on a free port: (client, port, its output file)."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HOME": str(tmp_path / "hf")}
     env.pop("KANOCLIP_BACKBONE", None)
-    command = [sys.executable, str(REPO / "app.py"), "--backbone", "does-not-exist/model", "--port", str(port), "--data-root", str(tmp_path), "--no-training"]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = tmp_path / "app-output.txt"
+    command = [sys.executable, str(REPO / "app.py"), *args, "--port", str(port), "--data-root", str(tmp_path)]
+    with open(output, "wb") as sink:
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=sink, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120
         client = None
@@ -534,7 +643,18 @@ def test_app_py_comes_up_without_a_backbone_and_says_why(tmp_path: Path) -> None
                 break
             except Exception:  # noqa: BLE001 - not up yet
                 time.sleep(0.5)
-        assert client is not None, f"app.py did not come up: {process.stdout.read().decode(errors='replace')[-2000:] if process.poll() is not None else 'timeout'}"
+        assert client is not None, f"app.py did not come up: {output.read_text(errors='replace')[-2000:]}"
+        yield client, port, output
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_app_py_comes_up_without_a_backbone_and_says_why(tmp_path: Path) -> None:
+    with app_py(tmp_path, "--backbone", "does-not-exist/model", "--no-training") as (client, _, _):
         endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
         assert "/detect" in endpoints and "/train" not in endpoints  # --no-training hides the Train tab
         status = client.predict(api_name="/status")
@@ -542,12 +662,27 @@ def test_app_py_comes_up_without_a_backbone_and_says_why(tmp_path: Path) -> None
         with pytest.raises(AppError) as excinfo:
             client.predict(handle_file(str(REPO / "demo" / "examples" / "bottle_broken_large_000.png")), "bottle", api_name="/detect")
         assert "does-not-exist/model" in error_text(excinfo)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        assert "--backbone" in str(excinfo.value)  # the app is started with flags: its errors name them
+
+
+def test_default_app_py_offline_says_on_the_terminal_what_failed_once(tmp_path: Path) -> None:
+    """The plain ``python app.py`` on a machine without the default backbone: terminal and page agree."""
+    default = "openai/clip-vit-large-patch14-336"
+    with app_py(tmp_path) as (client, port, output):
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=30) as answer:
+            page = answer.read().decode()
+        status = client.predict(api_name="/status")
+        text = output.read_text(errors="replace")
+    reason = next(line.split("could not be loaded: ", 1)[1] for line in text.splitlines() if "could not be loaded: " in line)
+    assert reason.startswith(f"backbone '{default}' is not in the local Hugging Face cache")
+    assert "--backbone / KANOCLIP_BACKBONE" in reason  # app.py's flag, not the API's backbone=
+    assert text.count(reason) == 1  # printed once
+    assert f"loading the model (training-free, backbone {default}) on device auto (cpu)" in text
+    assert f"http://127.0.0.1:{port}" in text  # listening on localhost only
+    assert reason in status
+    assert page.count(json.dumps(reason)[1:-1]) == 1  # the page says it once (the header), not in the Detect summary too
 
 
 def test_examples_and_their_credits_ship_with_the_app() -> None:

@@ -42,8 +42,27 @@ def test_uncached_hub_id_fails_fast_with_the_fix(offline, monkeypatch, tmp_path)
     assert time.monotonic() - start < 10
     message = str(info.value)
     assert "openai/clip-vit-large-patch14-336" in message
-    assert "--backbone" in message and "KANOCLIP_BACKBONE" in message and "download" in message
+    assert "backbone=" in message and "--backbone" not in message  # the API's own argument
+    assert "KANOCLIP_BACKBONE" in message and "download" in message
     assert "\n" not in message
+    assert "point --backbone / KANOCLIP_BACKBONE" in info.value.message(flags=True)  # how the CLI prints it
+
+
+@pytest.mark.parametrize("path", ["./clip-folder", "/no/such/clip", "~/no-such-clip-here", "sub/dir/clip"])
+def test_missing_local_folder_is_no_such_folder(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BackboneError) as info:
+        resolve_backbone(path, cache_dir=str(tmp_path))
+    message = str(info.value)
+    assert "no such folder" in message and path in message and "backbone=" in message
+    assert "hf download" not in message  # not mistaken for a hub repo
+
+
+def test_hub_like_path_beside_an_existing_folder_is_local(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(BackboneError, match="no such folder"):
+        resolve_backbone("models/clip", cache_dir=str(tmp_path))
 
 
 def test_folder_without_config_is_refused(tmp_path):

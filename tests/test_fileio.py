@@ -57,3 +57,17 @@ def test_sigkill_during_a_large_write_never_leaves_a_partial_file(tmp_path):
     proc.wait(10)
     data = path.read_bytes()
     assert len(data) == 8_000_000 and data == data[:1] * len(data)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_file_has_the_mode_open_would_give(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "atomic.bin", b"x")
+        with open(tmp_path / "plain.bin", "wb") as handle:  # what a normal open() gives, for comparison
+            handle.write(b"x")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "atomic.bin").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.bin").stat().st_mode & 0o777
+    assert mode == {0o022: 0o644, 0o077: 0o600, 0o002: 0o664}[umask]  # 0666 & ~umask, by hand

@@ -328,3 +328,17 @@ def test_models_can_share_one_backbone(small_config, tmp_path):
     trained = KAnoCLIP.from_pretrained(folder, device="cpu", backbone_cache=cache)
     assert len(cache) == 1
     assert trained.clip is free.clip and trained.mode == "trained" and free.mode == "training-free"
+
+
+@pytest.mark.parametrize("missing", ["./checkpoints/mine", "/abs/path/to/ckpt"])
+def test_from_pretrained_names_its_own_arguments(missing, tiny_backbone, tmp_path, monkeypatch):
+    """From the Python API the messages say backbone= / checkpoint=, never the CLI's flags."""
+    from kanoclip.errors import BackboneError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError) as info:
+        KAnoCLIP.from_pretrained(missing, backbone=str(tiny_backbone), device="cpu")
+    assert "no such folder" in str(info.value) and "checkpoint=" in str(info.value) and "--checkpoint" not in str(info.value)
+    with pytest.raises(BackboneError) as info:
+        KAnoCLIP.from_pretrained(backbone="./no-such-clip", device="cpu")
+    assert "no such folder" in str(info.value) and "backbone=" in str(info.value) and "--" not in str(info.value)

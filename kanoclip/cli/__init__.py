@@ -3,7 +3,8 @@
 Each subcommand lives in its own module exposing ``register(subparsers)``, which adds
 its parser and sets ``func`` to a handler ``(args) -> int`` (the exit status).
 Errors a user can cause (:class:`~kanoclip.errors.KAnoCLIPError`) are printed as one
-line on stderr, never as a traceback.
+line on stderr, never as a traceback, naming the command's flags (``--backbone``) where
+the library's message names an API argument (``backbone=``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KAnoCLIPError as exc:
-        print(f"kanoclip {args.command}: error: {exc}", file=sys.stderr)
+        print(f"kanoclip {args.command}: error: {exc.message(flags=True)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"kanoclip {args.command}: interrupted", file=sys.stderr)
