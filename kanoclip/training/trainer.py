@@ -22,6 +22,7 @@ gradients averaged. Only the main process writes files and reports progress.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -96,8 +97,8 @@ class PushError(WordedError, CheckpointError):
 
 
 # Settings that change the sample order or the model: a resumed run must use the same ones.
-# Each is worded from the option names; the optimizer keys were added later, so a state
-# written before them holds the defaults of that time.
+# Each is worded from the option names. The optimizer keys were added later: a state written
+# before them used the defaults of that time; one without "model" is not checked for it.
 _RESUME_KEYS: dict[str, Callable[[Callable[..., str]], str]] = {
     "data": lambda name: name("data"),
     "n_samples": lambda name: "the number of samples listed",
@@ -109,8 +110,10 @@ _RESUME_KEYS: dict[str, Callable[[Callable[..., str]], str]] = {
     "kb_sha256": lambda name: f"the knowledge base ({name('kb')})",
     "optimizer": lambda name: name("optimizer"),
     "betas": lambda name: name("betas"),
+    "model": lambda name: name("model"),
 }
 _RESUME_DEFAULTS: dict[str, Any] = {"optimizer": "adamw", "betas": [0.9, 0.999]}
+_UNRECORDED = ("model",)  # not checked against a state written before it was recorded
 
 
 @dataclass
@@ -137,6 +140,10 @@ class TrainConfig:
     # torch.optim.Adam(..., betas=(0.5, 0.999))), the recipe KAnoCLIP's protocol follows.
     optimizer: Literal["adamw", "adam"] = "adamw"
     betas: tuple[float, float] = (0.9, 0.999)  # Adam(W)'s moment decay rates, each in [0, 1)
+    # The model's own settings (e.g. LossConfig.local_loss, BiCMCIConfig.residual_logits,
+    # VVConfig.position_interpolation); saved in the checkpoint. None: the defaults. ``backbone``
+    # and ``image_size`` above, when given, take precedence over the ones in it.
+    model: KAnoCLIPConfig | None = None
 
 
 @dataclass
@@ -354,18 +361,44 @@ def _kb_digest(model: KAnoCLIP) -> str:
 
 def _check_resumable(saved: dict[str, Any], run: dict[str, Any], out: Path) -> None:
     for key, label in _RESUME_KEYS.items():
-        before = saved.get(key, _RESUME_DEFAULTS.get(key))
-        if before != run.get(key):
-            was, now = (str(v)[:12] + "..." if key == "kb_sha256" else repr(v) for v in (before, run.get(key)))
-            raise OptionError(
-                lambda name, label=label, was=was, now=now: f"cannot resume {out}: {label(name)} differs from the interrupted "
-                f"run's (was {was}, now {now}); rerun with the original options, or start a new run in another {name('out')} folder"
-            )
+        if key in _UNRECORDED and key not in saved:
+            continue
+        before, now = saved.get(key, _RESUME_DEFAULTS.get(key)), run.get(key)
+        if before == now:
+            continue
+        where = ""
+        if isinstance(before, dict) and isinstance(now, dict):  # the model settings: name the field
+            path, before, now = _first_difference(before, now)
+            where = f" {path}"
+        was, now = (str(v)[:12] + "..." if key == "kb_sha256" else repr(v) for v in (before, now))
+        raise OptionError(
+            lambda name, label=label, where=where, was=was, now=now: f"cannot resume {out}: {label(name)}{where} differs from "
+            f"the interrupted run's (was {was}, now {now}); rerun with the original options, or start a new run in another "
+            f"{name('out')} folder"
+        )
+
+
+def _first_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> tuple[str, Any, Any]:
+    """The first dotted key (sorted) whose values differ in two nested dicts, and the two values."""
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if x != y:
+            if isinstance(x, dict) and isinstance(y, dict):
+                return _first_difference(x, y, f"{prefix}{key}.")
+            return f"{prefix}{key}", x, y
+    return prefix.rstrip("."), a, b
 
 
 def _build_model(config: TrainConfig, device: torch.device) -> KAnoCLIP:
-    model_config = KAnoCLIPConfig(image_size=config.image_size)
+    model_config = copy.deepcopy(config.model) if config.model is not None else KAnoCLIPConfig()  # the caller's stays as given
+    if config.image_size is not None:
+        model_config.image_size = config.image_size
     return KAnoCLIP.from_pretrained(backbone=config.backbone, device=device, kb=config.kb, config=model_config)
+
+
+def _model_settings(model: KAnoCLIP) -> dict[str, Any]:
+    """The model config's sections (prompts, vv, bicmci, ...), without what other resume keys hold."""
+    return {k: v for k, v in model.config.to_dict().items() if k not in ("backbone", "image_size")}
 
 
 def _validate(config: TrainConfig) -> Path:
@@ -475,6 +508,7 @@ def _run_info(config: TrainConfig, model: KAnoCLIP, trainset: _TrainSet) -> dict
         "kb_sha256": _kb_digest(model),
         "optimizer": config.optimizer,
         "betas": [float(b) for b in config.betas],
+        "model": json.loads(json.dumps(_model_settings(model))),  # as history.json will hold it (lists)
     }
 
 
