@@ -407,5 +407,5 @@ def test_model_settings_reach_the_loss_and_the_checkpoint_and_are_kept_on_resume
     assert model.image_size is None  # the caller's config is not changed
     saved = read_checkpoint(out).config
     assert saved.loss.local_loss == "per_stage" and saved.image_size == SIZE
-    with pytest.raises(InputError, match=r"model loss.local_loss differs .*was 'per_stage', now 'mean'"):
+    with pytest.raises(InputError, match=r"the model setting loss.local_loss differs .*was 'per_stage', now 'mean'"):
         train(quick_config(small_mvtec, out, tiny_backbone, epochs=2, resume=True))

@@ -110,7 +110,7 @@ _RESUME_KEYS: dict[str, Callable[[Callable[..., str]], str]] = {
     "kb_sha256": lambda name: f"the knowledge base ({name('kb')})",
     "optimizer": lambda name: name("optimizer"),
     "betas": lambda name: name("betas"),
-    "model": lambda name: name("model"),
+    "model": lambda name: "the model setting",  # the dotted field follows; the CLI has no flag for it
 }
 _RESUME_DEFAULTS: dict[str, Any] = {"optimizer": "adamw", "betas": [0.9, 0.999]}
 _UNRECORDED = ("model",)  # not checked against a state written before it was recorded
