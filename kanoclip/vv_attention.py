@@ -118,13 +118,13 @@ class CLIPVV:
         ``F.interpolate`` (``position_interpolation``, ``align_corners=False`` as transformers).
         Resizing ViT-L/14@336's table (24x24 -> 37x37 for 518 px) took about 9 ms on one CPU
         thread, a visible share of a GPU batch, so the last few sizes are kept; the key holds
-        the table's storage, so a move to another device or dtype computes it anew.
+        the table's storage and version, so new weights, devices or dtypes compute it anew.
         """
         table = self.vision_model.embeddings.position_embedding.weight.detach().unsqueeze(0)  # (1, 1 + n*n, width)
         side = math.isqrt(table.shape[1] - 1)
         if grid == (side, side):
             return table
-        key = (grid, table.data_ptr(), table.device, table.dtype)
+        key = (grid, table.data_ptr(), table._version, table.device, table.dtype)
         with self._positions_lock:
             cached = self._positions.get(key)
         if cached is not None:
