@@ -58,7 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--optimizer", choices=OPTIMIZERS, default="adamw",
         help="adamw (default) or adam (AnomalyCLIP trains with adam and --betas 0.5,0.999)",
     )  # fmt: skip
-    parser.add_argument("--betas", type=betas, default=(0.9, 0.999), metavar="B1,B2", help="the optimizer's betas, each in [0, 1) (default 0.9,0.999)")
+    parser.add_argument(
+        "--betas", type=betas, default=(0.9, 0.999), metavar="B1,B2", help="the optimizer's betas, each in [0, 1) (default 0.9,0.999)"
+    )
     parser.add_argument("--image-size", type=positive_int, help="model input size (default: the backbone's, 336 for ViT-L/14@336px)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: initialisation and each epoch's order (default 0)")
     add_model_options(parser, checkpoint=False)

@@ -420,7 +420,8 @@ def _validate(config: TrainConfig) -> Path:
         raise OptionError(lambda name: f"{name('out')} {out} is a file; pass a folder for the checkpoint")
     if has_state(out) and not config.resume:
         raise OptionError(
-            lambda name: f"{out} already holds a training run; pass {name('resume', True)} to continue it, or choose another {name('out')} folder"
+            lambda name: f"{out} already holds a training run; pass {name('resume', True)} to continue it, "
+            f"or choose another {name('out')} folder"
         )
     return out
 
@@ -638,7 +639,8 @@ def _write_checkpoint(run: _Run, optimizer: torch.optim.Optimizer, names: list[s
     """After an epoch: the resumable state, then the checkpoint and logs (main process); all wait."""
     if run.procs.is_main:
         config = run.config
-        info = {"run": run.info, "epochs": config.epochs, "lr": config.lr, "history": run.history, "skipped": [list(s) for s in run.skipped]}
+        skipped = [list(s) for s in run.skipped]
+        info = {"run": run.info, "epochs": config.epochs, "lr": config.lr, "history": run.history, "skipped": skipped}
         weights = run.model.trainable_state_dict()
         save_state(run.out, TrainingState(epoch, weights, optimizer_tensors(optimizer, names), capture_rng(), info))
         _write_outputs(run, epoch)
