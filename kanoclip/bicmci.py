@@ -11,7 +11,8 @@ One :class:`BiCMCIStage` per CLIP-VV stage fuses that stage's patch features
 3. visual-to-text cross-attention (text queries, patch keys/values): refines the text with
    the local visual features;
 4. each patch's softmax over its cosine similarities to the refined normal and abnormal text
-   features gives the stage's normal and anomaly maps ``M_i^n, M_i^a`` (they sum to 1).
+   features gives the stage's normal and anomaly maps ``M_i^n, M_i^a`` (they sum to 1). With
+   ``BiCMCIConfig.residual_logits`` CLIP's own patch-text logits are added before the softmax.
 
 The paper does not give the order of the blocks nor their width; this order (self, then
 bi-directional cross) and a 256-wide pre-norm residual layout are our choice
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kanoclip.config import BiCMCIConfig
-from kanoclip.maps import similarity_probabilities
+from kanoclip.maps import similarity_logits
 
 
 class DeformableSelfAttention(nn.Module):
@@ -103,6 +104,7 @@ class BiCMCIStage(nn.Module):
         super().__init__()
         d = config.dim
         self.temperature = temperature
+        self.config = config  # the caller's object: residual_logits is read at each forward
         self.in_visual = nn.Linear(feature_dim, d)
         self.in_text = nn.Linear(feature_dim, d)
         self.norm_deform = nn.LayerNorm(d)
@@ -118,7 +120,10 @@ class BiCMCIStage(nn.Module):
         t = self.text_self(t)
         v_new = self.text_to_visual(v, context=t)  # visual parts attend to the text
         t = self.visual_to_text(t, context=v)  # text refined by the local visual features
-        return similarity_probabilities(v_new, t, self.temperature)  # (B, 2, L)
+        logits = similarity_logits(v_new, t, self.temperature)  # (B, 2, L)
+        if self.config.residual_logits:  # a learned correction of zero-shot CLIP's maps
+            logits = logits + similarity_logits(patches, text, self.temperature)
+        return logits.softmax(dim=1)
 
 
 class BiCMCI(nn.Module):

@@ -15,7 +15,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from kanoclip.errors import CheckpointError
 
@@ -30,6 +30,18 @@ _OLD_KEYS = {1: {"prompts": ("normal_template",)}}
 def default_backbone() -> str:
     """The backbone to use when none is given: ``$KANOCLIP_BACKBONE`` or ViT-L/14@336px."""
     return os.environ.get(BACKBONE_ENV) or DEFAULT_BACKBONE
+
+
+def _check_positive(name: str, value: object) -> None:
+    """``ValueError`` naming the field unless ``value`` is a positive finite number."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """``ValueError`` naming the field unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
 
 
 @dataclass
@@ -55,6 +67,21 @@ class VVConfig:
 
     num_replaced_blocks: int | None = None
     stage_layers: tuple[int, ...] | None = None
+    # How the position embeddings are resized for an input size other than the backbone's
+    # (e.g. 518, AnomalyCLIP's training size, on a 336 backbone): "bicubic" is transformers'
+    # ``interpolate_pos_encoding=True`` (the DINO recipe); "bilinear" is what CLIP Surgery
+    # (clip_surgery_model.py, ``F.interpolate(..., mode='bilinear')``) and AnomalyCLIP, built on
+    # it, do. The paper does not say; bicubic, the library's, is the default.
+    position_interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+
+    def __post_init__(self) -> None:
+        if self.num_replaced_blocks is not None and self.num_replaced_blocks < 1:
+            raise ValueError(f"VVConfig.num_replaced_blocks must be at least 1 (or None), got {self.num_replaced_blocks}")
+        if self.stage_layers is not None:
+            self.stage_layers = tuple(self.stage_layers)
+            if not self.stage_layers or list(self.stage_layers) != sorted(set(self.stage_layers)) or self.stage_layers[0] < 1:
+                raise ValueError(f"VVConfig.stage_layers must be increasing layers from 1 on (or None), got {self.stage_layers}")
+        _check_choice("VVConfig.position_interpolation", self.position_interpolation, ("bicubic", "bilinear"))
 
     def resolve(self, depth: int) -> tuple[int, tuple[int, ...]]:
         """Return (first replaced layer, stage layers), both 1-based, for a given depth."""
@@ -78,6 +105,20 @@ class BiCMCIConfig:
     deform_stride: int = 2  # reference-point grid = patch grid / stride (DAT's downsampling)
     deform_kernel: int = 3  # depthwise kernel of the offset network
     offset_range: float = 2.0  # max offset, in reference-grid cells
+    # False: each stage's maps are softmax(cos(Bi-CMCI patches, Bi-CMCI text) / τ), eq. 9 as
+    # written. True: CLIP's own patch-text cosine logits (the training-free maps') are added
+    # before the softmax, so Bi-CMCI learns a correction to zero-shot CLIP, a residual in the
+    # spirit of CLIP-Adapter (our AdapterConfig.ratio) rather than maps from scratch. No public
+    # implementation we read does this; it is read at each forward, so it can be switched on a
+    # loaded model.
+    residual_logits: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "num_heads", "deform_stride", "deform_kernel"):
+            _check_positive(f"BiCMCIConfig.{name}", getattr(self, name))
+        if self.dim % self.num_heads:
+            raise ValueError(f"BiCMCIConfig.dim must be divisible by num_heads, got dim={self.dim}, num_heads={self.num_heads}")
+        _check_positive("BiCMCIConfig.offset_range", self.offset_range)
 
 
 @dataclass
@@ -90,6 +131,12 @@ class AdapterConfig:
     # adapter starts from zero-shot CLIP instead of a random projection.
     ratio: float = 0.2
 
+    def __post_init__(self) -> None:
+        if self.bottleneck < 0:
+            raise ValueError(f"AdapterConfig.bottleneck must be 0 (feature dim // 4) or positive, got {self.bottleneck}")
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"AdapterConfig.ratio must be in [0, 1], got {self.ratio}")
+
 
 @dataclass
 class LossConfig:
@@ -99,6 +146,18 @@ class LossConfig:
     beta: float = 1.0  # L_global (BCE)
     gamma: float = 1.0  # L_local (focal + 2 dice)
     focal_gamma: float = 2.0
+    # Where L_local (eq. 15) is taken. "mean": once, on the stage mean M^n, M^a of eq. 9 (the
+    # maps the model outputs), as eq. 15 is written. "per_stage": AnomalyCLIP's (train.py: a
+    # focal and two dice terms on each layer's similarity map, summed over the layers), the sum
+    # over the stages of eq. 15 on each stage's maps upsampled to S x S.
+    local_loss: Literal["mean", "per_stage"] = "mean"
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta", "gamma", "focal_gamma"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"LossConfig.{name} must be a non-negative number, got {value!r}")
+        _check_choice("LossConfig.local_loss", self.local_loss, ("mean", "per_stage"))
 
 
 @dataclass

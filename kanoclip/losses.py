@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kanoclip.config import LossConfig
+from kanoclip.maps import upsample
 
 
 def kd_loss(knowledge: torch.Tensor, abnormal: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
@@ -45,6 +46,23 @@ def local_loss(normal: torch.Tensor, abnormal: torch.Tensor, mask: torch.Tensor,
     return focal_loss(abnormal, mask, focal_gamma) + dice_loss(normal, 1 - mask) + dice_loss(abnormal, mask)
 
 
+def stage_local_loss(stage_maps: torch.Tensor, mask: torch.Tensor, focal_gamma: float = 2.0) -> torch.Tensor:
+    """AnomalyCLIP's per-layer reading of eq. 15: ``Σ_i L_local(M_i^n, M_i^a)`` over the stages.
+
+    Args:
+        stage_maps: (B, n, 2, h, w) each stage's [normal, abnormal] maps on the patch grid
+            (``KAnoCLIPOutput.stage_maps``); each is upsampled to the mask's size like the model's maps.
+        mask: (B, H, W) 0/1 ground truth.
+        focal_gamma: γ of the focal term.
+
+    Returns:
+        The scalar sum over the n stages.
+    """
+    b, n = stage_maps.shape[:2]
+    maps = upsample(stage_maps.flatten(1, 2), tuple(mask.shape[-2:])).view(b, n, 2, *mask.shape[-2:])
+    return sum(local_loss(maps[:, i, 0], maps[:, i, 1], mask, focal_gamma) for i in range(n))
+
+
 def total_loss(
     config: LossConfig,
     *,
@@ -55,16 +73,34 @@ def total_loss(
     abnormal: torch.Tensor,
     mask: torch.Tensor,
     has_mask: torch.Tensor,
+    stage_maps: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Eq. 13, ``α·L_KD + β·L_global + γ·L_local``; returns every term and ``"total"``.
 
     ``has_mask`` (B,) bool: samples without a pixel ground truth (e.g. HeadCT) train the
     global loss only, so ``L_local`` is computed on the others (0 if there are none).
+
+    Args:
+        config: the weights and ``local_loss``: "mean" takes eq. 15 once on the stage mean
+            ``normal``/``abnormal`` (B, S, S); "per_stage" sums it over ``stage_maps``.
+        kd: L_KD (eq. 2), already computed.
+        score: (B,) global scores in [0, 1]; ``label``: (B,) 0/1 image labels.
+        normal: (B, S, S) M^n; ``abnormal``: (B, S, S) M^a; ``mask``: (B, S, S) ground truth.
+        has_mask: (B,) whether each sample has a pixel ground truth.
+        stage_maps: (B, n, 2, h, w) per-stage maps; required when ``local_loss="per_stage"``.
+
+    Returns:
+        ``{"total", "kd", "global", "local"}`` scalars.
     """
+    if config.local_loss == "per_stage" and stage_maps is None:
+        raise ValueError("total_loss: LossConfig.local_loss='per_stage' needs stage_maps (KAnoCLIPOutput.stage_maps)")
     g = global_loss(score, label)
     if bool(has_mask.any()):
         sel = has_mask.bool()
-        loc = local_loss(normal[sel], abnormal[sel], mask[sel].float(), config.focal_gamma)
+        if config.local_loss == "per_stage":
+            loc = stage_local_loss(stage_maps[sel], mask[sel].float(), config.focal_gamma)
+        else:
+            loc = local_loss(normal[sel], abnormal[sel], mask[sel].float(), config.focal_gamma)
     else:
         loc = score.new_zeros(())
     total = config.alpha * kd + config.beta * g + config.gamma * loc

@@ -14,15 +14,23 @@ import torch
 import torch.nn.functional as F
 
 
-def similarity_probabilities(patches: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per patch, softmax over its cosine similarity to [normal, abnormal] text features.
+def similarity_logits(patches: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per patch, its cosine similarity to [normal, abnormal] text features over τ.
 
     ``patches``: (B, L, C); ``text``: (B, 2, C) or (2, C). Returns (B, 2, L).
     """
     if text.dim() == 2:
         text = text.unsqueeze(0).expand(patches.shape[0], -1, -1)
     sims = F.normalize(text, dim=-1) @ F.normalize(patches, dim=-1).transpose(1, 2)
-    return (sims / temperature).softmax(dim=1)
+    return sims / temperature
+
+
+def similarity_probabilities(patches: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per patch, softmax over its cosine similarity to [normal, abnormal] text features.
+
+    ``patches``: (B, L, C); ``text``: (B, 2, C) or (2, C). Returns (B, 2, L).
+    """
+    return similarity_logits(patches, text, temperature).softmax(dim=1)
 
 
 def stage_grid_maps(probs: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:

@@ -177,7 +177,8 @@ class KAnoCLIP(nn.Module):
 
         Used by sweeps (``kanoclip eval --sweep``), which run every variant on one backbone forward
         per image; so a variant may not change what that forward computes (``backbone``,
-        ``image_size``, ``vv.stage_layers``) nor the shapes of the trained parts.
+        ``image_size``, ``vv.stage_layers``, ``vv.position_interpolation``) nor the shapes of the
+        trained parts.
 
         Args:
             overrides: dotted config paths and values, as for :meth:`from_pretrained`.
@@ -185,7 +186,7 @@ class KAnoCLIP(nn.Module):
         Returns:
             A model in the same mode, in eval mode, on the same device.
         """
-        fixed = sorted(set(overrides) & {"backbone", "image_size", "vv.stage_layers"})
+        fixed = sorted(set(overrides) & {"backbone", "image_size", "vv.stage_layers", "vv.position_interpolation"})
         if fixed:
             raise InputError(f"a sweep variant cannot set {', '.join(fixed)}: all variants share one backbone pass; evaluate that setting on its own with --set")
         try:

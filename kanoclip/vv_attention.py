@@ -10,6 +10,13 @@ state at the input of the first replaced block. ``V_l`` is exactly the value pro
 original attention computes, so it is captured from the original forward (a hook on the
 block's ``v_proj``) rather than computed twice. ``Project_l`` is the block's ``out_proj``.
 
+Input sizes other than the backbone's (``KAnoCLIPConfig.image_size``, e.g. 518 on a 336
+backbone) resize the position embeddings of the patch grid: bicubically like transformers'
+``interpolate_pos_encoding=True``, or bilinearly like CLIP Surgery and AnomalyCLIP
+(``VVConfig.position_interpolation``). So that the choice lives in one place, CLIP-VV embeds
+the patches itself and runs the library's ``pre_layrnorm``, encoder blocks and
+``post_layernorm`` (the hooks above stay on the library's blocks).
+
 Outputs (C = the joint embedding width, L = number of patches):
   * global feature ``(B, C)``: the original path's CLS through ``post_layernorm`` and the visual
     projection (= ``CLIPModel.get_image_features``);
@@ -19,6 +26,8 @@ Outputs (C = the joint embedding width, L = number of patches):
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +37,8 @@ import torch.nn.functional as F
 from transformers import CLIPModel
 
 from kanoclip.config import VVConfig
+
+POSITION_CACHE_SIZE = 4  # resized position tables kept by a CLIPVV (one per input size)
 
 
 @dataclass
@@ -51,6 +62,9 @@ class CLIPVV:
         self.depth = len(self.vision_model.encoder.layers)
         self.first_replaced, self.stage_layers = config.resolve(self.depth)
         self.patch_size = int(clip.config.vision_config.patch_size)
+        self.position_interpolation = config.position_interpolation
+        self._positions: dict[tuple, torch.Tensor] = {}  # resized position tables, oldest first
+        self._positions_lock = threading.Lock()  # several threads may detect at once
         # With the V-V path off the "stages" are the original path's tokens: the ablation
         # of Table 3's CLIP-VV column, and the check that the original path is untouched.
         self.vv_enabled = vv_enabled
@@ -111,6 +125,41 @@ class CLIPVV:
         out = F.scaled_dot_product_attention(v, v, v, scale=attn.scale)  # (B, heads, T, head_dim)
         return attn.out_proj(out.transpose(1, 2).reshape(b, t, -1))
 
+    def position_embeddings(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The position embeddings of a ``grid`` of patches plus CLS: ``(1, 1 + h*w, width)``.
+
+        The backbone's own at its native grid; else its patch part resized to ``grid`` with
+        ``F.interpolate`` (``position_interpolation``, ``align_corners=False`` as transformers).
+        Resizing ViT-L/14@336's table (24x24 -> 37x37 for 518 px) took about 9 ms on one CPU
+        thread, a visible share of a GPU batch, so the last few sizes are kept; the key holds
+        the table's storage and version, so new weights, devices or dtypes compute it anew.
+        """
+        table = self.vision_model.embeddings.position_embedding.weight.detach().unsqueeze(0)  # (1, 1 + n*n, width)
+        side = math.isqrt(table.shape[1] - 1)
+        if grid == (side, side):
+            return table
+        key = (grid, table.data_ptr(), table._version, table.device, table.dtype)
+        with self._positions_lock:
+            cached = self._positions.get(key)
+        if cached is not None:
+            return cached
+        patches = table[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, width, n, n)
+        patches = F.interpolate(patches, size=grid, mode=self.position_interpolation, align_corners=False)
+        resized = torch.cat([table[:, :1], patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)], dim=1)
+        with self._positions_lock:
+            self._positions[key] = resized
+            while len(self._positions) > POSITION_CACHE_SIZE:
+                self._positions.pop(next(iter(self._positions)))  # the oldest size
+        return resized
+
+    def _embed(self, pixel_values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """CLS and patch embeddings plus position embeddings, as ``CLIPVisionEmbeddings``: (B, T, width)."""
+        embeddings = self.vision_model.embeddings
+        patches = embeddings.patch_embedding(pixel_values.to(dtype=embeddings.patch_embedding.weight.dtype))
+        patches = patches.flatten(2).transpose(1, 2)  # (B, h*w, width)
+        cls = embeddings.class_embedding.expand(pixel_values.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embeddings(grid)
+
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """Post-layernorm and visual projection: ``(..., width) -> (..., C)``."""
         return self.visual_projection(self.vision_model.post_layernorm(tokens))
@@ -136,12 +185,13 @@ class CLIPVV:
             ``{length: VisualFeatures}`` for each requested length.
         """
         size = pixel_values.shape[-1]
-        native = int(self.vision_model.config.image_size)
+        grid = (size // self.patch_size, size // self.patch_size)
+        vision = self.vision_model
         firsts = {n: self.first_layer(n) for n in replaced}
         with self._capture(set(firsts.values()) if self.vv_enabled else set()) as captured:
-            out = self.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=size != native)
-        global_feature = self.visual_projection(out.pooler_output)  # pooler = post_layernorm(CLS)
-        grid = (size // self.patch_size, size // self.patch_size)
+            hidden = vision.pre_layrnorm(self._embed(pixel_values, grid))
+            last = vision.encoder(inputs_embeds=hidden).last_hidden_state
+        global_feature = self.visual_projection(vision.post_layernorm(last[:, 0]))  # = get_image_features
         return {n: self._path(captured, first, global_feature, grid) for n, first in firsts.items()}
 
     def _path(self, captured: dict[str, dict[int, torch.Tensor]], first: int, global_feature: torch.Tensor, grid: tuple[int, int]) -> VisualFeatures:

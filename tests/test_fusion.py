@@ -102,3 +102,35 @@ def test_global_score_is_eq_12_halved():
     amap[0, 1, 2] = 0.8
     p_abnormal = torch.softmax(torch.tensor([0.0, 1.0]) / 0.07, dim=0)[1]
     torch.testing.assert_close(global_score(feature, text, amap, 0.07), ((p_abnormal + 0.8) / 2).view(1))
+
+
+def test_residual_logits_add_clips_own_logits_before_the_softmax():
+    torch.manual_seed(0)
+    config = BiCMCIConfig(dim=16, num_heads=2)
+    module = BiCMCI(32, 2, config, temperature=0.07)
+    stages = [torch.randn(2, 16, 32) for _ in range(2)]
+    text = torch.randn(2, 2, 32)
+    plain = module(stages, text, (4, 4))
+    config.residual_logits = True  # read at forward time: the same module, switched
+    residual = module(stages, text, (4, 4))
+    for stage, p_plain, p_residual in zip(stages, plain, residual):
+        # softmax(A + B) = softmax(A) * exp(B) / Σ, with B CLIP's cosine logits computed by hand
+        clip_logits = torch.nn.functional.cosine_similarity(text[:, :, None, :], stage[:, None, :, :], dim=-1) / 0.07  # (B, 2, L)
+        expected = p_plain * clip_logits.exp()
+        torch.testing.assert_close(p_residual, expected / expected.sum(dim=1, keepdim=True), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(plain[0], residual[0])
+
+
+def test_residual_logits_switch_on_a_loaded_model(tiny_backbone):
+    from kanoclip import KAnoCLIP
+
+    model = KAnoCLIP.from_pretrained(backbone=str(tiny_backbone), device="cpu")  # its own: the shared one stays as is
+    torch.manual_seed(0)
+    width = model.bicmci.stages[0].in_visual.in_features
+    stages = [torch.randn(1, 16, width) for _ in model.bicmci.stages]
+    text = torch.randn(1, 2, width)
+    with torch.no_grad():
+        before = model.bicmci(stages, text, (4, 4))
+        model.config.bicmci.residual_logits = True
+        after = model.bicmci(stages, text, (4, 4))
+    assert not torch.allclose(before[0], after[0])

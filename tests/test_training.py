@@ -127,8 +127,9 @@ def test_train_writes_checkpoint_state_history_and_curve(small_mvtec, tiny_backb
     assert "mvtec" in card and "Epochs: 2" in card and "randomly initialised" in card
     with pytest.raises(InputError, match="already holds a training run"):
         train(quick_config(small_mvtec, out, tiny_backbone))
-    with pytest.raises(InputError, match="--seed differs"):
+    with pytest.raises(InputError, match="cannot resume .*: seed differs") as info:
         train(quick_config(small_mvtec, out, tiny_backbone, seed=1, resume=True))
+    assert "--" not in str(info.value)  # the library names its arguments, not the CLI's flags
 
 
 def test_feature_cache_encodes_each_image_once(small_mvtec, tiny_backbone, tmp_path, monkeypatch):
@@ -236,6 +237,105 @@ def test_push_uploads_only_the_checkpoint_files(small_mvtec, tiny_backbone, tmp_
     assert uploaded == {"me/kanoclip-test": sorted([CONFIG_NAME, KB_NAME, WEIGHTS_NAME])}
 
 
+# ----------------------------------------------------------------------------- options
+
+
+def test_adam_with_anomalyclips_betas_is_used_recorded_and_kept_on_resume(small_mvtec, tiny_backbone, tmp_path, monkeypatch):
+    built: list[tuple[str, dict]] = []
+    for name in ("Adam", "AdamW"):
+        original = getattr(torch.optim, name)
+
+        def recording(params, *args, _original=original, _name=name, **kw):
+            built.append((_name, kw))
+            return _original(params, *args, **kw)
+
+        monkeypatch.setattr(torch.optim, name, recording)
+    out = tmp_path / "adam"
+    train(quick_config(small_mvtec, out, tiny_backbone, epochs=1, optimizer="adam", betas=(0.5, 0.999)))
+    assert built == [("Adam", {"lr": 1e-3, "betas": (0.5, 0.999)})]
+    run = json.loads((out / STATE_DIR / STATE_JSON).read_text())["run"]
+    assert run["optimizer"] == "adam" and run["betas"] == [0.5, 0.999]
+    assert read_checkpoint(out).metadata["optimizer"] == "adam"
+    with pytest.raises(InputError, match="optimizer differs .*was 'adam', now 'adamw'"):
+        train(quick_config(small_mvtec, out, tiny_backbone, epochs=2, resume=True))
+    with pytest.raises(InputError, match=r"betas differs .*was \[0.5, 0.999\], now \[0.9, 0.999\]"):
+        train(quick_config(small_mvtec, out, tiny_backbone, epochs=2, optimizer="adam", resume=True))
+    built.clear()
+    result = train(quick_config(small_mvtec, out, tiny_backbone, epochs=2, optimizer="adam", betas=(0.5, 0.999), resume=True))
+    assert [h["epoch"] for h in result.history] == [1, 2] and built[0][0] == "Adam"
+
+
+def test_a_state_written_before_the_optimizer_options_resumes_with_the_defaults(small_mvtec, tiny_backbone, tmp_path):
+    out = tmp_path / "old"
+    train(quick_config(small_mvtec, out, tiny_backbone, epochs=1))
+    path = out / STATE_DIR / STATE_JSON
+    state = json.loads(path.read_text())
+    del state["run"]["optimizer"], state["run"]["betas"], state["run"]["model"]  # as written before these options existed
+    path.write_text(json.dumps(state))
+    result = train(quick_config(small_mvtec, out, tiny_backbone, epochs=2, resume=True))
+    assert [h["epoch"] for h in result.history] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"optimizer": "sgd"}, "optimizer must be 'adamw' or 'adam', got 'sgd'"),
+        ({"betas": (1.0, 0.999)}, r"betas must be two numbers in \[0, 1\).*got \(1.0, 0.999\)"),
+        ({"betas": (0.5,)}, r"betas must be two numbers"),
+        ({"betas": (-0.1, 0.9)}, r"betas must be two numbers"),
+        ({"epochs": 0}, "epochs and batch_size must be at least 1, got 0 and 8"),
+        ({"lr": float("nan")}, r"lr \(the learning rate\) must be a positive number"),
+        ({"on_bad_sample": "ignore"}, "on_bad_sample must be 'stop' or 'skip'"),
+    ],
+)
+def test_bad_options_are_refused_naming_the_field(tmp_path, options, message):
+    with pytest.raises(InputError, match=message) as info:
+        train(TrainConfig(data=["mvtec=/nowhere"], out=tmp_path / "out", **options))
+    assert "--" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_library_messages_name_fields_and_the_cli_names_flags():
+    from kanoclip.cli.train import OPTIMIZERS as CLI_OPTIMIZERS
+    from kanoclip.cli.train import flag
+    from kanoclip.training.trainer import OPTIMIZERS, OptionError, api_name
+
+    assert CLI_OPTIMIZERS == OPTIMIZERS
+    error = OptionError(lambda name: f"pass {name('resume', True)} or {name('on_bad_sample', 'skip')}; check {name('max_samples')}")
+    assert str(error) == "pass resume=True or on_bad_sample='skip'; check max_samples"
+    again = error.reworded(flag)
+    assert isinstance(again, InputError) and str(again) == "pass --resume or --on-bad-sample skip; check --max-samples"
+    assert api_name("data", ["a=1"]) == "data=['a=1']" and flag("data", ["a=1", "b=2"]) == "--data a=1 --data b=2"
+    assert flag("feature_cache") == "--no-feature-cache" and flag("betas") == "--betas"
+
+
+def test_cli_reports_a_resume_mismatch_with_its_flags(small_mvtec, tiny_backbone, tmp_path, capsys):
+    from kanoclip.cli import main
+
+    out = tmp_path / "run"
+    train(quick_config(small_mvtec, out, tiny_backbone, epochs=1, seed=0))
+    args = ["train", "--data", f"mvtec={small_mvtec}", "--out", str(out), "--epochs", "2", "--batch-size", "4",
+            "--image-size", str(SIZE), "--backbone", str(tiny_backbone), "--device", "cpu"]  # fmt: skip
+    assert main([*args, "--seed", "1", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--seed differs from the interrupted run's (was 0, now 1)" in err and "another --out folder" in err
+    assert main(args) == 2
+    assert "pass --resume to continue it" in capsys.readouterr().err
+
+
+def test_cli_betas_flag_is_parsed_and_checked(capsys):
+    from kanoclip.cli import build_parser
+
+    parser = build_parser()
+    base = ["train", "--data", "mvtec=/x", "--out", "o"]
+    parsed = parser.parse_args([*base, "--optimizer", "adam", "--betas", "0.5,0.999"])
+    assert parsed.optimizer == "adam" and parsed.betas == (0.5, 0.999)
+    assert parser.parse_args(base).betas == (0.9, 0.999) and parser.parse_args(base).optimizer == "adamw"
+    for bad in ("0.5", "1,0.9", "a,b"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*base, "--betas", bad])
+        assert "--betas" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- resume
 
 
@@ -285,3 +385,27 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tiny_backbone, bottle_di
     got_log = json.loads((killed / "history.json").read_text())["history"]
     assert [h["epoch"] for h in got_log] == [1, 2, 3]
     np.testing.assert_allclose([h["total"] for h in got_log], [h["total"] for h in ref_log], atol=1e-6)
+
+
+def test_model_settings_reach_the_loss_and_the_checkpoint_and_are_kept_on_resume(small_mvtec, tiny_backbone, tmp_path, monkeypatch):
+    import kanoclip.training.trainer as trainer
+    from kanoclip.config import KAnoCLIPConfig, LossConfig
+
+    seen: list[tuple[str, tuple]] = []
+    original = trainer.total_loss
+
+    def recording(config, **kw):
+        seen.append((config.local_loss, tuple(kw["stage_maps"].shape)))
+        return original(config, **kw)
+
+    monkeypatch.setattr(trainer, "total_loss", recording)
+    model = KAnoCLIPConfig(loss=LossConfig(local_loss="per_stage"))
+    out = tmp_path / "per-stage"
+    result = train(quick_config(small_mvtec, out, tiny_backbone, epochs=1, model=model))
+    assert seen and all(kind == "per_stage" and shape[1:] == (4, 2, 4, 4) for kind, shape in seen)  # 4 stages, 4x4 grid
+    assert np.isfinite(result.history[0]["local"])
+    assert model.image_size is None  # the caller's config is not changed
+    saved = read_checkpoint(out).config
+    assert saved.loss.local_loss == "per_stage" and saved.image_size == SIZE
+    with pytest.raises(InputError, match=r"the model setting loss.local_loss differs .*was 'per_stage', now 'mean'"):
+        train(quick_config(small_mvtec, out, tiny_backbone, epochs=2, resume=True))

@@ -7,7 +7,7 @@ import torch
 
 from kanoclip.backbone import load_backbone
 from kanoclip.config import VVConfig
-from kanoclip.vv_attention import CLIPVV
+from kanoclip.vv_attention import POSITION_CACHE_SIZE, CLIPVV
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +24,15 @@ def pixels():
 def hidden_states(clip, pixels: torch.Tensor) -> list[torch.Tensor]:
     """The vision tower's hidden states as transformers defines them: the input of block 1, then
     each block's output. Recorded with hooks on the library's own blocks, because not every
-    transformers 5.x release fills ``output_hidden_states`` for ``vision_model``."""
+    transformers 5.x release fills ``output_hidden_states`` for ``vision_model``. At other sizes
+    than 112 the library interpolates the position embeddings (at 112 it uses its own table)."""
     layers = clip.vision_model.encoder.layers
     states: list[torch.Tensor] = []
     handles = [layers[0].register_forward_pre_hook(lambda _m, args: states.append(args[0]))]
     handles += [layer.register_forward_hook(lambda _m, _i, out: states.append(out)) for layer in layers]
     try:
         with torch.no_grad():
-            clip.vision_model(pixel_values=pixels)
+            clip.vision_model(pixel_values=pixels, interpolate_pos_encoding=True)
     finally:
         for handle in handles:
             handle.remove()
@@ -112,3 +113,74 @@ def test_stages_before_the_vv_path_are_the_original_tokens(clip, pixels):
     stages = view(pixels).stages
     torch.testing.assert_close(stages[0], view.project(hidden[2][:, 1:]), atol=1e-5, rtol=1e-5)
     assert (stages[1] - view.project(hidden[4][:, 1:])).abs().max() > 1e-3  # V-V by layer 4
+
+
+def library_features(clip, pixels: torch.Tensor, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """transformers' own global feature and hidden states, with ``interpolate_pos_encoding=True``
+    at other sizes; ``positions`` (1, T, width), when given, replaces the library's resized table."""
+    embeddings = clip.vision_model.embeddings
+    if positions is not None:
+        embeddings.interpolate_pos_encoding = lambda _e, _h, _w: positions  # this instance only
+    try:
+        states = hidden_states(clip, pixels)
+        with torch.no_grad():
+            out = clip.vision_model(pixel_values=pixels, interpolate_pos_encoding=True)
+            global_feature = clip.visual_projection(out.pooler_output)
+    finally:
+        if positions is not None:
+            del embeddings.interpolate_pos_encoding
+    return global_feature, states
+
+
+def assert_features_equal(view: CLIPVV, pixels: torch.Tensor, global_feature: torch.Tensor, states: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        features = view(pixels)
+    torch.testing.assert_close(features.global_feature, global_feature, atol=1e-6, rtol=1e-6)
+    for layer, stage in zip(view.stage_layers, features.stages):
+        torch.testing.assert_close(stage, view.project(states[layer][:, 1:]), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+def test_native_size_features_equal_the_librarys(clip, pixels, mode):
+    global_feature, states = library_features(clip, pixels)  # 112: the library's table as is
+    assert_features_equal(CLIPVV(clip, VVConfig(position_interpolation=mode), vv_enabled=False), pixels, global_feature, states)
+
+
+def test_bicubic_at_another_size_equals_transformers_interpolation(clip):
+    torch.manual_seed(1)
+    pixels = torch.randn(2, 3, 168, 168)  # a 12x12 grid on the 8x8-grid backbone
+    global_feature, states = library_features(clip, pixels)
+    view = CLIPVV(clip, VVConfig(position_interpolation="bicubic"), vv_enabled=False)
+    assert_features_equal(view, pixels, global_feature, states)
+
+
+def test_bilinear_at_another_size_is_f_interpolate_of_the_table(clip):
+    torch.manual_seed(1)
+    pixels = torch.randn(2, 3, 168, 168)
+    table = clip.vision_model.embeddings.position_embedding.weight.detach()  # (1 + 64, 64)
+    grid = table[1:].T.reshape(1, 64, 8, 8)  # (1, width, 8, 8): row-major patches
+    resized = torch.nn.functional.interpolate(grid, size=(12, 12), mode="bilinear", align_corners=False)
+    by_hand = torch.cat([table[:1], resized.reshape(64, 144).T]).unsqueeze(0)  # (1, 1 + 144, 64)
+    view = CLIPVV(clip, VVConfig(position_interpolation="bilinear"), vv_enabled=False)
+    torch.testing.assert_close(view.position_embeddings((12, 12)), by_hand)
+    global_feature, states = library_features(clip, pixels, positions=by_hand)
+    assert_features_equal(view, pixels, global_feature, states)
+    bicubic, _ = library_features(clip, pixels)
+    assert (global_feature - bicubic).abs().max() > 1e-4  # the two modes do differ
+
+
+def test_resized_position_tables_are_kept_for_a_few_sizes(clip):
+    view = CLIPVV(clip, VVConfig(position_interpolation="bilinear"))
+    first = view.position_embeddings((12, 12))
+    assert view.position_embeddings((12, 12)) is first  # computed once per size
+    for side in (9, 10, 11, 13):
+        view.position_embeddings((side, side))
+    assert len(view._positions) == POSITION_CACHE_SIZE == 4
+    assert view.position_embeddings((12, 12)) is not first  # the oldest size was dropped
+
+
+def test_vv_path_runs_at_a_bilinear_size(clip):
+    torch.manual_seed(2)
+    features = CLIPVV(clip, VVConfig(position_interpolation="bilinear"))(torch.randn(1, 3, 168, 168))
+    assert features.grid == (12, 12) and all(s.shape == (1, 144, 32) for s in features.stages)
+    assert all(not layer.self_attn.v_proj._forward_hooks for layer in clip.vision_model.encoder.layers)

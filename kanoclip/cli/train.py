@@ -14,6 +14,31 @@ from pathlib import Path
 
 from kanoclip.cli.options import add_data_option, add_model_options, positive_int
 
+OPTIMIZERS = ("adamw", "adam")  # kanoclip.training.trainer.OPTIMIZERS, without importing torch for --help
+# TrainConfig fields whose flag is not "--" + the field with dashes.
+_FLAGS = {"feature_cache": "--no-feature-cache"}
+
+
+def flag(option: str, value: object = None) -> str:
+    """A :class:`TrainConfig` option as ``kanoclip train`` spells it: ``--seed``, ``--on-bad-sample skip``."""
+    name = _FLAGS.get(option, "--" + option.replace("_", "-"))
+    if value is None or value is True:
+        return name
+    if isinstance(value, (list, tuple)):
+        return " ".join(f"{name} {v}" for v in value)
+    return f"{name} {value}"
+
+
+def betas(text: str) -> tuple[float, float]:
+    """``--betas B1,B2``: two numbers in [0, 1)."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 2 or not all(0 <= v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected two numbers in [0, 1) separated by a comma, e.g. 0.5,0.999; got {text!r}")
+    return values  # type: ignore[return-value]
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -28,7 +53,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, type=Path, help="checkpoint folder to write, e.g. checkpoints/mvtec")
     parser.add_argument("--epochs", type=positive_int, default=10, help="epochs (default 10)")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images per step and process (default 8)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    parser.add_argument(
+        "--optimizer", choices=OPTIMIZERS, default="adamw",
+        help="adamw (default) or adam (AnomalyCLIP trains with adam and --betas 0.5,0.999)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--betas", type=betas, default=(0.9, 0.999), metavar="B1,B2", help="the optimizer's betas, each in [0, 1) (default 0.9,0.999)"
+    )
     parser.add_argument("--image-size", type=positive_int, help="model input size (default: the backbone's, 336 for ViT-L/14@336px)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: initialisation and each epoch's order (default 0)")
     add_model_options(parser, checkpoint=False)
@@ -78,6 +110,7 @@ class _Bars:
 
 def run(args: argparse.Namespace) -> int:
     from kanoclip.training import TrainConfig, train
+    from kanoclip.training.trainer import WordedError
 
     config = TrainConfig(
         data=list(args.data),
@@ -95,10 +128,14 @@ def run(args: argparse.Namespace) -> int:
         on_bad_sample=args.on_bad_sample,
         max_samples=args.max_samples,
         push_to_hub=args.push_to_hub,
+        optimizer=args.optimizer,
+        betas=args.betas,
     )
     bars = _Bars()
     try:
         result = train(config, progress=bars)
+    except WordedError as exc:  # the library names its arguments; here they are flags
+        raise exc.reworded(flag) from None
     finally:
         bars.close()
     if int(os.environ.get("RANK", "0")) != 0:

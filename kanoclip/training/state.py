@@ -1,8 +1,8 @@
-"""The resumable training state: weights, AdamW state, RNG state, epoch counter, loss log.
+"""The resumable training state: weights, optimizer (AdamW or Adam) state, RNG state, epoch counter, loss log.
 
 Written at the end of every epoch into ``OUT/training_state/``, never as a pickle:
 
-    state-epoch-0003.safetensors   trainable weights ("model.*"), AdamW moments and steps
+    state-epoch-0003.safetensors   trainable weights ("model.*"), Adam(W) moments and steps
                                    ("optimizer.<param>.<key>"), torch RNG states ("rng.*")
     state.json                     which file is current, the epoch counter, the run's
                                    settings (checked on resume) and the loss history
@@ -38,7 +38,7 @@ class TrainingState:
 
     epoch: int
     weights: dict[str, torch.Tensor]  # trainable_state_dict() keys
-    optimizer: dict[str, dict[str, torch.Tensor]]  # param name -> AdamW state
+    optimizer: dict[str, dict[str, torch.Tensor]]  # param name -> Adam(W) state
     rng: dict[str, torch.Tensor]  # "cpu", "cuda.<i>"
     info: dict[str, Any]  # run settings, history, skipped samples
 

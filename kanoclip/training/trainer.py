@@ -1,7 +1,7 @@
 """Training KAnoCLIP's prompts, Bi-CMCI and Conv-Adapter with the joint loss (paper §2.5, eq. 13).
 
-The CLIP backbone is frozen: only ``model.trainable_modules()`` are optimised (AdamW, constant
-learning rate). Each batch's loss is ``α·L_KD + β·L_global + γ·L_local``: ``L_KD`` pulls the
+The CLIP backbone is frozen: only ``model.trainable_modules()`` are optimised (AdamW by
+default, or Adam; constant learning rate). Each batch's loss is ``α·L_KD + β·L_global + γ·L_local``: ``L_KD`` pulls the
 learned abnormal prompts towards the knowledge base's descriptions of the batch's classes,
 ``L_global`` is the BCE of the image score, ``L_local`` the focal + Dice losses of the maps
 against the masks resized to the model's S×S (nearest). Samples without pixel ground truth
@@ -22,6 +22,7 @@ gradients averaged. Only the main process writes files and reports progress.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -37,7 +38,7 @@ import torch
 
 from kanoclip.config import KAnoCLIPConfig
 from kanoclip.data import Sample, load_dataset, load_mask, parse_data_arg
-from kanoclip.errors import DatasetError, ImageError, InputError, KAnoCLIPError
+from kanoclip.errors import CheckpointError, DatasetError, ImageError, InputError, KAnoCLIPError
 from kanoclip.fileio import atomic_write_json
 from kanoclip.images import load_image
 from kanoclip.losses import kd_loss, total_loss
@@ -59,17 +60,60 @@ from kanoclip.viz import plot_loss_curves, save_png
 HISTORY_NAME = "history.json"
 LOSS_CURVE_NAME = "loss_curve.png"
 LOSS_TERMS = ("total", "kd", "global", "local")
+OPTIMIZERS = ("adamw", "adam")
+
+
+def api_name(option: str, value: object = None) -> str:
+    """How the library names a :class:`TrainConfig` option: ``seed``, or with a value ``resume=True``."""
+    return option if value is None else f"{option}={value!r}"
+
+
+class WordedError(KAnoCLIPError):
+    """A user error whose message names :class:`TrainConfig` options, worded for its caller.
+
+    ``words(name)`` builds the message from a naming of the options (``name(option)`` or
+    ``name(option, value)``); ``str(error)`` uses :func:`api_name`, and :meth:`reworded` gives
+    the same error for another caller (the CLI names its flags).
+    """
+
+    def __init__(self, words: Callable[[Callable[..., str]], str], name: Callable[..., str] = api_name) -> None:
+        self.words = words
+        super().__init__(words(name))
+
+    def reworded(self, name: Callable[..., str]) -> WordedError:
+        return type(self)(self.words, name)
+
+
+class OptionError(WordedError, InputError):
+    """An invalid :class:`TrainConfig` value, or a resume with other settings."""
+
+
+class DataError(WordedError, DatasetError):
+    """Unreadable training samples (``on_bad_sample="stop"``), or none readable at all."""
+
+
+class PushError(WordedError, CheckpointError):
+    """Pushing the trained checkpoint to the hub failed."""
+
+
 # Settings that change the sample order or the model: a resumed run must use the same ones.
-_RESUME_KEYS = {
-    "data": "--data",
-    "n_samples": "the number of samples listed",
-    "seed": "--seed",
-    "batch_size": "--batch-size",
-    "image_size": "--image-size",
-    "backbone": "--backbone",
-    "max_samples": "--max-samples",
-    "kb_sha256": "the knowledge base (--kb)",
+# Each is worded from the option names. The optimizer keys were added later: a state written
+# before them used the defaults of that time; one without "model" is not checked for it.
+_RESUME_KEYS: dict[str, Callable[[Callable[..., str]], str]] = {
+    "data": lambda name: name("data"),
+    "n_samples": lambda name: "the number of samples listed",
+    "seed": lambda name: name("seed"),
+    "batch_size": lambda name: name("batch_size"),
+    "image_size": lambda name: name("image_size"),
+    "backbone": lambda name: name("backbone"),
+    "max_samples": lambda name: name("max_samples"),
+    "kb_sha256": lambda name: f"the knowledge base ({name('kb')})",
+    "optimizer": lambda name: name("optimizer"),
+    "betas": lambda name: name("betas"),
+    "model": lambda name: "the model setting",  # the dotted field follows; the CLI has no flag for it
 }
+_RESUME_DEFAULTS: dict[str, Any] = {"optimizer": "adamw", "betas": [0.9, 0.999]}
+_UNRECORDED = ("model",)  # not checked against a state written before it was recorded
 
 
 @dataclass
@@ -91,6 +135,15 @@ class TrainConfig:
     on_bad_sample: Literal["stop", "skip"] = "stop"  # an unreadable sample is reported either way
     max_samples: int | None = None  # for quick runs: an evenly spaced subset of this size
     push_to_hub: str | None = None  # repo id
+    # "adamw" (torch's defaults, weight decay 0.01) is our choice, the paper naming none;
+    # "adam" with betas (0.5, 0.999) is how AnomalyCLIP trains its prompts (train.py:
+    # torch.optim.Adam(..., betas=(0.5, 0.999))), the recipe KAnoCLIP's protocol follows.
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam(W)'s moment decay rates, each in [0, 1)
+    # The model's own settings (e.g. LossConfig.local_loss, BiCMCIConfig.residual_logits,
+    # VVConfig.position_interpolation); saved in the checkpoint. None: the defaults. ``backbone``
+    # and ``image_size`` above, when given, take precedence over the ones in it.
+    model: KAnoCLIPConfig | None = None
 
 
 @dataclass
@@ -188,11 +241,11 @@ def _spread(count: int, keep: int) -> list[int]:
 
 
 def load_training_set(data: list[str], model: KAnoCLIP, max_samples: int | None = None) -> _TrainSet:
-    """List the samples of every ``--data`` spec, with their classes and pixel-GT flags."""
+    """List the samples of every ``data`` spec, with their classes and pixel-GT flags."""
     if not data:
-        raise InputError("no training data; pass --data KIND=PATH (e.g. --data mvtec=/data/mvtec_ad)")
+        raise OptionError(lambda name: f"no training data; pass {name('data', ['mvtec=/data/mvtec_ad'])} (KIND=PATH specs)")
     if max_samples is not None and max_samples < 1:
-        raise InputError(f"--max-samples must be at least 1, got {max_samples}")
+        raise OptionError(lambda name: f"{name('max_samples')} must be at least 1, got {max_samples}")
     samples: list[Sample] = []
     has_mask: list[bool] = []
     specs, names = [], []
@@ -218,12 +271,12 @@ def _epoch_order(count: int, seed: int, epoch: int, world: int) -> list[int]:
     return order + order[:pad]
 
 
-def _bad_sample_error(bad: list[tuple[str, str]]) -> DatasetError:
+def _bad_sample_error(bad: list[tuple[str, str]]) -> DataError:
     path, reason = bad[0]
     more = f" (and {len(bad) - 1} more unreadable samples)" if len(bad) > 1 else ""
-    return DatasetError(
-        f"unreadable training sample {path}: {reason}{more}; fix or remove it, "
-        "or train without it with --on-bad-sample skip (on_bad_sample='skip')"
+    return DataError(
+        lambda name: f"unreadable training sample {path}: {reason}{more}; fix or remove it, "
+        f"or train without it with {name('on_bad_sample', 'skip')}"
     )
 
 
@@ -296,8 +349,9 @@ def _loss_terms(model: KAnoCLIP, net: torch.nn.Module, batches: _Batches, indice
     out = net(visual, classes)
     kd = kd_loss(model.knowledge_features(out.classes), out.prompts.abnormal, out.prompts.normal)
     return total_loss(
-        model.config.loss, kd=kd, score=out.score, label=labels, normal=out.normal, abnormal=out.abnormal, mask=masks, has_mask=has_mask
-    )
+        model.config.loss, kd=kd, score=out.score, label=labels, normal=out.normal, abnormal=out.abnormal,
+        mask=masks, has_mask=has_mask, stage_maps=out.stage_maps,
+    )  # fmt: skip
 
 
 def _kb_digest(model: KAnoCLIP) -> str:
@@ -307,32 +361,99 @@ def _kb_digest(model: KAnoCLIP) -> str:
 
 def _check_resumable(saved: dict[str, Any], run: dict[str, Any], out: Path) -> None:
     for key, label in _RESUME_KEYS.items():
-        if saved.get(key) != run.get(key):
-            was, now = (str(v)[:12] + "..." if key == "kb_sha256" else repr(v) for v in (saved.get(key), run.get(key)))
-            raise InputError(
-                f"cannot resume {out}: {label} differs from the interrupted run's (was {was}, now {now}); "
-                "rerun with the original options, or start a new run in another --out folder"
-            )
+        if key in _UNRECORDED and key not in saved:
+            continue
+        before, now = saved.get(key, _RESUME_DEFAULTS.get(key)), run.get(key)
+        if before == now:
+            continue
+        where = ""
+        if isinstance(before, dict) and isinstance(now, dict):  # the model settings: name the field
+            path, before, now = _first_difference(before, now)
+            where = f" {path}"
+        was, now = (str(v)[:12] + "..." if key == "kb_sha256" else repr(v) for v in (before, now))
+        raise OptionError(
+            lambda name, label=label, where=where, was=was, now=now: f"cannot resume {out}: {label(name)}{where} differs from "
+            f"the interrupted run's (was {was}, now {now}); rerun with the original options, or start a new run in another "
+            f"{name('out')} folder"
+        )
+
+
+def _first_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> tuple[str, Any, Any]:
+    """The first dotted key (sorted) whose values differ in two nested dicts, and the two values."""
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if x != y:
+            if isinstance(x, dict) and isinstance(y, dict):
+                return _first_difference(x, y, f"{prefix}{key}.")
+            return f"{prefix}{key}", x, y
+    return prefix.rstrip("."), a, b
 
 
 def _build_model(config: TrainConfig, device: torch.device) -> KAnoCLIP:
-    model_config = KAnoCLIPConfig(image_size=config.image_size)
+    model_config = copy.deepcopy(config.model) if config.model is not None else KAnoCLIPConfig()  # the caller's stays as given
+    if config.image_size is not None:
+        model_config.image_size = config.image_size
     return KAnoCLIP.from_pretrained(backbone=config.backbone, device=device, kb=config.kb, config=model_config)
+
+
+def _model_settings(model: KAnoCLIP) -> dict[str, Any]:
+    """The model config's sections (prompts, vv, bicmci, ...), without what other resume keys hold."""
+    return {k: v for k, v in model.config.to_dict().items() if k not in ("backbone", "image_size")}
 
 
 def _validate(config: TrainConfig) -> Path:
     if config.epochs < 1 or config.batch_size < 1:
-        raise InputError(f"epochs and batch size must be at least 1, got epochs={config.epochs}, batch size={config.batch_size}")
+        raise OptionError(
+            lambda name: f"{name('epochs')} and {name('batch_size')} must be at least 1, got {config.epochs} and {config.batch_size}"
+        )
     if not (config.lr > 0 and math.isfinite(config.lr)):
-        raise InputError(f"the learning rate must be a positive number, got {config.lr}")
+        raise OptionError(lambda name: f"{name('lr')} (the learning rate) must be a positive number, got {config.lr}")
     if config.on_bad_sample not in ("stop", "skip"):
-        raise InputError(f"on_bad_sample must be 'stop' or 'skip', got {config.on_bad_sample!r}")
+        raise OptionError(lambda name: f"{name('on_bad_sample')} must be 'stop' or 'skip', got {config.on_bad_sample!r}")
+    if config.optimizer not in OPTIMIZERS:
+        raise OptionError(lambda name: f"{name('optimizer')} must be 'adamw' or 'adam', got {config.optimizer!r}")
+    betas = tuple(config.betas) if isinstance(config.betas, (tuple, list)) else ()
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise OptionError(lambda name: f"{name('betas')} must be two numbers in [0, 1), e.g. (0.9, 0.999), got {config.betas!r}")
     out = Path(config.out).expanduser()
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; pass a folder for the checkpoint")
+        raise OptionError(lambda name: f"{name('out')} {out} is a file; pass a folder for the checkpoint")
     if has_state(out) and not config.resume:
-        raise InputError(f"{out} already holds a training run; pass --resume (resume=True) to continue it, or choose another --out folder")
+        raise OptionError(
+            lambda name: f"{out} already holds a training run; pass {name('resume', True)} to continue it, "
+            f"or choose another {name('out')} folder"
+        )
     return out
+
+
+@dataclass
+class _Run:
+    """One training run: its settings, processes, model and data, and what it has done so far."""
+
+    config: TrainConfig
+    out: Path
+    procs: _Processes
+    model: KAnoCLIP
+    trainset: _TrainSet
+    info: dict[str, Any]  # the settings a resume must match (``_RESUME_KEYS``)
+    state: TrainingState | None  # what ``resume=True`` continues from
+    cache: FeatureCache | None
+    report: ProgressFn
+    stop: Callable[[], bool]
+    history: list[dict[str, float]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    usable: list[int] = field(default_factory=list)  # indices of the readable samples
+    meta: dict[str, Any] = field(default_factory=dict)  # the checkpoint's training metadata
+
+    @property
+    def loss_curve(self) -> Path:
+        return self.out / LOSS_CURVE_NAME
+
+    def result(self, *, cancelled: bool) -> TrainResult:
+        return TrainResult(self.out, self.history, self.loss_curve, self.skipped, cancelled=cancelled)
+
+    def progress(self, epoch: int, step: int = 0, steps: int = 0, losses: dict[str, float] | None = None, message: str = "") -> None:
+        self.report(TrainProgress(epoch, self.config.epochs, step, steps, losses or {}, message))
 
 
 def train(
@@ -343,9 +464,14 @@ def train(
 ) -> TrainResult:
     """Train the prompts, Bi-CMCI and Conv-Adapter; write a checkpoint at ``config.out`` each epoch.
 
-    ``progress`` receives a :class:`TrainProgress` after each step (main process only);
-    ``should_stop()`` is polled before each step: when it returns True, training stops and
-    the result is ``cancelled`` (the checkpoint of the last finished epoch stays).
+    Args:
+        config: the run's options; invalid ones raise :class:`OptionError` naming the field.
+        progress: receives a :class:`TrainProgress` after each step (main process only).
+        should_stop: polled before each step; when it returns True, training stops and the
+            result is ``cancelled`` (the checkpoint of the last finished epoch stays).
+
+    Returns:
+        The checkpoint folder, the per-epoch loss history, the loss curve and the skipped samples.
     """
     out = _validate(config)
     existed = out.exists()
@@ -355,22 +481,14 @@ def train(
         torch.manual_seed(config.seed)
         model = _build_model(config, procs.device)
         trainset = load_training_set(config.data, model, config.max_samples)
-        run = {
-            "data": trainset.specs,
-            "n_samples": len(trainset.samples),
-            "seed": config.seed,
-            "batch_size": config.batch_size,
-            "image_size": model.image_size,
-            "backbone": model.backbone_name,
-            "max_samples": config.max_samples,
-            "kb_sha256": _kb_digest(model),
-        }
+        info = _run_info(config, model, trainset)
         state = load_state(out) if config.resume else None
         if state is not None:
-            _check_resumable(state.info.get("run", {}), run, out)
+            _check_resumable(state.info.get("run", {}), info, out)
         cache = FeatureCache(out / CACHE_DIR) if config.feature_cache else None
+        run = _Run(config, out, procs, model, trainset, info, state, cache, report, should_stop or (lambda: False))
         try:
-            return _run(config, out, procs, model, trainset, run, state, cache, report, should_stop)
+            return _train(run)
         finally:
             if cache is not None:
                 cache.clear(delete_files=procs.is_main)
@@ -378,112 +496,165 @@ def train(
                 out.rmdir()  # cancelled or failed before the first checkpoint: leave no empty folder
 
 
-def _run(
-    config: TrainConfig,
-    out: Path,
-    procs: _Processes,
-    model: KAnoCLIP,
-    trainset: _TrainSet,
-    run: dict[str, Any],
-    state: TrainingState | None,
-    cache: FeatureCache | None,
-    report: ProgressFn,
-    should_stop: Callable[[], bool] | None,
-) -> TrainResult:
-    stop = should_stop or (lambda: False)
-    loss_curve = out / LOSS_CURVE_NAME
+def _run_info(config: TrainConfig, model: KAnoCLIP, trainset: _TrainSet) -> dict[str, Any]:
+    """The settings a resumed run must share with the interrupted one (JSON-ready)."""
+    return {
+        "data": trainset.specs,
+        "n_samples": len(trainset.samples),
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "image_size": model.image_size,
+        "backbone": model.backbone_name,
+        "max_samples": config.max_samples,
+        "kb_sha256": _kb_digest(model),
+        "optimizer": config.optimizer,
+        "betas": [float(b) for b in config.betas],
+        "model": json.loads(json.dumps(_model_settings(model))),  # as history.json will hold it (lists)
+    }
+
+
+def _train(run: _Run) -> TrainResult:
+    """Resume, prepare the samples, then train epoch by epoch, each ending with a checkpoint."""
+    model, procs = run.model, run.procs
     model.trained = True
     params = [(f"{m}.{n}", p) for m, module in model.trainable_modules().items() for n, p in module.named_parameters() if p.requires_grad]
     names = [n for n, _ in params]
-    optimizer = torch.optim.AdamW([p for _, p in params], lr=config.lr)
-    history: list[dict[str, float]] = []
-    start = 0
-    if state is not None:
-        model.load_trainable_state_dict(state.weights, source=str(out / STATE_DIR))
-        load_optimizer_tensors(optimizer, names, state.optimizer)
-        restore_rng(state.rng)
-        history, start = list(state.info.get("history", [])), state.epoch
-        report(TrainProgress(0, config.epochs, 0, 0, {}, f"resuming {out} after epoch {start}"))
+    optimizer = _optimizer(run.config, [p for _, p in params])
+    start = _resume(run, optimizer, names)
+    batches = _Batches(model, run.trainset, run.cache)
+    if not _prepare(run, batches):
+        return run.result(cancelled=True)
+    if run.state is not None and procs.is_main:
+        _write_outputs(run, start)  # repairs outputs a kill may have left half-updated
+    net = procs.wrap(model)
+    net.train()
+    for epoch in range(start + 1, run.config.epochs + 1):
+        steps = _train_epoch(run, net, optimizer, batches, epoch)
+        if steps is None:
+            return run.result(cancelled=True)
+        _write_checkpoint(run, optimizer, names, epoch, steps)
+    if run.config.push_to_hub and procs.is_main:
+        url = push_checkpoint(run.out, run.config.push_to_hub)
+        run.progress(run.config.epochs, losses=run.history[-1] if run.history else {}, message=f"pushed to {url}")
+    return run.result(cancelled=False)
 
-    # Preparation: decode every image once (and cache its frozen features), find unreadable ones.
-    batches = _Batches(model, trainset, cache)
+
+def _optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW or Adam over the trainable parameters, at ``config.lr`` with ``config.betas``."""
+    optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_class(params, lr=config.lr, betas=tuple(config.betas))
+
+
+def _resume(run: _Run, optimizer: torch.optim.Optimizer, names: list[str]) -> int:
+    """Load the interrupted run's weights, optimizer moments, RNG and history; the epochs done."""
+    if run.state is None:
+        return 0
+    run.model.load_trainable_state_dict(run.state.weights, source=str(run.out / STATE_DIR))
+    load_optimizer_tensors(optimizer, names, run.state.optimizer)
+    restore_rng(run.state.rng)
+    run.history = list(run.state.info.get("history", []))
+    run.progress(0, message=f"resuming {run.out} after epoch {run.state.epoch}")
+    return run.state.epoch
+
+
+def _prepare(run: _Run, batches: _Batches) -> bool:
+    """Decode every image once (caching its frozen features) and set the usable samples.
+
+    Unreadable samples stop the run or are skipped (``on_bad_sample``); False if cancelled.
+    """
+    bad = _check_samples(run, batches)
+    if bad is None:
+        return False
+    run.skipped = [(path, reason) for _, path, reason in bad]
+    if bad and run.config.on_bad_sample == "stop":
+        raise _bad_sample_error(run.skipped)
+    for path, reason in run.skipped:
+        run.progress(0, message=f"skipped unreadable sample {path}: {reason}")
+    run.usable = sorted(set(range(len(run.trainset.samples))) - {i for i, _, _ in bad})
+    if not run.usable:
+        raise DataError(lambda name: f"no readable training sample is left; check the {name('data')} folders")
+    run.meta = {
+        "datasets": run.trainset.names,  # kinds, folder names and counts; full paths stay in history.json
+        "image_size": run.model.image_size,
+        "batch_size": run.config.batch_size,
+        "lr": run.config.lr,
+        "optimizer": run.config.optimizer,
+        "betas": [float(b) for b in run.config.betas],
+        "seed": run.config.seed,
+        "processes": run.procs.world,
+        "n_train_samples": len(run.usable),
+        "n_skipped": len(run.skipped),
+    }
+    return True
+
+
+def _check_samples(run: _Run, batches: _Batches) -> list[tuple[int, str, str]] | None:
+    """Every process decodes its share of the chunks; all unreadable samples, or None if cancelled."""
+    procs, cache, size = run.procs, run.cache, run.config.batch_size
     if cache is not None and procs.is_main:
         cache.clear()  # features left by a killed run
     procs.barrier()
-    size = config.batch_size
-    chunks = [list(range(k, min(k + size, len(trainset.samples)))) for k in range(0, len(trainset.samples), size)]
+    count = len(run.trainset.samples)
+    chunks = [list(range(k, min(k + size, count))) for k in range(0, count, size)]
     mine = chunks[procs.rank :: procs.world]
     what = "encoding the frozen features of the training images" if cache is not None else "checking the training images"
     bad_local: list[tuple[int, str, str]] = []
-    model.eval()
+    run.model.eval()
     for j, chunk in enumerate(mine):
-        if stop():
-            return TrainResult(out, history, loss_curve, [], cancelled=True)
+        if run.stop():
+            return None
         bad_local += batches.check(chunk, to_disk=procs.world > 1)
-        report(TrainProgress(0, config.epochs, j + 1, len(mine), {}, what))
+        run.progress(0, j + 1, len(mine), message=what)
     bad = sorted(procs.gather(bad_local))
     procs.barrier()
     if cache is not None and procs.world > 1:
         cache.scan_disk()
-    skipped = [(path, reason) for _, path, reason in bad]
-    if bad and config.on_bad_sample == "stop":
-        raise _bad_sample_error(skipped)
-    for path, reason in skipped:
-        report(TrainProgress(0, config.epochs, 0, 0, {}, f"skipped unreadable sample {path}: {reason}"))
-    usable = sorted(set(range(len(trainset.samples))) - {i for i, _, _ in bad})
-    if not usable:
-        raise DatasetError("no readable training sample is left; check the --data folders")
+    return bad
 
-    meta = {
-        "datasets": trainset.names,  # kinds, folder names and counts; full paths stay in history.json
-        "image_size": model.image_size,
-        "batch_size": config.batch_size,
-        "lr": config.lr,
-        "seed": config.seed,
-        "processes": procs.world,
-        "n_train_samples": len(usable),
-        "n_skipped": len(skipped),
-    }
 
-    def write_outputs(epoch: int) -> None:
-        model.save_pretrained(out, metadata={**meta, "epochs": epoch})
-        atomic_write_json(out / HISTORY_NAME, {"history": history, "skipped": [list(s) for s in skipped], "run": run})
-        save_png(plot_loss_curves(history), loss_curve)
+def _train_epoch(run: _Run, net: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: _Batches, epoch: int) -> int | None:
+    """One epoch over the usable samples, its mean loss terms (over processes) added to the
+    history; the number of steps, or None if cancelled."""
+    procs = run.procs
+    global_batch = run.config.batch_size * procs.world
+    order = [run.usable[i] for i in _epoch_order(len(run.usable), run.config.seed, epoch, procs.world)]
+    steps = math.ceil(len(order) / global_batch)
+    sums = dict.fromkeys(LOSS_TERMS, 0.0)
+    for step in range(steps):
+        if run.stop():
+            return None
+        indices = order[step * global_batch : (step + 1) * global_batch][procs.rank :: procs.world]
+        terms = _loss_terms(run.model, net, batches, indices)
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        optimizer.step()
+        for key in LOSS_TERMS:
+            sums[key] += float(terms[key].detach())
+        run.progress(epoch, step + 1, steps, {k: v / (step + 1) for k, v in sums.items()})
+    run.history.append({"epoch": epoch, **procs.mean({k: v / steps for k, v in sums.items()})})
+    return steps
 
-    if state is not None and procs.is_main:
-        write_outputs(start)  # repairs outputs a kill may have left half-updated
-    net = procs.wrap(model)
-    net.train()
-    global_batch = size * procs.world
-    for epoch in range(start + 1, config.epochs + 1):
-        order = [usable[i] for i in _epoch_order(len(usable), config.seed, epoch, procs.world)]
-        steps = math.ceil(len(order) / global_batch)
-        sums = dict.fromkeys(LOSS_TERMS, 0.0)
-        for step in range(steps):
-            if stop():
-                return TrainResult(out, history, loss_curve, skipped, cancelled=True)
-            indices = order[step * global_batch : (step + 1) * global_batch][procs.rank :: procs.world]
-            terms = _loss_terms(model, net, batches, indices)
-            optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            optimizer.step()
-            for key in LOSS_TERMS:
-                sums[key] += float(terms[key].detach())
-            running = {k: v / (step + 1) for k, v in sums.items()}
-            report(TrainProgress(epoch, config.epochs, step + 1, steps, running))
-        losses = procs.mean({k: v / steps for k, v in sums.items()})
-        history.append({"epoch": epoch, **losses})
-        if procs.is_main:
-            info = {"run": run, "epochs": config.epochs, "lr": config.lr, "history": history, "skipped": [list(s) for s in skipped]}
-            weights = model.trainable_state_dict()
-            save_state(out, TrainingState(epoch, weights, optimizer_tensors(optimizer, names), capture_rng(), info))
-            write_outputs(epoch)
-        procs.barrier()
-        report(TrainProgress(epoch, config.epochs, steps, steps, losses, f"epoch {epoch} done, checkpoint written to {out}"))
-    if config.push_to_hub and procs.is_main:
-        url = push_checkpoint(out, config.push_to_hub)
-        report(TrainProgress(config.epochs, config.epochs, 0, 0, history[-1] if history else {}, f"pushed to {url}"))
-    return TrainResult(out, history, loss_curve, skipped, cancelled=False)
+
+def _write_checkpoint(run: _Run, optimizer: torch.optim.Optimizer, names: list[str], epoch: int, steps: int) -> None:
+    """After an epoch: the resumable state, then the checkpoint and logs (main process); all wait."""
+    if run.procs.is_main:
+        config = run.config
+        skipped = [list(s) for s in run.skipped]
+        info = {"run": run.info, "epochs": config.epochs, "lr": config.lr, "history": run.history, "skipped": skipped}
+        weights = run.model.trainable_state_dict()
+        save_state(run.out, TrainingState(epoch, weights, optimizer_tensors(optimizer, names), capture_rng(), info))
+        _write_outputs(run, epoch)
+    run.procs.barrier()
+    losses = {k: v for k, v in run.history[-1].items() if k != "epoch"}
+    run.progress(epoch, steps, steps, losses, f"epoch {epoch} done, checkpoint written to {run.out}")
+
+
+def _write_outputs(run: _Run, epoch: int) -> None:
+    """The checkpoint (with the run's metadata), ``history.json`` and the loss curve."""
+    run.model.save_pretrained(run.out, metadata={**run.meta, "epochs": epoch})
+    log = {"history": run.history, "skipped": [list(s) for s in run.skipped], "run": run.info}
+    atomic_write_json(run.out / HISTORY_NAME, log)
+    save_png(plot_loss_curves(run.history), run.loss_curve)
 
 
 def push_checkpoint(out: Path, repo_id: str) -> str:
@@ -492,7 +663,7 @@ def push_checkpoint(out: Path, repo_id: str) -> str:
     import tempfile
 
     from kanoclip.checkpoint import CONFIG_NAME, KB_NAME, WEIGHTS_NAME, push_to_hub
-    from kanoclip.errors import CheckpointError, first_line
+    from kanoclip.errors import first_line
 
     with tempfile.TemporaryDirectory(prefix="kanoclip-push-") as tmp:
         for name in (CONFIG_NAME, WEIGHTS_NAME, KB_NAME):
@@ -502,7 +673,8 @@ def push_checkpoint(out: Path, repo_id: str) -> str:
         except KAnoCLIPError:
             raise
         except Exception as exc:  # noqa: BLE001 - any hub failure is reported in one line
-            raise CheckpointError(
-                f"pushing {out} to the hub repo {repo_id!r} failed ({type(exc).__name__}: {first_line(exc)}); "
-                f"the checkpoint is saved, push it later with `hf upload {repo_id} {out}` or rerun with --resume --push-to-hub"
+            failure = f"{type(exc).__name__}: {first_line(exc)}"
+            raise PushError(
+                lambda name: f"pushing {out} to the hub repo {repo_id!r} failed ({failure}); the checkpoint is saved, push it "
+                f"later with `hf upload {repo_id} {out}` or rerun with {name('resume', True)} {name('push_to_hub', repo_id)}"
             ) from None
