@@ -322,6 +322,20 @@ def test_cli_reports_a_resume_mismatch_with_its_flags(small_mvtec, tiny_backbone
     assert "pass --resume to continue it" in capsys.readouterr().err
 
 
+def test_cli_set_and_precision_reach_the_trained_checkpoint(small_mvtec, tiny_backbone, tmp_path, capsys):
+    """``kanoclip train --set ... --precision bf16``: the checkpoint's config holds the setting."""
+    from kanoclip.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--data", f"mvtec={small_mvtec}", "--out", str(out), "--epochs", "1", "--batch-size", "4",
+            "--image-size", str(SIZE), "--backbone", str(tiny_backbone), "--device", "cpu"]  # fmt: skip
+    assert main([*args, "--set", "loss.local_loss=per_stage", "--set", "bicmci.residual_logits=true", "--precision", "bf16"]) == 0
+    saved = read_checkpoint(out).config
+    assert saved.loss.local_loss == "per_stage" and saved.bicmci.residual_logits is True
+    assert main([*args, "--set", "loss.local_loss=sometimes"]) == 2
+    assert "loss.local_loss must be one of" in capsys.readouterr().err
+
+
 def test_cli_betas_flag_is_parsed_and_checked(capsys):
     from kanoclip.cli import build_parser
 

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from kanoclip.cli.options import add_data_option, add_model_options, positive_int
+from kanoclip.cli.options import add_data_option, add_model_options, config_overrides, positive_int
 
 OPTIMIZERS = ("adamw", "adam")  # kanoclip.training.trainer.OPTIMIZERS, without importing torch for --help
 # TrainConfig fields whose flag is not "--" + the field with dashes.
@@ -109,9 +109,16 @@ class _Bars:
 
 
 def run(args: argparse.Namespace) -> int:
+    from kanoclip.config import KAnoCLIPConfig, with_overrides
+    from kanoclip.errors import InputError
     from kanoclip.training import TrainConfig, train
     from kanoclip.training.trainer import WordedError
 
+    overrides = config_overrides(args)
+    try:
+        model = with_overrides(KAnoCLIPConfig(), overrides) if overrides else None
+    except ValueError as exc:
+        raise InputError(f"--set/--config: {exc}") from None
     config = TrainConfig(
         data=list(args.data),
         out=args.out,
@@ -130,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
         push_to_hub=args.push_to_hub,
         optimizer=args.optimizer,
         betas=args.betas,
+        model=model,
+        precision=args.precision,
     )
     bars = _Bars()
     try:

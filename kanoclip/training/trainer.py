@@ -144,6 +144,7 @@ class TrainConfig:
     # VVConfig.position_interpolation); saved in the checkpoint. None: the defaults. ``backbone``
     # and ``image_size`` above, when given, take precedence over the ones in it.
     model: KAnoCLIPConfig | None = None
+    precision: str = "auto"  # the backbone's (kanoclip.precision); maps and losses are fp32
 
 
 @dataclass
@@ -393,7 +394,7 @@ def _build_model(config: TrainConfig, device: torch.device) -> KAnoCLIP:
     model_config = copy.deepcopy(config.model) if config.model is not None else KAnoCLIPConfig()  # the caller's stays as given
     if config.image_size is not None:
         model_config.image_size = config.image_size
-    return KAnoCLIP.from_pretrained(backbone=config.backbone, device=device, kb=config.kb, config=model_config)
+    return KAnoCLIP.from_pretrained(backbone=config.backbone, device=device, kb=config.kb, config=model_config, precision=config.precision)
 
 
 def _model_settings(model: KAnoCLIP) -> dict[str, Any]:
