@@ -5,7 +5,7 @@
     python app.py --backbone ./my-clip --port 8080  # a local CLIP folder, another port
 
 Every flag has an environment variable (flags win): ``KANOCLIP_BACKBONE``,
-``KANOCLIP_CHECKPOINT``, ``KANOCLIP_KB``, ``KANOCLIP_DATA_ROOT``, ``KANOCLIP_HOST``,
+``KANOCLIP_CHECKPOINT``, ``KANOCLIP_KB``, ``KANOCLIP_DATA_ROOT``, ``KANOCLIP_PRECISION``, ``KANOCLIP_HOST``,
 ``KANOCLIP_PORT``. On a Space (``SPACE_ID`` is set) the host and port are Gradio's defaults
 (the platform's ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``). See docs/app.md.
 """
@@ -22,6 +22,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from kanoclip.config import PRECISIONS  # light: no torch
     on_space = bool(os.environ.get("SPACE_ID"))
     parser = argparse.ArgumentParser(description="KAnoCLIP web app (Gradio).")
     parser.add_argument("--backbone", help="CLIP hub id or local folder (env KANOCLIP_BACKBONE; default openai/clip-vit-large-patch14-336)")
@@ -31,6 +32,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoints-dir", help="where trained checkpoints go and are listed (env KANOCLIP_CHECKPOINTS_DIR; default ./checkpoints)")
     parser.add_argument("--kb-dir", help="folder the Knowledge tab may save to (env KANOCLIP_KB_DIR; default ./kb)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (env KANOCLIP_DEVICE; default auto)")
+    parser.add_argument(
+        "--precision", choices=PRECISIONS,
+        help="the backbone's precision; maps and scores are fp32 (env KANOCLIP_PRECISION; default auto: bf16 on a GPU, fp32 on the CPU)",
+    )
     parser.add_argument(
         "--host",
         default=os.environ.get("KANOCLIP_HOST") or (None if on_space else "127.0.0.1"),
@@ -57,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         checkpoints_dir=args.checkpoints_dir,
         kb_dir=args.kb_dir,
         device=args.device,
+        precision=args.precision,
         training=False if args.no_training else None,
     )
     try:

@@ -26,7 +26,7 @@ from typing import TypeVar
 from kanoclip import KAnoCLIP, KnowledgeBase
 from kanoclip.backbone import Backbone
 from kanoclip.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from kanoclip.config import default_backbone
+from kanoclip.config import DEFAULT_BACKBONE
 from kanoclip.errors import InputError, KAnoCLIPError
 from kanoclip.model import resolve_device
 
@@ -58,6 +58,7 @@ class AppConfig:
     checkpoints_dir: Path = field(default_factory=lambda: Path(os.environ.get("KANOCLIP_CHECKPOINTS_DIR", "checkpoints")))
     kb_dir: Path = field(default_factory=lambda: Path(os.environ.get("KANOCLIP_KB_DIR", "kb")))
     device: str = field(default_factory=lambda: os.environ.get("KANOCLIP_DEVICE", "auto"))
+    precision: str = field(default_factory=lambda: os.environ.get("KANOCLIP_PRECISION", "auto"))  # the backbone's
     concurrency: int = field(default_factory=lambda: _env_int("KANOCLIP_CONCURRENCY", 2))
     max_models: int = field(default_factory=lambda: _env_int("KANOCLIP_MAX_MODELS", 2))
     preload: bool = True  # load the start model while building the app (to report its state)
@@ -159,7 +160,10 @@ RANDOM_WARNING = (
 def describe_model(model: KAnoCLIP) -> str:
     """One Markdown paragraph: mode (and checkpoint), backbone, device, and the random warning."""
     mode = "training-free (no checkpoint)" if model.mode == "training-free" else f"trained — checkpoint `{model.checkpoint_name}`"
-    text = f"**Mode:** {mode} · **Backbone:** `{model.backbone_name}` · **Device:** `{model.device}`"
+    text = (
+        f"**Mode:** {mode} · **Backbone:** `{model.backbone_name}` · **Device:** `{model.device}`"
+        f" · **Precision:** backbone {model.precision}, maps fp32"
+    )
     if model.random_backbone:
         text += "\n\n" + RANDOM_WARNING.format(backbone=model.backbone_name)
     return text
@@ -207,6 +211,7 @@ class ModelRegistry:
                     checkpoint,
                     backbone=backbone,
                     device=self.config.device,
+                    precision=self.config.precision,
                     kb=self.knowledge.snapshot(),
                     backbone_cache=self._backbones,
                 )
@@ -245,7 +250,7 @@ class ModelRegistry:
     def describe_choice(self, choice: str | None) -> str:
         """``model (<choice>, backbone <name>)``: what a load of ``choice`` uses."""
         training_free = (choice or TRAINING_FREE) == TRAINING_FREE
-        backbone = self.config.backbone or (default_backbone() if training_free else "the checkpoint's")
+        backbone = self.config.backbone or (DEFAULT_BACKBONE if training_free else "the checkpoint's")
         return f"model ({choice or TRAINING_FREE}, backbone {backbone})"
 
     def status(self, choice: str | None) -> str:

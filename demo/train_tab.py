@@ -26,7 +26,6 @@ from typing import Any
 import gradio as gr
 from gradio.utils import get_upload_folder
 
-from kanoclip.config import default_backbone
 from kanoclip.data import KINDS, detect_kind, load_dataset, summarize
 from kanoclip.errors import InputError
 from kanoclip.training import TrainConfig, TrainProgress, TrainResult, train
@@ -281,7 +280,7 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], train_f
                 lr=hyper.lr,
                 image_size=hyper.image_size,
                 kb=str(kb_file),
-                backbone=config.backbone or default_backbone(),
+                backbone=config.backbone,  # None: from_pretrained reads $KANOCLIP_BACKBONE, else ViT-L
                 device=config.device,
                 on_bad_sample="skip",  # an unreadable upload is reported, not fatal
             )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import types
 import typing
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from typing import Any, Literal
 from kanoclip.errors import CheckpointError
 
 DEFAULT_BACKBONE = "openai/clip-vit-large-patch14-336"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # the backbone's precision (kanoclip.precision)
 BACKBONE_ENV = "KANOCLIP_BACKBONE"
 CONFIG_VERSION = 2
 # Version 1 had ``prompts.normal_template`` (the old training-free normal prompt), now replaced by
@@ -27,9 +27,6 @@ CONFIG_VERSION = 2
 _OLD_KEYS = {1: {"prompts": ("normal_template",)}}
 
 
-def default_backbone() -> str:
-    """The backbone to use when none is given: ``$KANOCLIP_BACKBONE`` or ViT-L/14@336px."""
-    return os.environ.get(BACKBONE_ENV) or DEFAULT_BACKBONE
 
 
 def _check_positive(name: str, value: object) -> None:
@@ -169,6 +166,17 @@ class ScoringConfig:
     threshold: float = 0.5  # det.is_anomalous == (det.score >= threshold)
 
 
+@dataclass
+class CacheConfig:
+    """Bounds of the model's per-class caches (a public app may be sent any number of class names)."""
+
+    max_classes: int = 256  # classes whose text features (and description features) are kept, LRU
+
+    def __post_init__(self) -> None:
+        if self.max_classes < 1:
+            raise ValueError(f"cache.max_classes must be >= 1, got {self.max_classes}")
+
+
 # The training-free state ensemble, written for kanoclip after WinCLIP's compositional prompt
 # ensemble (state words x templates; Jeong et al., CVPR 2023, §3.2): both states share every
 # template, so the difference between the two directions is the state alone.
@@ -251,7 +259,7 @@ class TrainingFreeConfig:
 class KAnoCLIPConfig:
     """Everything that defines a KAnoCLIP model apart from its weights."""
 
-    backbone: str = field(default_factory=default_backbone)
+    backbone: str = DEFAULT_BACKBONE  # KAnoCLIP.from_pretrained reads $KANOCLIP_BACKBONE, once, before this
     image_size: int | None = None  # None -> the backbone's native size (336 for ViT-L/14@336)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     vv: VVConfig = field(default_factory=VVConfig)
@@ -260,6 +268,7 @@ class KAnoCLIPConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     training_free: TrainingFreeConfig = field(default_factory=TrainingFreeConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict, tagged with the config format version."""
@@ -397,4 +406,5 @@ _SECTIONS: dict[str, type] = {
     "loss": LossConfig,
     "scoring": ScoringConfig,
     "training_free": TrainingFreeConfig,
+    "cache": CacheConfig,
 }

@@ -23,7 +23,6 @@ everything from the stage features on runs in fp32.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,6 +36,7 @@ from torch import nn
 from kanoclip.adapter import ConvAdapter
 from kanoclip.backbone import Backbone, load_backbone
 from kanoclip.bicmci import BiCMCI
+from kanoclip.cache import LRUCache
 from kanoclip.checkpoint import KB_NAME, read_checkpoint, write_checkpoint
 from kanoclip.config import BACKBONE_ENV, KAnoCLIPConfig, with_overrides
 from kanoclip.detection import Detection, Guidance, upsample_maps
@@ -116,9 +116,9 @@ class KAnoCLIP(nn.Module):
         self.knowledge = knowledge or KnowledgeBase.builtin()
         self.trained = False  # set by a loaded checkpoint or by training
         self.checkpoint_name: str | None = None
-        self._text_cache: dict[tuple[str, str], _ClassText] = {}
-        self._knowledge_cache: dict[str, torch.Tensor] = {}
-        self._lock = threading.Lock()  # guards the text caches when several threads detect
+        # Per-class text caches, bounded (LRU, config.cache) and emptied in one place: _invalidate.
+        self._text_cache: LRUCache[tuple[str, str], _ClassText] = LRUCache(config.cache.max_classes)
+        self._knowledge_cache: LRUCache[str, torch.Tensor] = LRUCache(config.cache.max_classes)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -230,7 +230,7 @@ class KAnoCLIP(nn.Module):
             prefix = f"{name}."
             module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
         self.trained = True
-        self.clear_text_cache()
+        self._invalidate()
 
     def save_pretrained(self, folder: str | os.PathLike[str], metadata: dict[str, Any] | None = None) -> Path:
         """Write a checkpoint folder: config, trainable safetensors, knowledge base (atomically)."""
@@ -248,28 +248,30 @@ class KAnoCLIP(nn.Module):
 
     def train(self, mode: bool = True) -> KAnoCLIP:
         if mode != self.training:  # the learned parts may change (or have changed) meanwhile
-            self.clear_text_cache()
+            self._invalidate()
         super().train(mode)
         self.clip.eval()  # the backbone never leaves eval mode
         return self
 
-    def clear_text_cache(self) -> None:
-        with self._lock:
-            self._text_cache.clear()
+    def _invalidate(self, *, descriptions: bool = False) -> None:
+        """Empty the per-class text cache (and the description features'): the one place they are emptied.
+
+        The state features depend on the learned prompts (new weights, a change between training
+        and inference); the description features on the knowledge base, device and dtype only.
+        """
+        self._text_cache.clear()
+        if descriptions:
+            self._knowledge_cache.clear()
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # .to()/.cuda()/.half() end here: cached text features belong to the old device and dtype
-        with self._lock:
-            self._text_cache.clear()
-            self._knowledge_cache.clear()
+        self._invalidate(descriptions=True)
         return super()._apply(fn, recurse)
 
     def set_knowledge(self, knowledge: KnowledgeBase) -> None:
         """Use another knowledge base (e.g. after editing it in the app)."""
-        with self._lock:
-            self.knowledge = knowledge
-            self._text_cache.clear()
-            self._knowledge_cache.clear()
+        self.knowledge = knowledge
+        self._invalidate(descriptions=True)
 
     @property
     def precision(self) -> str:
@@ -373,14 +375,11 @@ class KAnoCLIP(nn.Module):
         Shared by the knowledge-distillation target (eq. 3) and the text side of inference, so
         training never encodes the same descriptions twice.
         """
-        with self._lock:
-            cached = self._knowledge_cache.get(class_name)
-        if cached is None:
+        def encode() -> torch.Tensor:
             with torch.no_grad():
-                cached = self.text_encoder.encode([d.text for d in self.knowledge.descriptions(class_name)]).float()
-            with self._lock:
-                self._knowledge_cache[class_name] = cached
-        return cached
+                return self.text_encoder.encode([d.text for d in self.knowledge.descriptions(class_name)]).float()
+
+        return self._knowledge_cache.get_or_compute(class_name, encode)
 
     # ------------------------------------------------------------------ text side (cached per class)
     def canonical_class(self, class_name: str) -> tuple[str, bool]:
@@ -392,16 +391,11 @@ class KAnoCLIP(nn.Module):
         return (resolved, True) if resolved else (text, False)
 
     def _class_text(self, class_name: str) -> _ClassText:
-        key = (self.mode, class_name)
-        with self._lock:
-            cached = self._text_cache.get(key)
-        if cached is not None:
-            return cached
-        with torch.no_grad():
-            cached = self._build_class_text(class_name)
-        with self._lock:
-            self._text_cache[key] = cached
-        return cached
+        def build() -> _ClassText:
+            with torch.no_grad():
+                return self._build_class_text(class_name)
+
+        return self._text_cache.get_or_compute((self.mode, class_name), build)
 
     def _build_class_text(self, class_name: str) -> _ClassText:
         descriptions = self.knowledge.descriptions(class_name)

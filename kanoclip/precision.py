@@ -21,10 +21,10 @@ from typing import Literal
 
 import torch
 
+from kanoclip.config import PRECISIONS
 from kanoclip.errors import InputError
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

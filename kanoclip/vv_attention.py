@@ -27,7 +27,6 @@ Outputs (C = the joint embedding width, L = number of patches):
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel
 
+from kanoclip.cache import LRUCache
 from kanoclip.config import VVConfig
 
 POSITION_CACHE_SIZE = 4  # resized position tables kept by a CLIPVV (one per input size)
@@ -63,8 +63,7 @@ class CLIPVV:
         self.first_replaced, self.stage_layers = config.resolve(self.depth)
         self.patch_size = int(clip.config.vision_config.patch_size)
         self.position_interpolation = config.position_interpolation
-        self._positions: dict[tuple, torch.Tensor] = {}  # resized position tables, oldest first
-        self._positions_lock = threading.Lock()  # several threads may detect at once
+        self._positions: LRUCache[tuple, torch.Tensor] = LRUCache(POSITION_CACHE_SIZE)  # resized position tables
         # With the V-V path off the "stages" are the original path's tokens: the ablation
         # of Table 3's CLIP-VV column, and the check that the original path is untouched.
         self.vv_enabled = vv_enabled
@@ -139,18 +138,13 @@ class CLIPVV:
         if grid == (side, side):
             return table
         key = (grid, table.data_ptr(), table._version, table.device, table.dtype)
-        with self._positions_lock:
-            cached = self._positions.get(key)
-        if cached is not None:
-            return cached
-        patches = table[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, width, n, n)
-        patches = F.interpolate(patches, size=grid, mode=self.position_interpolation, align_corners=False)
-        resized = torch.cat([table[:, :1], patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)], dim=1)
-        with self._positions_lock:
-            self._positions[key] = resized
-            while len(self._positions) > POSITION_CACHE_SIZE:
-                self._positions.pop(next(iter(self._positions)))  # the oldest size
-        return resized
+
+        def resize() -> torch.Tensor:
+            patches = table[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, width, n, n)
+            patches = F.interpolate(patches, size=grid, mode=self.position_interpolation, align_corners=False)
+            return torch.cat([table[:, :1], patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)], dim=1)
+
+        return self._positions.get_or_compute(key, resize)
 
     def _embed(self, pixel_values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """CLS and patch embeddings plus position embeddings, as ``CLIPVisionEmbeddings``: (B, T, width)."""

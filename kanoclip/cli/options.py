@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kanoclip.config import BACKBONE_ENV
+from kanoclip.config import BACKBONE_ENV, PRECISIONS
 from kanoclip.errors import InputError
-from kanoclip.precision import PRECISIONS
 
 
 def add_data_option(parser: argparse.ArgumentParser, purpose: str) -> None:
