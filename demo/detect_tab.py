@@ -25,7 +25,7 @@ from kanoclip.images import load_image
 from kanoclip.knowledge import SOURCE_LABELS as KNOWLEDGE_LABELS
 from kanoclip.viz import colorize, overlay_with_colorbar
 
-from demo.components import class_choices, dropdown_update, gpu, image_input, required_class_name, unknown_class_hint, user_errors
+from demo.components import dropdown_update, gpu, image_input, required_class_name, unknown_class_hint, user_errors
 from demo.state import AppContext, compute_slot, describe_model, model_choices
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -42,8 +42,8 @@ EXAMPLES_CREDIT = (
 )
 SOURCE_LABELS = {**KNOWLEDGE_LABELS, "learned": "learned", "template": "template"}
 # Short headers and fixed widths for the numbers, so that the prompt column gets the room (and wraps)
-GUIDANCE_COLUMNS = ["rank", "source", "state", "prompt", "sim. image", "sim. region", "rank (region)"]
-GUIDANCE_WIDTHS = ["7%", "12%", "10%", "41%", "10%", "10%", "10%"]
+GUIDANCE_COLUMNS = ["rank", "source", "state", "prompt", "sim. image", "sim. region", "region rank"]
+GUIDANCE_WIDTHS = ["8%", "14%", "12%", "36%", "10%", "10%", "10%"]
 GALLERY_MAX_SIDE = 768  # the gallery's maps are shrunk to this; the main heat map keeps the input's size
 REGION_LABEL = "anomalous region"
 SCORING = ScoringConfig()
@@ -85,11 +85,15 @@ def map_gallery(det: Detection, stage_layers: tuple[int, ...] | list[int]) -> li
 
 
 def guidance_table(det: Detection) -> pd.DataFrame:
-    """The prompts that guided the result, ranked by similarity to the image (and to the region)."""
+    """The prompts that guided the result, ranked by similarity to the image (and to the region).
+
+    Similarities are rounded to 3 decimals, which keeps them on one line of a narrow column
+    (:attr:`Detection.guidance` has them in full).
+    """
     by_region = sorted(range(len(det.guidance)), key=lambda i: det.guidance[i].region_similarity, reverse=True)
     region_rank = {index: rank for rank, index in enumerate(by_region, start=1)}
     rows = [
-        [i + 1, SOURCE_LABELS.get(g.source, g.source), g.state, g.text, round(g.image_similarity, 4), round(g.region_similarity, 4), region_rank[i]]
+        [i + 1, SOURCE_LABELS.get(g.source, g.source), g.state, g.text, round(g.image_similarity, 3), round(g.region_similarity, 3), region_rank[i]]
         for i, g in enumerate(det.guidance)
     ]
     return pd.DataFrame(rows, columns=GUIDANCE_COLUMNS)
@@ -198,7 +202,7 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
         progress(0.8, desc="drawing")
         return render(model, pil, det).outputs()
 
-    classes = class_choices(ctx.knowledge.snapshot())
+    classes = ctx.knowledge.snapshot().classes()
     with gr.Tab("Detect", id="detect"):
         with gr.Row():
             with gr.Column(scale=2, min_width=320):

@@ -127,7 +127,9 @@ def build_knowledge_tab(ctx: AppContext, class_inputs: list[gr.Dropdown]) -> Non
 
     def refreshed(kb: KnowledgeBase, class_name: str | None, message: str) -> tuple[Any, ...]:
         llm, table, note = class_view(kb, class_name)
-        updates = [dropdown_update(class_choices(kb)) for _ in range(len(class_inputs) + 1)]
+        # this tab's dropdown shows each class with its dataset; the other tabs' keep plain names,
+        # so that a typed name stays what their box shows
+        updates = [dropdown_update(class_choices(kb)), *(dropdown_update(kb.classes()) for _ in class_inputs)]
         return (counts_table(kb), llm, table, f"{message} {note}".strip(), *updates)
 
     @user_errors
@@ -176,10 +178,13 @@ def build_knowledge_tab(ctx: AppContext, class_inputs: list[gr.Dropdown]) -> Non
             "of this app; edits apply at once. Save it to keep it."
         )
         with gr.Row():
-            with gr.Column(scale=1):
-                counts = gr.Dataframe(counts_table(snapshot), label="Classes", interactive=False, max_height=420)
-                upload = gr.File(label="Load a knowledge-base .json", file_types=[".json"], type="filepath")
             with gr.Column(scale=2):
+                counts = gr.Dataframe(
+                    counts_table(snapshot), label="Classes: descriptions per source", interactive=False, max_height=420,
+                    wrap=True, column_widths=["26%", "22%", "13%", "13%", "13%", "13%"],
+                )
+                upload = gr.File(label="Load a knowledge-base .json", file_types=[".json"], type="filepath")
+            with gr.Column(scale=3):
                 class_name = gr.Dropdown(
                     choices=class_choices(snapshot), value=None, allow_custom_value=True, label="Class (dataset)", elem_id="kb-class"
                 )
