@@ -510,7 +510,7 @@ def test_knowledge_tab_labels_sources_and_datasets(kb_app: Running) -> None:
     assert list(table.columns) == ["class", "dataset", "LLM", "built-in", "hand-written", "VQA"]
     row = table.set_index("class").loc["Class3"]
     assert (row["dataset"], row["LLM"], row["built-in"]) == ("DAGM 2007", 0, 5)
-    choices = dict((value, label) for label, value in class_choices(kb))
+    choices = {value: label for label, value in class_choices(kb)}
     assert choices["01"] == "01 (BTAD)" and choices["Class3"] == "Class3 (DAGM 2007)" and choices["brain"] == "brain (BrainMRI, Br35H)"
     general, rows, _ = class_view(kb, "bottle")
     assert len(general.splitlines()) == 5 and set(rows["source"]) == {"built-in"}
@@ -518,7 +518,7 @@ def test_knowledge_tab_labels_sources_and_datasets(kb_app: Running) -> None:
     assert "not in the knowledge base" in note and "Did you mean `pcb1`, `pcb2`, `pcb3`, `pcb4`?" in note
     # over HTTP: a class typed in the tab is unknown, then hand-written once applied
     client = kb_app.client()
-    counts, text, described, note, *_ = client.predict("gear wheel", "a gear wheel with a broken tooth", api_name="/kb_apply")
+    counts, _, described, _, *_ = client.predict("gear wheel", "a gear wheel with a broken tooth", api_name="/kb_apply")
     assert [r[0] for r in described["data"]] == ["hand-written"]
     assert [r[:6] for r in counts["data"] if r[0] == "gear_wheel"] == [["gear_wheel", "", 0, 0, 1, 0]]
 
