@@ -1,4 +1,4 @@
-"""UI building blocks shared by the tabs: error reporting, the image input, the GPU decorator."""
+"""UI building blocks shared by the tabs: error reporting, the image input, class choices, the GPU decorator."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from typing import Any
 import gradio as gr
 
 from kanoclip.errors import InputError, KAnoCLIPError
+from kanoclip.knowledge import KnowledgeBase
+from kanoclip.knowledge import classes as catalog
 
 log = logging.getLogger("kanoclip.app")
 
@@ -112,6 +114,23 @@ def required_class_name(value: Any, hint: str = "type or pick what the image sho
     return name
 
 
-def dropdown_update(choices: list[str], value: str | None = None) -> dict[str, Any]:
+def class_label(name: str) -> str:
+    """A class name with its dataset(s), as ``kanoclip kb list`` prints them: ``01 (BTAD)``, ``Class3 (DAGM 2007)``."""
+    datasets = ", ".join(catalog.datasets_of(name))
+    return f"{name} ({datasets})" if datasets else name
+
+
+def class_choices(kb: KnowledgeBase) -> list[tuple[str, str]]:
+    """Dropdown choices of the knowledge base's classes: (:func:`class_label`, the class name)."""
+    return [(class_label(name), name) for name in kb.classes()]
+
+
+def unknown_class_hint(kb: KnowledgeBase, name: str) -> str:
+    """`` Did you mean `pcb1`, `pcb2`?`` (Markdown) for a class the knowledge base lacks; '' when nothing is near."""
+    near = kb.suggest(name)
+    return f" Did you mean {', '.join(f'`{n}`' for n in near)}?" if near else ""
+
+
+def dropdown_update(choices: list[str] | list[tuple[str, str]], value: str | None = None) -> dict[str, Any]:
     """A dropdown update with new choices (keeping the current value unless ``value`` is given)."""
     return gr.update(choices=choices) if value is None else gr.update(choices=choices, value=value)

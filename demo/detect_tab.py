@@ -22,9 +22,10 @@ from kanoclip.config import ScoringConfig
 from kanoclip.detection import Detection, upsample_maps
 from kanoclip.errors import ImageError, InputError
 from kanoclip.images import load_image
+from kanoclip.knowledge import SOURCE_LABELS as KNOWLEDGE_LABELS
 from kanoclip.viz import colorize, overlay_with_colorbar
 
-from demo.components import dropdown_update, gpu, image_input, required_class_name, user_errors
+from demo.components import dropdown_update, gpu, image_input, required_class_name, unknown_class_hint, user_errors
 from demo.state import AppContext, compute_slot, describe_model, model_choices
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -39,8 +40,10 @@ EXAMPLES_CREDIT = (
     "**Magnetic Tile Defect** (Huang et al., 2018) and **Head CT – hemorrhage** (Kaggle, F. Kitamura). "
     "Sources and licences: `demo/examples/CREDITS.md`."
 )
-SOURCE_LABELS = {"llm": "LLM", "vqa": "VQA", "learned": "learned", "template": "template"}
-GUIDANCE_COLUMNS = ["rank", "source", "state", "prompt", "similarity to image", "similarity to region", "rank by region"]
+SOURCE_LABELS = {**KNOWLEDGE_LABELS, "learned": "learned", "template": "template"}
+# Short headers and fixed widths for the numbers, so that the prompt column gets the room (and wraps)
+GUIDANCE_COLUMNS = ["rank", "source", "state", "prompt", "sim. image", "sim. region", "region rank"]
+GUIDANCE_WIDTHS = ["8%", "14%", "12%", "36%", "10%", "10%", "10%"]
 GALLERY_MAX_SIDE = 768  # the gallery's maps are shrunk to this; the main heat map keeps the input's size
 REGION_LABEL = "anomalous region"
 SCORING = ScoringConfig()
@@ -65,27 +68,32 @@ def gallery_size(height: int, width: int, max_side: int = GALLERY_MAX_SIDE) -> t
 
 
 def map_gallery(det: Detection, stage_layers: tuple[int, ...] | list[int]) -> list[tuple[Image.Image, str]]:
-    """The 4 stage maps M_i^a, then M^n and M^a, coloured (jet, 0 blue .. 1 red), with captions.
+    """The 4 stage maps M_i^a, then M^n and M^a, coloured (jet, 0 blue .. 1 red), with captions
+    short enough for a gallery cell (the gallery's label says what the maps are).
 
     Upsampled from the model's resolution straight to the gallery's size, not via the input's.
     """
     maps = upsample_maps(det.model_maps, gallery_size(*det.anomaly_map.shape))  # [M^n, M^a, M_1^a ..]
     images = [Image.fromarray(colorize(m)) for m in maps]
     items = [
-        (image, f"stage {i} (layer {layer}): abnormal probability M{i}ᵃ")
+        (image, f"stage {i} · M{i}ᵃ · layer {layer}")
         for i, (image, layer) in enumerate(zip(images[2:], stage_layers), start=1)
     ]
-    items.append((images[0], "normal map Mⁿ (mean over stages)"))
-    items.append((images[1], "abnormal map Mᵃ (mean over stages)"))
+    items.append((images[0], "normal Mⁿ (mean)"))
+    items.append((images[1], "abnormal Mᵃ (mean)"))
     return items
 
 
 def guidance_table(det: Detection) -> pd.DataFrame:
-    """The prompts that guided the result, ranked by similarity to the image (and to the region)."""
+    """The prompts that guided the result, ranked by similarity to the image (and to the region).
+
+    Similarities are rounded to 3 decimals, which keeps them on one line of a narrow column
+    (:attr:`Detection.guidance` has them in full).
+    """
     by_region = sorted(range(len(det.guidance)), key=lambda i: det.guidance[i].region_similarity, reverse=True)
     region_rank = {index: rank for rank, index in enumerate(by_region, start=1)}
     rows = [
-        [i + 1, SOURCE_LABELS.get(g.source, g.source), g.state, g.text, round(g.image_similarity, 4), round(g.region_similarity, 4), region_rank[i]]
+        [i + 1, SOURCE_LABELS.get(g.source, g.source), g.state, g.text, round(g.image_similarity, 3), round(g.region_similarity, 3), region_rank[i]]
         for i, g in enumerate(det.guidance)
     ]
     return pd.DataFrame(rows, columns=GUIDANCE_COLUMNS)
@@ -102,7 +110,8 @@ def result_summary(model: KAnoCLIP, det: Detection, region_fraction: float) -> s
     if det.known_class:
         cls = f"**Class:** `{det.class_name}` (in the knowledge base)"
     else:
-        cls = f"**Class:** `{det.class_name}` — not in the knowledge base, so generic anomaly descriptions were used"
+        hint = unknown_class_hint(model.knowledge, det.class_name)
+        cls = f"**Class:** `{det.class_name}` — not in the knowledge base, so generic anomaly descriptions were used.{hint}"
     region = (
         f"{region_fraction:.1%} of the pixels reach the threshold {det.threshold:.2f}"
         if region_fraction > 0
@@ -243,12 +252,16 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
                     label="Thresholded anomaly region", format="png", color_map={}, height=420, elem_id="detect-region"
                 )
                 gallery = gr.Gallery(
-                    label="Stage maps M₁ᵃ..M₄ᵃ, normal map Mⁿ, abnormal map Mᵃ", columns=3, format="png", elem_id="detect-gallery"
+                    label="Stage maps M₁ᵃ..M₄ᵃ (abnormal probability per stage), normal map Mⁿ, abnormal map Mᵃ (means over stages)",
+                    columns=3,
+                    format="png",
+                    elem_id="detect-gallery",
                 )
                 guidance = gr.Dataframe(
                     headers=GUIDANCE_COLUMNS,
-                    label="Prompts that guided this result (LLM / VQA knowledge, learned or template prompts)",
+                    label="Prompts that guided this result (knowledge descriptions by source, learned or template prompts)",
                     wrap=True,
+                    column_widths=GUIDANCE_WIDTHS,
                     interactive=False,
                     elem_id="detect-guidance",
                 )

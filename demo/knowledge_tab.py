@@ -1,7 +1,10 @@
 """The Knowledge tab: browse, edit, save and extend the LLM-VQA knowledge base (paper §2.2.1).
 
 The app has one knowledge base (``--kb``, else the built-in one), shared by every model it
-loads. Edits apply at once to every loaded model; *Save* writes it atomically to the ``--kb``
+loads. Every description shows its true source (LLM, VQA, built-in = hand-written by the
+kanoclip authors, hand-written = typed here by a user). The editor holds a class's general
+descriptions (all but VQA): lines kept keep their source, new lines are hand-written
+(``manual``). Edits apply at once to every loaded model; *Save* writes it atomically to the ``--kb``
 file or to a ``.json`` under the knowledge-base folder (``--kb-dir``), nowhere else.
 *Generate* asks an OpenAI-compatible LLM (or a VQA model with an image) for new descriptions
 through :mod:`kanoclip.knowledge.generate`; the API key is read from an environment variable
@@ -19,10 +22,19 @@ import gradio as gr
 import pandas as pd
 
 from kanoclip.errors import InputError
-from kanoclip.knowledge import LLM_TEMPLATE, VQA_TEMPLATE, KnowledgeBase, Provenance, image_sha256
+from kanoclip.knowledge import LLM_TEMPLATE, SOURCE_LABELS, STORED_SOURCES, VQA_TEMPLATE, KnowledgeBase, Provenance, image_sha256
+from kanoclip.knowledge import classes as catalog
 from kanoclip.knowledge import generate as gen
 
-from demo.components import class_name_text, dropdown_update, image_input, required_class_name, user_errors
+from demo.components import (
+    class_choices,
+    class_name_text,
+    dropdown_update,
+    image_input,
+    required_class_name,
+    unknown_class_hint,
+    user_errors,
+)
 from demo.state import AppContext, KnowledgeStore
 
 DEFAULT_KEY_ENV = gen.DEFAULT_API_KEY_ENV
@@ -48,15 +60,16 @@ def api_key(variable: str | None) -> str | None:
 
 
 def counts_table(kb: KnowledgeBase) -> pd.DataFrame:
-    rows = [[name, c["llm"], c["vqa"]] for name, c in kb.counts().items()]
-    return pd.DataFrame(rows, columns=["class", "LLM descriptions", "VQA descriptions"])
+    """One row per class: its name, dataset(s) and how many descriptions of each source it has."""
+    rows = [[name, ", ".join(catalog.datasets_of(name)), *(c[s] for s in STORED_SOURCES)] for name, c in kb.counts().items()]
+    return pd.DataFrame(rows, columns=["class", "dataset", *(SOURCE_LABELS[s] for s in STORED_SOURCES)])
 
 
 DESCRIPTION_COLUMNS = ["source", "text", "image", "model", "date"]
 
 
 def class_view(kb: KnowledgeBase, class_name: str | None) -> tuple[str, pd.DataFrame, str]:
-    """(LLM descriptions one per line, a table of every description with its provenance, a note)."""
+    """(general descriptions one per line, a table of every description with its source and provenance, a note)."""
     name = class_name_text(class_name)
     columns = DESCRIPTION_COLUMNS
     if not name:
@@ -64,13 +77,13 @@ def class_view(kb: KnowledgeBase, class_name: str | None) -> tuple[str, pd.DataF
     resolved = kb.resolve(name)
     if resolved is None:
         return "", pd.DataFrame([], columns=columns), (
-            f"`{name}` is not in the knowledge base (detection would use generic descriptions). "
+            f"`{name}` is not in the knowledge base (detection would use generic descriptions).{unknown_class_hint(kb, name)} "
             "Type descriptions, one per line, and press *Apply edits* to add it."
         )
     pairs = kb.provenance(resolved)
-    llm = "\n".join(d.text for d, _ in pairs if d.source == "llm")
-    rows = [[d.source.upper(), d.text, d.image_name or "", p.model, p.date] for d, p in pairs]
-    return llm, pd.DataFrame(rows, columns=columns), f"`{resolved}`: {len(pairs)} descriptions."
+    general = "\n".join(d.text for d, _ in pairs if d.source != "vqa")
+    rows = [[SOURCE_LABELS[d.source], d.text, d.image_name or "", p.model, p.date] for d, p in pairs]
+    return general, pd.DataFrame(rows, columns=columns), f"`{resolved}`: {len(pairs)} descriptions."
 
 
 def _lines(text: str | None) -> list[str]:
@@ -114,7 +127,9 @@ def build_knowledge_tab(ctx: AppContext, class_inputs: list[gr.Dropdown]) -> Non
 
     def refreshed(kb: KnowledgeBase, class_name: str | None, message: str) -> tuple[Any, ...]:
         llm, table, note = class_view(kb, class_name)
-        updates = [dropdown_update(kb.classes()) for _ in range(len(class_inputs) + 1)]
+        # this tab's dropdown shows each class with its dataset; the other tabs' keep plain names,
+        # so that a typed name stays what their box shows
+        updates = [dropdown_update(class_choices(kb)), *(dropdown_update(kb.classes()) for _ in class_inputs)]
         return (counts_table(kb), llm, table, f"{message} {note}".strip(), *updates)
 
     @user_errors
@@ -126,8 +141,11 @@ def build_knowledge_tab(ctx: AppContext, class_inputs: list[gr.Dropdown]) -> Non
     def apply(class_name: str | None, text: str | None) -> tuple[Any, ...]:
         name = required_class_name(class_name, "pick or type the class whose descriptions you edit")
         lines = _lines(text)
-        _, kb = store.edit(lambda kb: kb.set_llm(name, lines))
-        return refreshed(kb, name, f"Applied: `{name}` has {len(lines)} LLM descriptions; every loaded model uses them now.")
+        _, kb = store.edit(lambda kb: kb.set_general(name, lines))
+        return refreshed(
+            kb, name, f"Applied: `{name}` has {len(set(lines))} general descriptions (new lines are hand-written); "
+            "every loaded model uses them now."
+        )
 
     @user_errors
     def save(path: str | None) -> str:
@@ -155,18 +173,24 @@ def build_knowledge_tab(ctx: AppContext, class_inputs: list[gr.Dropdown]) -> Non
     with gr.Tab("Knowledge", id="knowledge"):
         gr.Markdown(
             "The **LLM-VQA knowledge base** guides the prompts (KnPL): per class, general anomaly descriptions "
-            "from an LLM and image-specific ones from a VQA model. It is shared by every model of this app; "
-            "edits apply at once. Save it to keep it."
+            "from an LLM and image-specific ones from a VQA model. The built-in one was written by hand by the "
+            "kanoclip authors (source *built-in*); lines you type are *hand-written*. It is shared by every model "
+            "of this app; edits apply at once. Save it to keep it."
         )
         with gr.Row():
-            with gr.Column(scale=1):
-                counts = gr.Dataframe(counts_table(snapshot), label="Classes", interactive=False, max_height=420)
-                upload = gr.File(label="Load a knowledge-base .json", file_types=[".json"], type="filepath")
             with gr.Column(scale=2):
-                class_name = gr.Dropdown(
-                    choices=snapshot.classes(), value=None, allow_custom_value=True, label="Class", elem_id="kb-class"
+                counts = gr.Dataframe(
+                    counts_table(snapshot), label="Classes: descriptions per source", interactive=False, max_height=420,
+                    wrap=True, column_widths=["26%", "22%", "13%", "13%", "13%", "13%"],
                 )
-                llm_text = gr.Textbox(label="LLM descriptions (one per line; edit, then Apply)", lines=8, elem_id="kb-llm")
+                upload = gr.File(label="Load a knowledge-base .json", file_types=[".json"], type="filepath")
+            with gr.Column(scale=3):
+                class_name = gr.Dropdown(
+                    choices=class_choices(snapshot), value=None, allow_custom_value=True, label="Class (dataset)", elem_id="kb-class"
+                )
+                llm_text = gr.Textbox(
+                    label="General descriptions: LLM, built-in, hand-written (one per line; edit, then Apply)", lines=8, elem_id="kb-llm"
+                )
                 apply_button = gr.Button("Apply edits", variant="primary")
                 table = gr.Dataframe(
                     headers=DESCRIPTION_COLUMNS, label="All descriptions of the class, with provenance", wrap=True, interactive=False

@@ -16,14 +16,16 @@ from kanoclip.maps import upsample
 class Guidance:
     """A text prompt that guided a result, with its cosine similarity to the image.
 
-    ``source`` is ``"llm"`` or ``"vqa"`` for knowledge-base descriptions and ``"learned"`` for
-    the learned prompts (their K context slots shown as ``X``). ``image_similarity`` is against
+    ``source`` is where the text came from: a knowledge-base description's own source (``"llm"``,
+    ``"vqa"``, ``"builtin"`` and ``"manual"`` written by hand, ``"generic"`` for an unknown class;
+    see :mod:`kanoclip.knowledge.base`), ``"learned"`` for the learned prompts (their K context
+    slots shown as ``X``) or ``"template"`` for the training-free normal prompts. ``image_similarity`` is against
     the image's global feature; ``region_similarity`` against the mean patch feature of the
     region the anomaly map marks (the whole image when nothing is marked).
     """
 
     text: str
-    source: Literal["llm", "vqa", "learned", "template"]
+    source: Literal["llm", "vqa", "builtin", "manual", "generic", "learned", "template"]
     state: Literal["normal", "abnormal"]
     image_similarity: float
     region_similarity: float

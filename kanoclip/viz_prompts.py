@@ -1,7 +1,8 @@
 """Drawings of the learned prompts (KnPL, paper §2.2.2) next to the knowledge base.
 
 * :func:`prompt_set` — the text features of a class's normal prompts (LNPs), abnormal prompts
-  (LAPs) and knowledge-base descriptions (LLM / VQA), from a model.
+  (LAPs) and knowledge-base descriptions, from a model. Each description is grouped by its true
+  source (LLM, VQA, built-in or user hand-written, generic fallback); w̄k takes all of them.
 * :func:`similarity_heatmap` — cosine similarity between all of them.
 * :func:`pca_plot` — a 2-D PCA projection of their (L2-normalised) features, with the three
   means w̄n, w̄a, w̄k of eq. 2.
@@ -21,14 +22,23 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-GROUP_COLORS = {"normal": "#1f77b4", "abnormal": "#d62728", "llm": "#2ca02c", "vqa": "#9467bd"}
-GROUP_NAMES = {"normal": "normal prompts (LNPs)", "abnormal": "abnormal prompts (LAPs)", "llm": "KB: LLM", "vqa": "KB: VQA"}
-_PREFIX = {"normal": "N", "abnormal": "A", "llm": "LLM", "vqa": "VQA"}
+from kanoclip.knowledge import KNOWLEDGE_SOURCES, SOURCE_LABELS
+
+GROUP_COLORS = {
+    "normal": "#1f77b4", "abnormal": "#d62728",
+    "llm": "#2ca02c", "vqa": "#9467bd", "builtin": "#ff7f0e", "manual": "#8c564b", "generic": "#7f7f7f",
+}
+GROUP_NAMES = {
+    "normal": "normal prompts (LNPs)", "abnormal": "abnormal prompts (LAPs)",
+    **{source: f"KB: {SOURCE_LABELS[source]}" for source in KNOWLEDGE_SOURCES},
+}
+_PREFIX = {"normal": "N", "abnormal": "A", "llm": "LLM", "vqa": "VQA", "builtin": "B", "manual": "H", "generic": "G"}
 
 
 @dataclass
 class PromptSet:
-    """Texts of one class with their raw text features ``(N, C)`` and groups (normal/abnormal/llm/vqa)."""
+    """Texts of one class with their raw text features ``(N, C)`` and groups (normal, abnormal, or a
+    knowledge source of :data:`~kanoclip.knowledge.KNOWLEDGE_SOURCES`)."""
 
     class_name: str
     texts: list[str]
@@ -37,7 +47,8 @@ class PromptSet:
 
     @property
     def labels(self) -> list[str]:
-        """Short labels: ``N1``.. for normal prompts, ``A1``.. abnormal, ``LLM1``.., ``VQA1``.."""
+        """Short labels: ``N1``.. for normal prompts, ``A1``.. abnormal, then by knowledge source
+        ``LLM1``.., ``VQA1``.., ``B1``.. built-in, ``H1``.. hand-written by a user, ``G1``.. generic."""
         counts: dict[str, int] = {}
         labels = []
         for group in self.groups:
@@ -98,7 +109,8 @@ def kd_distances(knowledge: np.ndarray, abnormal: np.ndarray, normal: np.ndarray
 
 
 def set_kd_distances(prompts: PromptSet) -> KDDistances:
-    return kd_distances(prompts.group(("llm", "vqa")), prompts.group("abnormal"), prompts.group("normal"))
+    """:func:`kd_distances` of a prompt set; the knowledge side is every description, whatever its source."""
+    return kd_distances(prompts.group(KNOWLEDGE_SOURCES), prompts.group("abnormal"), prompts.group("normal"))
 
 
 def pca_2d(features: np.ndarray, extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
@@ -157,7 +169,7 @@ def similarity_heatmap(prompts: PromptSet, title: str | None = None) -> Figure:
 
 def pca_plot(prompts: PromptSet, title: str | None = None) -> Figure:
     """The features projected on their first two principal components, with the means of eq. 2 as stars."""
-    means = np.stack([_mean_direction(prompts.group(g)) for g in ("normal", "abnormal")] + [_mean_direction(prompts.group(("llm", "vqa")))])
+    means = np.stack([_mean_direction(prompts.group(g)) for g in ("normal", "abnormal", KNOWLEDGE_SOURCES)])
     points, mean_points, ratio = pca_2d(prompts.features, means)
     fig = _figure(7.5, 5.5)
     ax = fig.add_subplot(1, 1, 1)
@@ -168,7 +180,9 @@ def pca_plot(prompts: PromptSet, title: str | None = None) -> Figure:
     for (x, y), label in zip(points, prompts.labels):
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     assert mean_points is not None
-    for (x, y), name, color in zip(mean_points, ("w̄n", "w̄a", "w̄k"), (GROUP_COLORS["normal"], GROUP_COLORS["abnormal"], GROUP_COLORS["llm"])):
+    # w̄k's star takes the colour of the knowledge source with the most descriptions
+    knowledge = max(KNOWLEDGE_SOURCES, key=prompts.groups.count)
+    for (x, y), name, color in zip(mean_points, ("w̄n", "w̄a", "w̄k"), (GROUP_COLORS["normal"], GROUP_COLORS["abnormal"], GROUP_COLORS[knowledge])):
         ax.scatter([x], [y], marker="*", s=260, c=color, edgecolors="black", linewidths=0.8, zorder=5)
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, -10), fontsize=10, fontweight="bold")
     ax.set_xlabel(f"PC1 ({ratio[0]:.0%} of variance)")

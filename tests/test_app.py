@@ -185,7 +185,7 @@ def test_detect_bottle_gives_the_heat_map_at_the_input_size(client: Client, tiny
     word = "ANOMALOUS" if direct.is_anomalous else "normal"
     assert verdict["label"].startswith(word)
     sources = {row[1] for row in guidance["data"]}
-    assert {"LLM", "template"} <= sources
+    assert sources == {"built-in", "template"}  # the shipped knowledge base is hand-written, not LLM
     assert [row[3] for row in guidance["data"]] == [g.text for g in direct.guidance]  # ranked by image similarity
     assert "training-free" in summary and "`bottle` (in the knowledge base)" in summary
 
@@ -592,18 +592,45 @@ def test_knowledge_edits_reach_detection_and_save_atomically(kb_app: Running, bo
     client = kb_app.client()
     new = ["A bottle whose rim is chipped with a sharp missing piece.", "A bottle with a brown stain on the bottom."]
     counts, llm, table, note, *_ = client.predict("bottle", "\n".join(new) + "\n\n", api_name="/kb_apply")
-    assert llm.splitlines() == new and "2 LLM descriptions" in note
-    assert [r[1] for r in table["data"] if r[0] == "LLM"] == new
+    assert llm.splitlines() == new and "2 general descriptions" in note
+    assert [r[1] for r in table["data"] if r[0] == "hand-written"] == new and len(table["data"]) == 2
     *_, guidance = client.predict(handle_file(str(bottle_image)), "bottle", api_name="/detect")
-    assert {row[3] for row in guidance["data"] if row[1] == "LLM"} == set(new)
+    assert {row[3] for row in guidance["data"] if row[1] == "hand-written"} == set(new)
     message = client.predict("mine.json", api_name="/kb_save")
     saved = kb_app.config.kb_dir / "mine.json"
     assert str(saved.resolve()) in message
-    assert [d.text for d in KnowledgeBase.load(saved).descriptions("bottle") if d.source == "llm"] == new
+    assert [d.text for d in KnowledgeBase.load(saved).descriptions("bottle") if d.source == "manual"] == new
     for bad in ("../escape.json", "/etc/kanoclip.json", "notes.txt"):
         with pytest.raises(AppError) as excinfo:
             client.predict(bad, api_name="/kb_save")
         assert "knowledge-base" in error_text(excinfo)
+
+
+def test_knowledge_tab_labels_sources_and_datasets(kb_app: Running) -> None:
+    from demo.components import class_choices
+    from demo.knowledge_tab import class_view, counts_table
+
+    kb = KnowledgeBase.builtin()
+    table = counts_table(kb)
+    assert list(table.columns) == ["class", "dataset", "LLM", "built-in", "hand-written", "VQA"]
+    row = table.set_index("class").loc["Class3"]
+    assert (row["dataset"], row["LLM"], row["built-in"]) == ("DAGM 2007", 0, 5)
+    choices = {value: label for label, value in class_choices(kb)}
+    assert choices["01"] == "01 (BTAD)" and choices["Class3"] == "Class3 (DAGM 2007)" and choices["brain"] == "brain (BrainMRI, Br35H)"
+    general, rows, _ = class_view(kb, "bottle")
+    assert len(general.splitlines()) == 5 and set(rows["source"]) == {"built-in"}
+    _, _, note = class_view(kb, "pcb board")
+    assert "not in the knowledge base" in note and "Did you mean `pcb1`, `pcb2`, `pcb3`, `pcb4`?" in note
+    # over HTTP: a class typed in the tab is unknown, then hand-written once applied
+    client = kb_app.client()
+    counts, _, described, _, *_ = client.predict("gear wheel", "a gear wheel with a broken tooth", api_name="/kb_apply")
+    assert [r[0] for r in described["data"]] == ["hand-written"]
+    assert [r[:6] for r in counts["data"] if r[0] == "gear_wheel"] == [["gear_wheel", "", 0, 0, 1, 0]]
+
+
+def test_unknown_class_summary_suggests_near_classes(client: Client, bottle_image: Path) -> None:
+    summary, *_ = client.predict(handle_file(str(bottle_image)), "screws", api_name="/detect")
+    assert "not in the knowledge base" in summary and "Did you mean `screw`?" in summary
 
 
 def test_knowledge_generation_from_an_llm_endpoint(kb_app: Running, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -106,3 +106,20 @@ def test_backbone_defaults_to_the_environment(capsys, tiny_backbone, image_folde
     code = main(["detect", str(image_folder / "c.png"), "--class", "bottle", "--device", "cpu", "--json"])
     (result,) = json.loads(capsys.readouterr().out)
     assert code == 0 and set(result) == {"image", "score", "is_anomalous"}
+
+
+def test_unknown_class_warns_and_suggests_near_classes(capsys, tiny_backbone, image_folder):
+    image = str(image_folder / "c.png")
+    base = ["detect", image, "--backbone", str(tiny_backbone), "--device", "cpu"]
+    assert main([*base, "--class", "pcb board"]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        (
+            "kanoclip detect: warning: class 'pcb board' is not in the knowledge base, so generic anomaly descriptions "
+            "are used; did you mean --class pcb1 or pcb2 or pcb3 or pcb4? Otherwise pass a knowledge base that describes it with --kb"
+        )
+    ]
+    assert main([*base, "--class", "zzzz qqqq"]) == 0
+    assert "; pass a knowledge base that describes it with --kb" in capsys.readouterr().err
+    assert main([*base, "--class", "Bottle"]) == 0
+    assert "warning" not in capsys.readouterr().err  # a known class: no warning

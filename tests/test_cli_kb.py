@@ -41,7 +41,7 @@ def check_listing(listing: dict) -> None:
     classes = listing["classes"]
     assert set(CANONICAL) <= set(classes) and len(CANONICAL) == 53
     for name in CANONICAL:
-        assert classes[name]["llm"] >= 5 and classes[name]["vqa"] == 0, name
+        assert classes[name] == {"llm": 0, "builtin": 5, "manual": 0, "vqa": 0}, name  # hand-written, no LLM
 
 
 def test_list_json_in_process(capsys):
@@ -64,8 +64,8 @@ def test_list_human(capsys):
     code, out, _ = run_cli(capsys, "kb", "list")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["class", "llm", "vqa", "dataset"]
-    assert any(line.split()[:3] == ["metal_nut", "5", "0"] and "MVTec-AD" in line for line in lines)
+    assert lines[0].split() == ["class", "llm", "builtin", "manual", "vqa", "dataset"]
+    assert any(line.split()[:5] == ["metal_nut", "0", "5", "0", "0"] and "MVTec-AD" in line for line in lines)
 
 
 def test_show_json_resolves_alias_and_includes_vqa(capsys, tmp_path):
@@ -80,19 +80,21 @@ def test_show_json_resolves_alias_and_includes_vqa(capsys, tmp_path):
         "class": "metal_nut",
         "llm": ["a bent lobe on the nut", "a pink paint spot"],
         "vqa": [{"image": "007.png", "text": "a scratch at the top"}, {"image": "d" * 64, "text": "a missing lobe"}],
+        "builtin": [], "manual": [], "generic": [], "suggestions": [],
     }
 
 
 def test_show_builtin_human_and_unknown(capsys):
     code, out, _ = run_cli(capsys, "kb", "show", "magnetic tile")
     assert code == 0
-    assert out.startswith("magnetic_tile (MTD)\nLLM descriptions (5):\n  1. ")
+    assert out.startswith("magnetic_tile (MTD)\nbuilt-in descriptions (5):\n  1. ")
     code, out, err = run_cli(capsys, "kb", "show", "gear wheel", "--json")
     data = json.loads(out)
-    assert code == 0 and data["class"] == "gear wheel" and len(data["llm"]) >= 5 and data["vqa"] == []
+    assert code == 0 and data["class"] == "gear wheel" and len(data["generic"]) >= 5 and data["llm"] == data["vqa"] == []
     assert "generic fallback" in err
     code, out, _ = run_cli(capsys, "kb", "show", "gear wheel")
     assert "not in the knowledge base; the generic fallback" in out and "a gear wheel with a crack" in out
+    assert "\ngeneric descriptions (5):\n" in out and "LLM" not in out
 
 
 def test_bad_kb_file_is_one_line_exit_2(capsys, tmp_path):
@@ -101,9 +103,39 @@ def test_bad_kb_file_is_one_line_exit_2(capsys, tmp_path):
     code, out, err = run_cli(capsys, "kb", "list", "--kb", str(bad))
     assert code == 2 and out == ""
     assert err == (
-        f"kanoclip kb: error: knowledge base {bad}: schema_version 7 is not supported (expected 1); "
+        f"kanoclip kb: error: knowledge base {bad}: schema_version 7 is not supported (expected 1 or 2); "
         "rebuild it with 'kanoclip kb build'\n"
     )
+
+
+def test_show_prints_each_true_source(capsys, tmp_path):
+    kb = KnowledgeBase.builtin()
+    kb.add_llm("bottle", ["an llm line about the bottle"], PROV)
+    kb.add_manual("bottle", ["my own line about the bottle"], Provenance("me", None, "2026-01-02", LLM_TEMPLATE))
+    kb.save(tmp_path / "kb.json")
+    code, out, _ = run_cli(capsys, "kb", "show", "bottle", "--kb", str(tmp_path / "kb.json"))
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "bottle (MVTec-AD)"
+    assert lines[1:3] == ["LLM descriptions (1):", "  1. an llm line about the bottle"]
+    assert lines[3] == "built-in descriptions (5):" and lines[9:] == ["hand-written descriptions (1):", "  1. my own line about the bottle"]
+    code, out, _ = run_cli(capsys, "kb", "show", "bottle", "--kb", str(tmp_path / "kb.json"), "--json")
+    data = json.loads(out)
+    assert (data["llm"], data["manual"], len(data["builtin"]), data["generic"]) == (
+        ["an llm line about the bottle"], ["my own line about the bottle"], 5, []
+    )
+
+
+def test_show_unknown_class_suggests_near_ones(capsys):
+    code, out, _ = run_cli(capsys, "kb", "show", "pcb board")
+    assert code == 0
+    assert out.splitlines()[0] == (
+        "pcb board: not in the knowledge base (did you mean pcb1, pcb2, pcb3, pcb4?); the generic fallback descriptions are used:"
+    )
+    code, out, err = run_cli(capsys, "kb", "show", "screws", "--json")
+    assert json.loads(out)["suggestions"] == ["screw"] and "(did you mean screw?)" in err
+    code, out, _ = run_cli(capsys, "kb", "show", "zzzz qqqq")
+    assert "did you mean" not in out
 
 
 # ----------------------------------------------------------------------------- build
@@ -125,7 +157,7 @@ def test_build_with_images_extends_existing_output(capsys, server, tmp_path):
     models = sorted((r.body["model"], r.is_vqa) for r in server.requests)
     assert models == [("text-model", False), ("text-model", False), ("vision-model", True), ("vision-model", True)]
     kb = KnowledgeBase.load(out)
-    assert kb.counts() == {"metal_nut": {"llm": 3, "vqa": 1}, "screw": {"llm": 3, "vqa": 1}, "wood": {"llm": 1, "vqa": 0}}
+    assert kb.counts() == {"metal_nut": {"llm": 3, "builtin": 0, "manual": 0, "vqa": 1}, "screw": {"llm": 3, "builtin": 0, "manual": 0, "vqa": 1}, "wood": {"llm": 1, "builtin": 0, "manual": 0, "vqa": 0}}
     vqa_prompts = sorted(r.prompt for r in server.requests if r.is_vqa)
     assert vqa_prompts[0].startswith("Identify anomalies in the input image of the specified class (metal nut).")
     # Rerun: nothing left to ask.
@@ -147,7 +179,7 @@ def test_build_failure_is_one_line_and_keeps_progress(capsys, server, tmp_path):
     assert code == 2
     last = err.strip().splitlines()[-1]
     assert last.startswith("kanoclip kb: error: ") and "HTTP 500 after 2 attempts" in last
-    assert KnowledgeBase.load(out).counts() == {"bottle": {"llm": 5, "vqa": 0}}
+    assert KnowledgeBase.load(out).counts() == {"bottle": {"llm": 5, "builtin": 0, "manual": 0, "vqa": 0}}
 
 
 @pytest.mark.parametrize(

@@ -44,11 +44,11 @@ def test_builtin_covers_every_paper_class_with_five_distinct_descriptions():
     assert kb.classes() == ALL_CLASSES == canonical_names()
     texts = []
     for name in ALL_CLASSES:
-        llm = [d.text for d in kb.descriptions(name) if d.source == "llm"]
-        assert len(llm) >= 5, name
-        assert len(set(llm)) == len(llm), name
-        assert all(len(t.split()) >= 8 for t in llm), name
-        texts += llm
+        written = [d.text for d in kb.descriptions(name) if d.source == "builtin"]
+        assert len(written) >= 5, name
+        assert len(set(written)) == len(written), name
+        assert all(len(t.split()) >= 8 for t in written), name
+        texts += written
     assert len(set(texts)) == len(texts), "descriptions repeat across classes"
 
 
@@ -59,7 +59,7 @@ def test_builtin_provenance_and_copy_semantics():
     (prov,) = provs
     assert (prov.model, prov.endpoint, prov.template) == ("written by the kanoclip authors", None, LLM_TEMPLATE)
     assert len(prov.date) == 10 and prov.date.startswith("20")
-    kb.set_llm("bottle", ["only one description of a bottle"])
+    kb.set_general("bottle", ["only one description of a bottle"])
     assert len(KnowledgeBase.builtin().descriptions("bottle")) >= 5  # the cached one is untouched
     assert KnowledgeBase.load_or_builtin(None).counts() == KnowledgeBase.builtin().counts()
 
@@ -107,7 +107,7 @@ def test_unknown_class_gets_generic_fallback():
     kb = KnowledgeBase.builtin()
     assert not kb.is_known("gear_wheel") and kb.is_known("Metal Nut")
     generic = kb.descriptions("gear_wheel")
-    assert len(generic) >= 5 and all(d.source == "llm" for d in generic)
+    assert len(generic) >= 5 and all(d.source == "generic" for d in generic)
     assert all("gear wheel" in d.text for d in generic)
     assert any("a gear wheel with a crack, a hole or a missing part" in d.text for d in generic)
 
@@ -118,23 +118,24 @@ def test_llm_before_vqa_and_counts():
     kb.add_llm("bottle", ["llm one", "llm two", "llm one"], PROV)
     assert [d.source for d in kb.descriptions("bottle")] == ["llm", "llm", "vqa"]
     assert kb.descriptions("bottle")[-1] == Description("a crack at the rim seen in the photo", "vqa", HASH, "000.png")
-    assert kb.counts() == {"bottle": {"llm": 2, "vqa": 1}}
+    assert kb.counts() == {"bottle": {"llm": 2, "builtin": 0, "manual": 0, "vqa": 1}}
     assert kb.add_llm("Bottle", ["llm two", "llm three"], PROV) == 1  # alias of an existing class, duplicate skipped
 
 
-def test_set_llm_keeps_provenance_of_kept_texts():
+def test_set_general_keeps_provenance_of_kept_texts():
     kb = KnowledgeBase()
     kb.add_llm("wood", ["kept text", "dropped text"], PROV)
     kb.add_vqa("wood", HASH, None, ["vqa text"], PROV)
-    kb.set_llm("wood", ["kept text", "new text", " new   text "])
+    kb.set_general("wood", ["kept text", "new text", " new   text "])
     by_text = {d.text: p for d, p in kb.provenance("wood")}
     assert set(by_text) == {"kept text", "new text", "vqa text"}
     assert by_text["kept text"] == PROV and by_text["new text"].model == "edited by the user"
-    kb.set_llm("wood", [])
-    assert kb.counts() == {"wood": {"llm": 0, "vqa": 1}}
+    assert {d.text: d.source for d in kb.descriptions("wood")} == {"kept text": "llm", "new text": "manual", "vqa text": "vqa"}
+    kb.set_general("wood", [])
+    assert kb.counts() == {"wood": {"llm": 0, "builtin": 0, "manual": 0, "vqa": 1}}
     kb2 = KnowledgeBase()
     kb2.add_llm("grid", ["x y z"], PROV)
-    kb2.set_llm("grid", [])
+    kb2.set_general("grid", [])
     assert kb2.classes() == [] and not kb2.is_known("grid")
 
 
@@ -166,7 +167,7 @@ def test_round_trip(tmp_path):
     path = tmp_path / "sub" / "kb.json"
     kb.save(path)
     data = json.loads(path.read_text())
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == 2
     assert data["classes"]["custom_thing"]["vqa"][0]["image"] == HASH
     loaded = KnowledgeBase.load(path)
     assert loaded.to_dict() == kb.to_dict()
@@ -195,7 +196,7 @@ def mutate(path_keys, value):
 
 PID = PROV.key
 BAD_DOCS = {
-    "wrong version": (mutate(["schema_version"], 7), "schema_version 7 is not supported (expected 1); rebuild it with 'kanoclip kb build'"),
+    "wrong version": (mutate(["schema_version"], 7), "schema_version 7 is not supported (expected 1 or 2); rebuild it with 'kanoclip kb build'"),
     "version as string": (mutate(["schema_version"], "1"), "schema_version '1' is not supported"),
     "version as bool": (mutate(["schema_version"], True), "schema_version True is not supported"),
     "no version": (mutate(["schema_version"], KeyError), "lacks required key 'schema_version'"),
@@ -265,3 +266,91 @@ def test_builtin_file_is_the_saved_form():
     """The shipped JSON is exactly what save() writes, so edits through the API round-trip."""
     shipped = Path(__file__).resolve().parents[1] / "kanoclip" / "knowledge" / "builtin.json"
     assert json.loads(shipped.read_text(encoding="utf-8")) == KnowledgeBase.builtin().to_dict()
+
+
+# ----------------------------------------------------------------------------- honest sources
+def test_builtin_is_hand_written_not_llm():
+    kb = KnowledgeBase.builtin()
+    sources = {d.source for name in kb.classes() for d in kb.descriptions(name)}
+    assert sources == {"builtin"}
+    assert all(c["llm"] == 0 and c["builtin"] >= 5 for c in kb.counts().values())
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "kanoclip" / "knowledge" / "builtin.json").read_text())
+    assert shipped["schema_version"] == 2
+    assert {key for entry in shipped["classes"].values() for key in entry} == {"builtin"}
+    assert all(p["endpoint"] is None and "written by" in p["model"] for p in shipped["provenance"].values())
+
+
+def test_schema_version_1_file_still_loads_with_its_sources(tmp_path):
+    """A file written before the hand-written sources existed: its llm/vqa entries stay llm/vqa."""
+    old = {
+        "schema_version": 1,
+        "provenance": {"p": {"model": "llama3.1", "endpoint": "http://h/v1/chat/completions", "date": "2025-01-01", "template": LLM_TEMPLATE}},
+        "classes": {
+            "bottle": {
+                "llm": [{"text": "a crack in the glass", "provenance": "p"}],
+                "vqa": [{"image": HASH, "image_name": "a.png", "text": "a chip at the rim", "provenance": "p"}],
+            },
+            "widget": {"llm": [{"text": "a bent widget arm", "provenance": "p"}], "vqa": []},
+        },
+    }
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    kb = KnowledgeBase.load(path)
+    assert [(d.text, d.source) for d in kb.descriptions("bottle")] == [("a crack in the glass", "llm"), ("a chip at the rim", "vqa")]
+    assert [d.source for d in kb.descriptions("widget")] == ["llm"]
+    kb.save(path)  # saving writes the current version, with the same sources
+    new = json.loads(path.read_text())
+    assert new["schema_version"] == 2
+    assert new["classes"]["widget"] == {"llm": [{"text": "a bent widget arm", "provenance": next(iter(new["provenance"]))}]}
+    old["classes"]["bottle"]["builtin"] = []  # version 1 had no hand-written sources
+    path.write_text(json.dumps(old))
+    with pytest.raises(KnowledgeBaseError, match="class 'bottle' has unknown key 'builtin'"):
+        KnowledgeBase.load(path)
+
+
+def test_hand_written_descriptions_are_manual_and_round_trip(tmp_path):
+    me = Provenance(model="me", endpoint=None, date="2026-01-02", template=LLM_TEMPLATE)
+    kb = KnowledgeBase.builtin()
+    assert kb.add_manual("bottle", ["a label stuck on upside down", "a label stuck on upside down"], me) == 1
+    kb.add_llm("bottle", ["an llm line"], PROV)
+    sources = [d.source for d in kb.descriptions("bottle")]
+    assert sources == ["llm"] + ["builtin"] * 5 + ["manual"]
+    path = tmp_path / "kb.json"
+    kb.save(path)
+    entry = json.loads(path.read_text())["classes"]["bottle"]
+    assert list(entry) == ["llm", "builtin", "manual"]  # only the sources the class has
+    assert entry["manual"][0]["text"] == "a label stuck on upside down"
+    loaded = KnowledgeBase.load(path)
+    assert loaded.to_dict() == kb.to_dict()
+    assert loaded.provenance("bottle")[-1] == (Description("a label stuck on upside down", "manual"), me)
+    # the editor keeps built-in texts built-in and marks its own lines manual
+    builtin_text = kb.descriptions("bottle")[1].text
+    kb.set_general("bottle", [builtin_text, "typed in the editor"])
+    assert [(d.text, d.source) for d in kb.descriptions("bottle")] == [(builtin_text, "builtin"), ("typed in the editor", "manual")]
+
+
+# ----------------------------------------------------------------------------- suggestions
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("pcb board", ["pcb1", "pcb2", "pcb3", "pcb4"]),
+        ("screws", ["screw"]),
+        ("bottel", ["bottle"]),
+        ("zzzz qqqq", []),
+        ("", []),
+    ],
+)
+def test_suggest_near_known_classes(text, expected):
+    assert KnowledgeBase.builtin().suggest(text) == expected
+
+
+def test_suggest_limit_aliases_and_own_classes():
+    kb = KnowledgeBase.builtin()
+    assert kb.suggest("pcb board", limit=2) == ["pcb1", "pcb2"]
+    assert kb.suggest("pcb board", limit=0) == []
+    assert kb.suggest("hazel nuts")[0] == "hazelnut"  # via the alias "hazel nut"
+    assert "metal_nut" in kb.suggest("nuts")  # via the alias "nut"
+    kb.add_manual("gear wheel", ["a broken tooth on the gear"], Provenance("me", None, "2026-01-02", LLM_TEMPLATE))
+    assert kb.suggest("gear wheels")[0] == "gear_wheel"
+    empty = KnowledgeBase()
+    assert empty.suggest("screws") == []  # only classes this knowledge base has

@@ -41,7 +41,7 @@ def test_llm_sends_paper_template_verbatim_and_keeps_n(server, tmp_path):
     ]
     assert all(r.body["model"] == "test-model" and r.asked_n == 5 for r in server.requests)
     kb = KnowledgeBase.load(out)
-    assert kb.counts() == {"bottle": {"llm": 5, "vqa": 0}, "metal_nut": {"llm": 5, "vqa": 0}}
+    assert kb.counts() == {"bottle": {"llm": 5, "builtin": 0, "manual": 0, "vqa": 0}, "metal_nut": {"llm": 5, "builtin": 0, "manual": 0, "vqa": 0}}
     assert report.llm_added == 10 and report.short == []
     (desc, prov), *_ = kb.provenance("metal_nut")
     assert "metal nut" in desc.text
@@ -181,13 +181,13 @@ def test_failure_retries_then_clear_error_and_keeps_earlier_results(server, tmp_
     if kind == "http-429":  # Retry-After: 1 honoured (the backoff alone would be 0.01 s)
         assert screw_requests[1].time - screw_requests[0].time >= 0.9
     # What was generated before the failure is on disk; a rerun resumes with the missing class only.
-    assert KnowledgeBase.load(out).counts() == {"bottle": {"llm": 5, "vqa": 0}}
+    assert KnowledgeBase.load(out).counts() == {"bottle": {"llm": 5, "builtin": 0, "manual": 0, "vqa": 0}}
     server.responder = None
     server.requests.clear()
     with client(server) as llm:
         gen.build(out, ["bottle", "screw"], llm=llm, n=5)
     assert [r.prompt for r in server.requests] == ["Describe what an abnormal image of screw looks like?"]
-    assert KnowledgeBase.load(out).counts()["screw"] == {"llm": 5, "vqa": 0}
+    assert KnowledgeBase.load(out).counts()["screw"] == {"llm": 5, "builtin": 0, "manual": 0, "vqa": 0}
 
 
 def test_connection_error_is_retried_then_reported(tmp_path):
@@ -230,7 +230,7 @@ def test_rerun_asks_only_for_what_is_missing(server, tmp_path):
     assert sorted(r.asked_n for r in server.requests if not r.is_vqa) == [2, 2]
     assert [r.image_url.endswith(base64.b64encode(images[2].read_bytes()).decode()) for r in server.requests if r.is_vqa] == [True]
     counts = KnowledgeBase.load(out).counts()
-    assert counts == {"bottle": {"llm": 7, "vqa": 3}, "grid": {"llm": 7, "vqa": 0}}
+    assert counts == {"bottle": {"llm": 7, "builtin": 0, "manual": 0, "vqa": 3}, "grid": {"llm": 7, "builtin": 0, "manual": 0, "vqa": 0}}
 
 
 def test_build_extends_existing_file_and_reports_progress(server, tmp_path):
@@ -242,7 +242,8 @@ def test_build_extends_existing_file_and_reports_progress(server, tmp_path):
     kb = KnowledgeBase.load(out)
     assert set(KnowledgeBase.builtin().classes()) < set(kb.classes())
     assert kb.counts()["wood"]["llm"] == 6 and kb.counts()["widget"]["llm"] == 6
-    assert [r.asked_n for r in server.requests if "wood" in r.prompt] == [1]
+    assert kb.counts()["wood"]["builtin"] == 5  # kept, and not counted as LLM descriptions
+    assert [r.asked_n for r in server.requests if "wood" in r.prompt] == [6]
     assert events[0].kind == "start" and events[0].total == 2
     assert sorted(e.done for e in events[1:]) == [1, 2] and {e.class_name for e in events[1:]} == {"wood", "widget"}
 

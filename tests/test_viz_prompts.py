@@ -74,7 +74,7 @@ def test_prompt_set_from_the_tiny_model(tiny_model) -> None:
     assert prompts.groups.count("normal") == n_adj and prompts.groups.count("abnormal") == n_adj
     assert len(prompts.texts) == prompts.features.shape[0] == 2 * n_adj + n_kb
     assert prompts.labels[:2] == ["N1", "N2"] and prompts.labels[n_adj] == "A1"
-    assert "LLM1" in prompts.labels
+    assert prompts.groups[2 * n_adj :] == ["builtin"] * n_kb and "B1" in prompts.labels  # the shipped KB is hand-written
     # the KB features are CLIP text features of the descriptions, in order
     first_kb = tiny_model.text_encoder.encode([prompts.texts[2 * n_adj]]).detach().float().numpy()[0]
     assert np.allclose(prompts.features[2 * n_adj], first_kb, atol=1e-5)
@@ -99,3 +99,21 @@ def test_labels_count_per_group() -> None:
     prompts = PromptSet("x", ["a", "b", "c", "d", "e"], ["normal", "abnormal", "llm", "llm", "vqa"], np.eye(5))
     assert prompts.labels == ["N1", "A1", "LLM1", "LLM2", "VQA1"]
     assert prompts.group(("llm", "vqa")).shape == (3, 5)
+
+
+def test_every_knowledge_source_is_knowledge_and_labelled_by_source() -> None:
+    rng = np.random.default_rng(4)
+    features = rng.normal(size=(7, 6))
+    groups = ["normal", "normal", "abnormal", "builtin", "manual", "generic", "vqa"]
+    prompts = PromptSet("x", list("abcdefg"), groups, features)
+    assert prompts.labels == ["N1", "N2", "A1", "B1", "H1", "G1", "VQA1"]
+    d = set_kd_distances(prompts)
+    by_hand = kd_distances(features[3:], features[2:3], features[:2])  # rows 3.. are all knowledge
+    assert (d.knowledge_abnormal, d.knowledge_normal) == pytest.approx((by_hand.knowledge_abnormal, by_hand.knowledge_normal))
+
+
+def test_pca_legend_names_the_true_sources(tiny_model) -> None:
+    for name, expected in (("bottle", "KB: built-in"), ("an unknown gadget", "KB: generic")):
+        fig = pca_plot(prompt_set(tiny_model, name))
+        legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        assert legend == ["normal prompts (LNPs)", "abnormal prompts (LAPs)", expected], name

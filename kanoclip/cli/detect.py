@@ -122,7 +122,15 @@ def run(args: argparse.Namespace) -> int:
 
     images = find_images(args.inputs)
     model = load_model(args)
-    model.canonical_class(args.class_name)  # an empty class name fails before any work
+    class_name, known = model.canonical_class(args.class_name)  # an empty class name fails before any work
+    if not known:
+        near = model.knowledge.suggest(class_name)
+        hint = f"did you mean --class {' or '.join(near)}? Otherwise pass" if near else "pass"
+        print(
+            f"kanoclip detect: warning: class {class_name!r} is not in the knowledge base, so generic anomaly "
+            f"descriptions are used; {hint} a knowledge base that describes it with --kb",
+            file=sys.stderr,
+        )
 
     def emit(row: dict[str, Any]) -> None:
         if "error" in row:

@@ -2,8 +2,9 @@
 
 ``kb build`` asks an OpenAI-compatible server for the paper's LLM (and optionally
 VQA) descriptions and extends ``--out``; ``kb show`` prints one class's
-descriptions; ``kb list`` prints how many descriptions each class has. Without
-``--kb``, ``show`` and ``list`` read the built-in knowledge base.
+descriptions under their true source (LLM, VQA, built-in or hand-written, generic
+fallback); ``kb list`` prints how many descriptions of each source each class has.
+Without ``--kb``, ``show`` and ``list`` read the built-in (hand-written) knowledge base.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from typing import Any
 
 from kanoclip.errors import InputError
-from kanoclip.knowledge import KnowledgeBase
+from kanoclip.knowledge import KNOWLEDGE_SOURCES, SOURCE_LABELS, STORED_SOURCES, KnowledgeBase
 from kanoclip.knowledge import classes as catalog
 from kanoclip.knowledge import generate
 
@@ -23,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``kb`` command and its ``build``, ``show`` and ``list`` subcommands."""
     kb = subparsers.add_parser(
         "kb",
-        help="build, show and list knowledge bases (LLM/VQA anomaly descriptions)",
+        help="build, show and list knowledge bases (anomaly descriptions: LLM, VQA or hand-written)",
         description="Build, show and list KnPL knowledge bases: anomaly descriptions per class.",
     )
     sub = kb.add_subparsers(dest="kb_command", metavar="SUBCOMMAND", required=True)
@@ -67,45 +68,53 @@ def _print_json(obj: Any) -> None:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    """``kb show CLASS``."""
+    """``kb show CLASS``: the class's descriptions grouped by their source."""
     kb = KnowledgeBase.load_or_builtin(args.kb)
     if not args.class_name.strip():
         raise InputError("class name is empty; pass a class such as 'bottle'")
     known = kb.is_known(args.class_name)
     name = kb.resolve(args.class_name) or args.class_name
     descriptions = kb.descriptions(args.class_name)
-    llm = [d.text for d in descriptions if d.source == "llm"]
-    vqa = [{"image": d.image_name or d.image, "text": d.text} for d in descriptions if d.source == "vqa"]
+    suggestions = [] if known else kb.suggest(args.class_name)
+    near = f" (did you mean {', '.join(suggestions)}?)" if suggestions else ""
     if args.json:
-        _print_json({"class": name, "llm": llm, "vqa": vqa})
+        by_source: dict[str, list[Any]] = {source: [] for source in KNOWLEDGE_SOURCES}
+        for d in descriptions:
+            by_source[d.source].append({"image": d.image_name or d.image, "text": d.text} if d.source == "vqa" else d.text)
+        _print_json({"class": name, **by_source, "suggestions": suggestions})
         if not known:
-            print(f"note: class {args.class_name!r} is not in the knowledge base; these are the generic fallback descriptions", file=sys.stderr)
+            print(
+                f"note: class {args.class_name!r} is not in the knowledge base{near}; "
+                "these are the generic fallback descriptions",
+                file=sys.stderr,
+            )
         return 0
     if not known:
-        print(f"{args.class_name}: not in the knowledge base; the generic fallback descriptions are used:")
+        print(f"{args.class_name}: not in the knowledge base{near}; the generic fallback descriptions are used:")
     else:
         datasets = ", ".join(catalog.datasets_of(name))
         print(f"{name}" + (f" ({datasets})" if datasets else ""))
-    print(f"LLM descriptions ({len(llm)}):")
-    for i, text in enumerate(llm, 1):
-        print(f"  {i}. {text}")
-    if vqa:
-        print(f"VQA descriptions ({len(vqa)}):")
-        for item in vqa:
-            print(f"  [{item['image']}] {item['text']}")
+    for source in KNOWLEDGE_SOURCES:
+        group = [d for d in descriptions if d.source == source]
+        if group:
+            print(f"{SOURCE_LABELS[source]} descriptions ({len(group)}):")
+        for i, d in enumerate(group, 1):
+            print(f"  [{d.image_name or d.image}] {d.text}" if source == "vqa" else f"  {i}. {d.text}")
     return 0
 
 
 def run_list(args: argparse.Namespace) -> int:
-    """``kb list``."""
+    """``kb list``: per class, how many descriptions of each stored source it has, and its dataset."""
     counts = KnowledgeBase.load_or_builtin(args.kb).counts()
     if args.json:
         _print_json({"classes": counts})
         return 0
     width = max((len(name) for name in counts), default=5)
-    print(f"{'class':<{width}}  {'llm':>4}  {'vqa':>4}  dataset")
+    widths = {s: max(4, len(s)) for s in STORED_SOURCES}
+    print(f"{'class':<{width}}  " + "  ".join(f"{s:>{widths[s]}}" for s in STORED_SOURCES) + "  dataset")
     for name, c in counts.items():
-        print(f"{name:<{width}}  {c['llm']:>4}  {c['vqa']:>4}  {', '.join(catalog.datasets_of(name))}")
+        columns = "  ".join(f"{c[s]:>{widths[s]}}" for s in STORED_SOURCES)
+        print(f"{name:<{width}}  {columns}  {', '.join(catalog.datasets_of(name))}")
     return 0
 
 

@@ -1,23 +1,40 @@
 """The LLM-VQA knowledge base of KnPL (paper §2.2.1).
 
-For each class the knowledge base holds *n* general anomaly descriptions written
-by an LLM (``source="llm"``) and *m* image-specific descriptions per image written
-by a VQA model (``source="vqa"``, keyed by the image's sha256). Every entry keeps
-its :class:`Provenance` (model, endpoint, date, prompt template).
+In the paper each class has *n* general anomaly descriptions written by an LLM
+(``source="llm"``) and *m* image-specific descriptions per image written by a VQA
+model (``source="vqa"``, keyed by the image's sha256). Every entry keeps its
+:class:`Provenance` (model, endpoint, date, prompt template).
+
+Not every description here comes from a model, and the source says so (our choice;
+the paper only has the two):
+
+* ``"builtin"``: written by hand by the kanoclip authors; what the shipped
+  ``builtin.json`` holds (no LLM wrote it).
+* ``"manual"``: written by hand by a user (the app's editor, :meth:`KnowledgeBase.add_manual`).
+* ``"generic"``: the fallback of :data:`GENERIC_TEMPLATES` for a class the knowledge
+  base does not know; never stored.
+
+All of them are knowledge descriptions alike: each one is a target of eq. 3 and a
+guidance prompt. :data:`STORED_SOURCES` are the general (class-level) ``llm``,
+``builtin``, ``manual`` and the image-specific ``vqa``.
 
 On disk it is one versioned JSON file::
 
     {
-      "schema_version": 1,
+      "schema_version": 2,
       "provenance": {"<id>": {"model": ..., "endpoint": ..., "date": ..., "template": ...}},
       "classes": {
         "bottle": {
+          "builtin": [{"text": "...", "provenance": "<id>"}],
           "llm": [{"text": "...", "provenance": "<id>"}],
           "vqa": [{"image": "<sha256>", "image_name": "000.png", "text": "...",
                    "provenance": "<id>"}]
         }
       }
     }
+
+A class lists only the sources it has. Schema version 1 (keys ``llm`` and ``vqa``
+only) still loads, its entries keeping those sources; saving writes version 2.
 
 A :class:`KnowledgeBase` is not thread-safe; callers that share one between
 threads hold their own lock.
@@ -27,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import difflib
 import functools
 import hashlib
 import json
@@ -59,6 +77,18 @@ GENERIC_TEMPLATES: tuple[str, ...] = (
     "An abnormal image of a {name} may show an irregular texture, such as rough, torn or uneven areas.",
 )
 
+#: Where a description comes from (see the module docstring).
+Source = Literal["llm", "vqa", "builtin", "manual", "generic"]
+#: The sources a knowledge-base file stores, in the order :meth:`KnowledgeBase.descriptions`
+#: returns them: the general ones, then the image-specific VQA ones.
+STORED_SOURCES: tuple[str, ...] = ("llm", "builtin", "manual", "vqa")
+#: Every source of a knowledge description: the stored ones and the generic fallback.
+KNOWLEDGE_SOURCES: tuple[str, ...] = (*STORED_SOURCES, "generic")
+#: How the app and the CLI name each source.
+SOURCE_LABELS: dict[str, str] = {
+    "llm": "LLM", "vqa": "VQA", "builtin": "built-in", "manual": "hand-written", "generic": "generic",
+}
+
 _BUILTIN_RESOURCE = "builtin.json"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _REBUILD = "rebuild it with 'kanoclip kb build'"
@@ -69,7 +99,7 @@ class Description:
     """One anomaly description of a class."""
 
     text: str
-    source: Literal["llm", "vqa"]
+    source: Source
     image: str | None = None  #: VQA only: sha256 hex of the image file's bytes.
     image_name: str | None = None  #: VQA only: the image's file name, for display.
 
@@ -131,9 +161,11 @@ def _nonempty_str(value: Any, where: str) -> str:
 
 
 class KnowledgeBase:
-    """Anomaly descriptions per class, from an LLM and a VQA model."""
+    """Anomaly descriptions per class: from an LLM and a VQA model, or written by hand."""
 
-    SCHEMA_VERSION: ClassVar[int] = 1
+    SCHEMA_VERSION: ClassVar[int] = 2
+    #: Schema version -> the source keys a class may have in it.
+    _SCHEMA_SOURCES: ClassVar[dict[int, tuple[str, ...]]] = {1: ("llm", "vqa"), 2: STORED_SOURCES}
 
     def __init__(self) -> None:
         self._classes: dict[str, list[_Entry]] = {}
@@ -185,8 +217,10 @@ class KnowledgeBase:
         _expect(d, dict, "the document")
         _expect_keys(d, {"schema_version", "classes"}, {"provenance"}, "the document")
         version = d["schema_version"]
-        if isinstance(version, bool) or not isinstance(version, int) or version != cls.SCHEMA_VERSION:
-            raise _SchemaError(f"schema_version {version!r} is not supported (expected {cls.SCHEMA_VERSION})")
+        if isinstance(version, bool) or not isinstance(version, int) or version not in cls._SCHEMA_SOURCES:
+            expected = " or ".join(str(v) for v in cls._SCHEMA_SOURCES)
+            raise _SchemaError(f"schema_version {version!r} is not supported (expected {expected})")
+        sources = cls._SCHEMA_SOURCES[version]
         table: dict[str, Provenance] = {}
         for pid, p in _expect(d.get("provenance", {}), dict, "'provenance'").items():
             where = f"provenance {pid!r}"
@@ -207,8 +241,8 @@ class KnowledgeBase:
             if not name.strip():
                 raise _SchemaError("a class name is empty")
             _expect(entry, dict, where)
-            _expect_keys(entry, set(), {"llm", "vqa"}, where)
-            for source_name in ("llm", "vqa"):
+            _expect_keys(entry, set(), set(sources), where)
+            for source_name in sources:
                 items = _expect(entry.get(source_name, []), list, f"{where}.{source_name}")
                 for i, item in enumerate(items):
                     kb._classes.setdefault(name, []).append(
@@ -218,11 +252,12 @@ class KnowledgeBase:
 
     # ------------------------------------------------------------------ saving
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document (classes sorted; descriptions in insertion order)."""
+        """The JSON document of :attr:`SCHEMA_VERSION` (classes sorted; each class lists the sources
+        it has, in :data:`STORED_SOURCES` order; descriptions in insertion order)."""
         table: dict[str, dict[str, Any]] = {}
         classes: dict[str, dict[str, list[dict[str, Any]]]] = {}
         for name in self.classes():
-            out: dict[str, list[dict[str, Any]]] = {"llm": [], "vqa": []}
+            out: dict[str, list[dict[str, Any]]] = {source: [] for source in STORED_SOURCES}
             for entry in self._classes[name]:
                 desc, prov = entry.description, entry.provenance
                 table.setdefault(prov.key, asdict(prov))
@@ -230,7 +265,7 @@ class KnowledgeBase:
                 if desc.source == "vqa":
                     item = {"image": desc.image, "image_name": desc.image_name, **item}
                 out[desc.source].append(item)
-            classes[name] = out
+            classes[name] = {source: items for source, items in out.items() if items}
         return {
             "schema_version": self.SCHEMA_VERSION,
             "provenance": dict(sorted(table.items())),
@@ -282,13 +317,14 @@ class KnowledgeBase:
         return self.resolve(class_name) is not None
 
     def descriptions(self, class_name: str) -> list[Description]:
-        """LLM then VQA descriptions of the class; generic ones for an unknown class."""
+        """The class's descriptions by source in :data:`STORED_SOURCES` order (general ones, then VQA);
+        for an unknown class the ``generic`` fallback of :data:`GENERIC_TEMPLATES`."""
         resolved = self.resolve(class_name)
         if resolved is None:
             shown = " ".join(str(class_name).replace("_", " ").split()) or "object"
-            return [Description(text=t.format(name=shown), source="llm") for t in GENERIC_TEMPLATES]
+            return [Description(text=t.format(name=shown), source="generic") for t in GENERIC_TEMPLATES]
         entries = [e.description for e in self._classes[resolved]]
-        return [d for d in entries if d.source == "llm"] + [d for d in entries if d.source == "vqa"]
+        return [d for source in STORED_SOURCES for d in entries if d.source == source]
 
     def provenance(self, class_name: str) -> list[tuple[Description, Provenance]]:
         """Each description of a known class with its provenance (empty for an unknown class)."""
@@ -296,18 +332,63 @@ class KnowledgeBase:
         return [] if resolved is None else [(e.description, e.provenance) for e in self._classes[resolved]]
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """Per class, how many LLM and VQA descriptions it has."""
+        """Per class, how many descriptions of each of :data:`STORED_SOURCES` it has."""
         result = {}
         for name in self.classes():
             sources = [e.description.source for e in self._classes[name]]
-            result[name] = {"llm": sources.count("llm"), "vqa": sources.count("vqa")}
+            result[name] = {source: sources.count(source) for source in STORED_SOURCES}
         return result
+
+    def suggest(self, text: str, limit: int = 5) -> list[str]:
+        """Classes of this knowledge base that ``text`` may have meant, best first (for "did you mean").
+
+        A class is suggested when a word of ``text`` and a word of one of its spellings (its
+        name or an alias of :mod:`kanoclip.knowledge.classes`) start alike (``"pcb board"`` ->
+        ``pcb1`` .. ``pcb4``, ``"screws"`` -> ``screw``), or when :mod:`difflib` finds the two
+        close (ratio >= 0.6, its default cutoff). Ranked by that ratio, word matches first.
+
+        Args:
+            text: what the user typed.
+            limit: the most names returned.
+
+        Returns:
+            Canonical class names, at most ``limit`` (empty when nothing is near).
+        """
+        query = _catalog.normalize(text) if isinstance(text, str) else ""
+        if not query or limit <= 0:
+            return []
+        words = [w for w in query.split() if len(w) >= 3]  # shorter words ("a", "of") match too much
+        known = set(self.classes())
+        own = {_catalog.normalize(name): (name,) for name in known if not _catalog.datasets_of(name)}
+        best: dict[str, tuple[bool, float]] = {}
+        for spelling, targets in {**_catalog.spellings(), **own}.items():
+            ratio = difflib.SequenceMatcher(None, query, spelling).ratio()
+            by_word = any(a.startswith(b) or b.startswith(a) for a in words for b in spelling.split() if len(b) >= 3)
+            if by_word or ratio >= 0.6:
+                for name in known.intersection(targets):
+                    best[name] = max(best.get(name, (False, 0.0)), (by_word, ratio))
+        return sorted(best, key=lambda name: (not best[name][0], -best[name][1], name))[:limit]
 
     # ------------------------------------------------------------------ editing
     def add_llm(self, class_name: str, texts: list[str], provenance: Provenance) -> int:
         """Append LLM descriptions (duplicates of existing ones are skipped); returns how many were added."""
         name = self._key_for(class_name)
         new = [Description(text=_clean_text(t, "an LLM description"), source="llm") for t in texts]
+        return self._append(name, new, provenance)
+
+    def add_manual(self, class_name: str, texts: list[str], provenance: Provenance) -> int:
+        """Append descriptions a person wrote by hand (source ``"manual"``; duplicates skipped).
+
+        Args:
+            class_name: the class (aliases accepted; a new name is stored as :func:`~kanoclip.knowledge.classes.class_key`).
+            texts: the descriptions.
+            provenance: who wrote them, e.g. ``Provenance("me", None, "2026-11-29", LLM_TEMPLATE)``.
+
+        Returns:
+            How many were added.
+        """
+        name = self._key_for(class_name)
+        new = [Description(text=_clean_text(t, "a description"), source="manual") for t in texts]
         return self._append(name, new, provenance)
 
     def add_vqa(
@@ -328,25 +409,29 @@ class KnowledgeBase:
         ]
         return self._append(name, new, provenance)
 
-    def set_llm(self, class_name: str, texts: list[str]) -> None:
-        """Replace the class's LLM descriptions (used by the app's editor).
+    def set_general(self, class_name: str, texts: list[str]) -> None:
+        """Replace the class's general descriptions: all but the image-specific VQA ones (the app's editor).
 
-        Texts that were already there keep their provenance; new ones are marked as
-        written by the user. An empty list removes the class's LLM descriptions (and
-        the class itself if it has no VQA descriptions left).
+        Texts that were already there keep their source and provenance; new ones are
+        ``"manual"``, marked as written by the user. An empty list removes the general
+        descriptions (and the class itself if it has no VQA descriptions left).
+
+        Args:
+            class_name: the class (aliases accepted; a new name is stored as :func:`~kanoclip.knowledge.classes.class_key`).
+            texts: the new general descriptions, in order; duplicates are dropped.
         """
         name = self._key_for(class_name)
         entries = self._classes.get(name, [])
-        old = {e.description.text: e for e in entries if e.description.source == "llm"}
+        old = {e.description.text: e for e in entries if e.description.source != "vqa"}
         edited = Provenance(
             model="edited by the user", endpoint=None, date=_dt.date.today().isoformat(), template=LLM_TEMPLATE
         )
-        llm: list[_Entry] = []
-        for text in dict.fromkeys(_clean_text(t, "an LLM description") for t in texts):
-            llm.append(old.get(text) or _Entry(Description(text=text, source="llm"), edited))
+        general: list[_Entry] = []
+        for text in dict.fromkeys(_clean_text(t, "a description") for t in texts):
+            general.append(old.get(text) or _Entry(Description(text=text, source="manual"), edited))
         vqa = [e for e in entries if e.description.source == "vqa"]
-        if llm or vqa:
-            self._classes[name] = llm + vqa
+        if general or vqa:
+            self._classes[name] = general + vqa
         else:
             self._classes.pop(name, None)
 
@@ -383,8 +468,8 @@ def _parse_item(item: Any, source: str, table: dict[str, Provenance], where: str
     pid = _expect(item["provenance"], str, f"{where}.provenance")
     if pid not in table:
         raise _SchemaError(f"{where}.provenance {pid!r} is not in the 'provenance' table")
-    if source == "llm":
-        return _Entry(Description(text=text, source="llm"), table[pid])
+    if source != "vqa":
+        return _Entry(Description(text=text, source=source), table[pid])  # type: ignore[arg-type]
     image = _expect(item["image"], str, f"{where}.image")
     if not _SHA256.fullmatch(image):
         raise _SchemaError(f"{where}.image must be a lowercase sha256 hex digest")

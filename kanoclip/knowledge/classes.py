@@ -136,6 +136,11 @@ def _build_lookup() -> dict[str, str]:
 _LOOKUP = _build_lookup()
 
 
+def spellings() -> dict[str, tuple[str, ...]]:
+    """Every known spelling (a canonical name, alias or family name, normalized) -> the classes it names."""
+    return {**{key: (name,) for key, name in _LOOKUP.items()}, **{normalize(f): m for f, m in GROUPS.items()}}
+
+
 def canonical_names() -> list[str]:
     """Every canonical class name of the catalogue, sorted."""
     return sorted(DATASETS)

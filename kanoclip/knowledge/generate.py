@@ -369,6 +369,9 @@ def build(
 ) -> BuildReport:
     """Generate what ``out`` lacks and save it after every completed class or image.
 
+    ``n`` counts a class's LLM descriptions only: hand-written ones (``builtin``,
+    ``manual``) are kept but are not LLM answers, so they do not make a class complete.
+
     ``out`` is extended if it exists (and must then be a valid knowledge base).
     ``images`` pairs a class with an image file for VQA. The first
     :class:`GenerationError` stops new requests; results of requests already running
