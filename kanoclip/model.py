@@ -366,7 +366,7 @@ class KAnoCLIP(nn.Module):
         )
 
     def knowledge_features(self, class_names: Sequence[str]) -> torch.Tensor:
-        """Mean raw CLIP text feature of each class's LLM + VQA descriptions, ``(n, 1, C)`` (eq. 3)."""
+        """Mean raw CLIP text feature of each class's knowledge-base descriptions (eq. 3's LLM + VQA; any source), ``(n, 1, C)``."""
         return torch.stack([self.description_features(name).mean(dim=0, keepdim=True) for name in class_names])
 
     def description_features(self, class_name: str) -> torch.Tensor:
