@@ -70,13 +70,15 @@ def test_folder_without_config_is_refused(tmp_path):
         load_backbone(str(tmp_path))
 
 
-def test_env_variable_overrides_the_default(monkeypatch, tiny_backbone):
+def test_env_variable_is_read_by_from_pretrained_not_by_the_config(monkeypatch, tiny_backbone):
+    """``$KANOCLIP_BACKBONE`` is read once, by the entry point (``from_pretrained``): a config
+    built anywhere else is the same whatever the environment holds."""
+    from kanoclip import KAnoCLIP
     from kanoclip.config import KAnoCLIPConfig
 
     monkeypatch.setenv("KANOCLIP_BACKBONE", str(tiny_backbone))
-    assert KAnoCLIPConfig().backbone == str(tiny_backbone)
-    monkeypatch.delenv("KANOCLIP_BACKBONE")
     assert KAnoCLIPConfig().backbone == "openai/clip-vit-large-patch14-336"
+    assert KAnoCLIP.from_pretrained(device="cpu").backbone_name == str(tiny_backbone)
 
 
 def test_random_backbone_is_deterministic(tmp_path, tiny_backbone):

@@ -149,6 +149,7 @@ def test_text_features_are_computed_once_per_class(small_config, bottle_image, m
 
 def test_knowledge_descriptions_are_encoded_once_for_training_inference_and_plots(small_config, bottle_image, monkeypatch):
     """The KD target (eq. 3), the inference text side and the Prompts plots share one encoding."""
+    from kanoclip.knowledge import KNOWLEDGE_SOURCES
     from kanoclip.viz_prompts import prompt_set
 
     model = fresh_model(small_config)
@@ -160,7 +161,7 @@ def test_knowledge_descriptions_are_encoded_once_for_training_inference_and_plot
     model.detect(str(bottle_image), "bottle")
     plotted = prompt_set(model, "bottle")
     assert encoded.count(descriptions) == 1
-    torch.testing.assert_close(target[0, 0], torch.as_tensor(plotted.group(("llm", "vqa"))).mean(dim=0))
+    torch.testing.assert_close(target[0, 0], torch.as_tensor(plotted.group(KNOWLEDGE_SOURCES)).mean(dim=0))
 
 
 def test_moving_the_model_drops_cached_text_features(small_config, bottle_image):
