@@ -58,8 +58,10 @@ def model_forward(model, pixels: torch.Tensor) -> None:
 
 def bare_forward(model, pixels: torch.Tensor) -> None:
     """The plain CLIP vision forward, for reference, under the same autocast as the model's backbone."""
-    with torch.inference_mode(), model.backbone_autocast():
-        model.clip.vision_model(pixel_values=pixels)
+    from kanoclip.precision import backbone_autocast
+
+    with torch.inference_mode(), backbone_autocast(model.precision, model.device):
+        model.model.clip.vision_model(pixel_values=pixels)
 
 
 def flops_per_image(fn: Callable[[torch.Tensor], None], pixels: torch.Tensor) -> float:
@@ -106,8 +108,7 @@ def main() -> None:
     result: dict = {"machine": machine(), "architecture": args.architecture, "device": str(device)}
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_random_backbone(tmp, args.tokenizer, architecture=args.architecture)
-        model = KAnoCLIP.from_pretrained(backbone=str(folder), device=device)
-    model.trained = True  # the full path: learned prompts, Bi-CMCI, adapter
+        model = KAnoCLIP.for_training(backbone=str(folder), device=device).eval()  # the full path: learned prompts, Bi-CMCI, adapter
     size = model.image_size
     probe = torch.randn(1, 3, size, size, device=device)
     result["flops_per_image"] = {

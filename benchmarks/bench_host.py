@@ -36,8 +36,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_random_backbone(tmp, TOKENIZER, architecture="tiny")
-        model = KAnoCLIP.from_pretrained(config=KAnoCLIPConfig(backbone=str(folder), image_size=336), device="cpu")
-    model.trained = True
+        model = KAnoCLIP.for_training(config=KAnoCLIPConfig(backbone=str(folder), image_size=336), device="cpu").eval()
     arrays = [np.random.default_rng(i).integers(0, 256, (336, 336, 3), dtype=np.uint8) for i in range(args.batch)]
     images = [load_image(a) for a in arrays]
     computed = model.infer(images, ["bottle"] * args.batch)

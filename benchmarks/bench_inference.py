@@ -38,33 +38,29 @@ def distinct_images(base: np.ndarray, n: int, seed: int = 0) -> list[np.ndarray]
 
 
 def overhead(models: dict[str, KAnoCLIP], bare: CLIPVisionModel, processor: CLIPImageProcessor, base: np.ndarray, runs: int) -> dict:
-    """Interleaved runs of the bare fp32 forward and ``detect`` in both modes at each precision.
+    """Interleaved runs of the bare fp32 forward and ``detect`` of each model.
 
-    ``models`` maps a precision to a model (they share one backbone); one round runs the bare
-    forward, then every (precision, mode), so machine load hits all alike. The text-feature cache
-    is keyed by mode and class, so switching ``model.trained`` re-encodes nothing after the warm-up.
+    ``models`` maps ``"mode/precision"`` to a model (they share one backbone); one round runs the
+    bare forward, then every model, so machine load hits all alike. Each model computes its text
+    features once, in the warm-up.
     """
-    cells = [(precision, mode) for precision in models for mode in ("training-free", "trained")]
-    images = iter(distinct_images(base, (len(cells) + 1) * (runs + 1)))
+    images = iter(distinct_images(base, (len(models) + 1) * (runs + 1)))
     with torch.inference_mode():
         bare(**processor(images=next(images), return_tensors="pt"))
-    for precision, mode in cells:  # warm-up, which also fills each mode's text cache
-        models[precision].trained = mode == "trained"
-        models[precision].detect(next(images), "bottle")
-    times: dict[str, list[float]] = {"bare": [], **{f"{mode}/{precision}": [] for precision, mode in cells}}
+    for model in models.values():  # warm-up, which also fills each model's text cache
+        model.detect(next(images), "bottle")
+    times: dict[str, list[float]] = {"bare": [], **{cell: [] for cell in models}}
     for _ in range(runs):
         image = next(images)
         start = time.perf_counter()
         with torch.inference_mode():
             bare(**processor(images=image, return_tensors="pt"))
         times["bare"].append(time.perf_counter() - start)
-        for precision, mode in cells:
-            model = models[precision]
-            model.trained = mode == "trained"
+        for cell, model in models.items():
             image = next(images)
             start = time.perf_counter()
             model.detect(image, "bottle")
-            times[f"{mode}/{precision}"].append(time.perf_counter() - start)
+            times[cell].append(time.perf_counter() - start)
     medians = {k: statistics.median(v) for k, v in times.items()}
     return {
         "bare_fp32_s": medians["bare"],
@@ -95,17 +91,16 @@ def main() -> None:
     base = np.asarray(np.random.default_rng(0).integers(0, 256, (900, 900, 3)), dtype=np.uint8)
     results: dict = {"machine": machine()}
     shared: dict = {}  # one backbone in memory for every precision's model
-    models = {
-        p: KAnoCLIP.from_pretrained(backbone=str(folder), device=args.device, precision=p, backbone_cache=shared)
-        for p in args.precisions.split(",")
-    }
-    model = models[next(iter(models))]
+    models = {}
+    for p in args.precisions.split(","):
+        models[f"training-free/{p}"] = KAnoCLIP.from_pretrained(backbone=str(folder), device=args.device, precision=p, backbone_cache=shared)
+        models[f"trained/{p}"] = KAnoCLIP.for_training(backbone=str(folder), device=args.device, precision=p, backbone_cache=shared).eval()
+    model = models[next(m for m in models if m.startswith("trained/"))]  # the full path for throughput
     if not args.skip_overhead:
         bare = CLIPVisionModel.from_pretrained(folder).eval().to(args.device)
         processor = CLIPImageProcessor.from_pretrained(folder)
         results["overhead"] = overhead(models, bare, processor, base, args.runs)
         del bare
-    model.trained = True  # the full path for throughput
     results["throughput_images_per_s"] = {b: throughput(model, base, int(b)) for b in args.batches.split(",") if b}
     print(json.dumps(results, indent=2))
 

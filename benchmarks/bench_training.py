@@ -69,7 +69,7 @@ def cache_read_ms(images: int, batch: int, folder: Path) -> dict:
     import torch
 
     from kanoclip.training.feature_cache import FeatureCache
-    from kanoclip.vv_attention import VisualFeatures
+    from kanoclip.modeling.vv_attention import VisualFeatures
 
     cache = FeatureCache(folder)
     for start in range(0, images, batch):

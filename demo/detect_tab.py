@@ -145,7 +145,7 @@ def render(model: KAnoCLIP, image: Image.Image, det: Detection) -> Rendered:
         verdict=verdict(det),
         overlay=overlay_with_colorbar(image, det.anomaly_map),
         region=(image, [(mask.astype(np.float32), label)]),
-        gallery=map_gallery(det, model.visual.stage_layers),
+        gallery=map_gallery(det, model.model.visual.stage_layers),
         guidance=guidance_table(det),
     )
 

@@ -29,7 +29,7 @@ UNTRAINED_NOTE = (
 
 def token_table(model: KAnoCLIP, top_k: int = TOP_K) -> pd.DataFrame:
     """One row per context vector: its state, slot and nearest vocabulary tokens (cosine)."""
-    nearest = model.prompt_learner.nearest_tokens(top_k)
+    nearest = model.model.prompt_learner.nearest_tokens(top_k)
     rows = []
     for state, prefix in (("normal", "N"), ("abnormal", "A")):
         for slot, tokens in enumerate(nearest[state], start=1):

@@ -28,7 +28,7 @@ from kanoclip.backbone import Backbone
 from kanoclip.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from kanoclip.config import DEFAULT_BACKBONE
 from kanoclip.errors import InputError, KAnoCLIPError
-from kanoclip.model import resolve_device
+from kanoclip.detector import resolve_device
 
 from demo.uploads import confine
 

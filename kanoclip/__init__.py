@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "KAnoCLIP": "kanoclip.model",
+    "KAnoCLIP": "kanoclip.detector",
     "KAnoCLIPConfig": "kanoclip.config",
     "Detection": "kanoclip.detection",
     "Guidance": "kanoclip.detection",
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from kanoclip.detection import Detection, Guidance
     from kanoclip.errors import KAnoCLIPError
     from kanoclip.knowledge import KnowledgeBase
-    from kanoclip.model import KAnoCLIP
+    from kanoclip.detector import KAnoCLIP
 
 
 def __getattr__(name: str) -> Any:

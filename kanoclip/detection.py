@@ -9,7 +9,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from kanoclip.maps import upsample
+from kanoclip.modeling.maps import upsample
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@
 * :func:`pca_plot` — a 2-D PCA projection of their (L2-normalised) features, with the three
   means w̄n, w̄a, w̄k of eq. 2.
 * :func:`kd_distances` — d(w̄k, w̄a) and d(w̄k, w̄n) of eq. 2 and the resulting L_KD, computed
-  exactly as :func:`kanoclip.losses.kd_loss` does.
+  exactly as :func:`kanoclip.modeling.losses.kd_loss` does.
 
 Like :mod:`kanoclip.viz`, everything uses matplotlib's object API (no pyplot state).
 """
@@ -68,7 +68,7 @@ def prompt_set(model, class_name: str) -> PromptSet:
     initialisation in training-free mode. Knowledge-base features are CLIP text features of the
     descriptions (generic ones for a class the knowledge base does not know).
     """
-    learner = model.prompt_learner
+    learner = model.model.prompt_learner
     with torch.no_grad():
         prompts = learner([class_name])
     descriptions = model.knowledge.descriptions(class_name)
@@ -86,7 +86,7 @@ def cosine_similarity(features: np.ndarray) -> np.ndarray:
 
 
 def _mean_direction(features: np.ndarray) -> np.ndarray:
-    """w̄/‖w̄‖ of eq. 2: the mean of the raw features, normalised (as :func:`~kanoclip.losses.kd_loss`)."""
+    """w̄/‖w̄‖ of eq. 2: the mean of the raw features, normalised (as :func:`~kanoclip.modeling.losses.kd_loss`)."""
     return F.normalize(torch.as_tensor(features, dtype=torch.float64).mean(dim=0), dim=-1).numpy()
 
 

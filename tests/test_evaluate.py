@@ -167,7 +167,7 @@ def test_sweep_makes_one_backbone_pass_per_image_and_equals_separate_runs(tiny_b
     each variant's figures are those of a model loaded with the same overrides on its own."""
     model = KAnoCLIP.from_pretrained(backbone=str(tiny_backbone), device="cpu")
     images = []
-    handle = model.clip.vision_model.encoder.register_forward_hook(  # the transformer stack: the backbone's work
+    handle = model.model.clip.vision_model.encoder.register_forward_hook(  # the transformer stack: the backbone's work
         lambda _m, _args, kwargs, _out: images.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True
     )
     try:

@@ -14,7 +14,7 @@ from PIL import Image
 from kanoclip import KAnoCLIP
 from kanoclip.config import BiCMCIConfig, KAnoCLIPConfig
 from kanoclip.errors import InputError
-from kanoclip.losses import kd_loss, total_loss
+from kanoclip.modeling.losses import kd_loss, total_loss
 from kanoclip.precision import resolve_precision
 
 
@@ -25,9 +25,9 @@ def config(tiny_backbone) -> KAnoCLIPConfig:
 
 def model_at(config: KAnoCLIPConfig, precision: str, trained: bool) -> KAnoCLIP:
     torch.manual_seed(3)  # the same trainable weights for every precision
-    model = KAnoCLIP.from_pretrained(config=config, device="cpu", precision=precision)
-    model.trained = trained
-    return model
+    if trained:
+        return KAnoCLIP.for_training(config=config, device="cpu", precision=precision).eval()
+    return KAnoCLIP.from_pretrained(config=config, device="cpu", precision=precision)
 
 
 def test_precision_names_resolve_per_device():
@@ -93,6 +93,6 @@ def test_a_training_step_under_bf16_autocast_has_finite_losses_and_fp32_gradient
         )
     assert all(torch.isfinite(t) for t in terms.values())
     terms["total"].backward()
-    for name, module in model.trainable_modules().items():
+    for name, module in model.model.trainable_modules().items():
         grads = [p.grad for p in module.parameters() if p.requires_grad]
         assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads), name

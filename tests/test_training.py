@@ -26,7 +26,7 @@ from kanoclip.errors import DatasetError, InputError
 from kanoclip.training import TrainConfig, TrainProgress, train
 from kanoclip.training.feature_cache import MEMORY_ENV, FeatureCache, memory_limit_from_env
 from kanoclip.training.state import STATE_DIR, STATE_JSON
-from kanoclip.vv_attention import VisualFeatures
+from kanoclip.modeling.vv_attention import VisualFeatures
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 56  # model input size for quick runs: a 4x4 patch grid on the tiny backbone
@@ -114,8 +114,8 @@ def test_train_writes_checkpoint_state_history_and_curve(small_mvtec, tiny_backb
     loaded = KAnoCLIP.from_pretrained(out, device="cpu")
     assert loaded.trained and loaded.image_size == SIZE
     torch.manual_seed(0)
-    untrained = KAnoCLIP.from_pretrained(backbone=str(tiny_backbone), device="cpu", config=loaded.config)
-    moved = [k for k, v in untrained.trainable_state_dict().items() if not torch.equal(v, files.state_dict[k])]
+    untrained = KAnoCLIP.for_training(backbone=str(tiny_backbone), device="cpu", config=loaded.config)
+    moved = [k for k, v in untrained.model.trainable_state_dict().items() if not torch.equal(v, files.state_dict[k])]
     assert moved, "training changed no weight"
 
     steps = [r for r in reports if r.epoch >= 1 and r.losses and not r.message]
@@ -402,17 +402,17 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tiny_backbone, bottle_di
 
 
 def test_model_settings_reach_the_loss_and_the_checkpoint_and_are_kept_on_resume(small_mvtec, tiny_backbone, tmp_path, monkeypatch):
-    import kanoclip.training.trainer as trainer
+    import kanoclip.modeling.model as modeling
     from kanoclip.config import KAnoCLIPConfig, LossConfig
 
     seen: list[tuple[str, tuple]] = []
-    original = trainer.total_loss
+    original = modeling.total_loss
 
     def recording(config, **kw):
         seen.append((config.local_loss, tuple(kw["stage_maps"].shape)))
         return original(config, **kw)
 
-    monkeypatch.setattr(trainer, "total_loss", recording)
+    monkeypatch.setattr(modeling, "total_loss", recording)
     model = KAnoCLIPConfig(loss=LossConfig(local_loss="per_stage"))
     out = tmp_path / "per-stage"
     result = train(quick_config(small_mvtec, out, tiny_backbone, epochs=1, model=model))

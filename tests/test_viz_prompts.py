@@ -10,7 +10,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from kanoclip.losses import kd_loss
+from kanoclip.modeling.losses import kd_loss
 from kanoclip.viz import figure_to_image
 from kanoclip.viz_prompts import (
     PromptSet,
@@ -76,11 +76,11 @@ def test_prompt_set_from_the_tiny_model(tiny_model) -> None:
     assert prompts.labels[:2] == ["N1", "N2"] and prompts.labels[n_adj] == "A1"
     assert prompts.groups[2 * n_adj :] == ["builtin"] * n_kb and "B1" in prompts.labels  # the shipped KB is hand-written
     # the KB features are CLIP text features of the descriptions, in order
-    first_kb = tiny_model.text_encoder.encode([prompts.texts[2 * n_adj]]).detach().float().numpy()[0]
+    first_kb = tiny_model.model.text_encoder.encode([prompts.texts[2 * n_adj]]).detach().float().numpy()[0]
     assert np.allclose(prompts.features[2 * n_adj], first_kb, atol=1e-5)
     # eq. 2 on the model's own tensors agrees with the distances shown
     with torch.no_grad():
-        learned = tiny_model.prompt_learner(["bottle"])
+        learned = tiny_model.model.prompt_learner(["bottle"])
         expected = kd_loss(tiny_model.knowledge_features(["bottle"]), learned.abnormal, learned.normal)
     assert set_kd_distances(prompts).loss == pytest.approx(float(expected), abs=1e-5)
 

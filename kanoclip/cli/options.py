@@ -81,7 +81,7 @@ def load_model(args: argparse.Namespace):
     """The model the options describe (errors are one-line :class:`KAnoCLIPError`)."""
     from transformers.utils import logging as hf_logging
 
-    from kanoclip.model import KAnoCLIP
+    from kanoclip.detector import KAnoCLIP
 
     hf_logging.disable_progress_bar()  # the command shows its own progress; no per-shard bars
     # from_pretrained applies the precedence: --backbone, $KANOCLIP_BACKBONE, the checkpoint's

@@ -52,16 +52,16 @@ def predict(
     layers): each batch takes one backbone forward, shared by all of them.
     """
     first = next(iter(models.values()))
-    lengths = sorted({m.num_replaced_blocks() for m in models.values()})
+    lengths = sorted({m.model.num_replaced_blocks() for m in models.values()})
     results: dict[str, tuple[list, list]] = {name: ([], []) for name in models}
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
         classes = [first.canonical_class(s.class_name)[0] for s in batch]
         pixels = first.pixel_values([load_image(s.image) for s in batch])
         with torch.inference_mode():
-            paths = first.encode_image_paths(pixels, lengths)
+            paths = first.model.encode_image_paths(pixels, lengths)
             for name, model in models.items():
-                out = model(paths[model.num_replaced_blocks()], classes)
+                out = model(paths[model.model.num_replaced_blocks()], classes)
                 results[name][0].append(out.score.clamp(0, 1).cpu().numpy())
                 results[name][1].append(out.anomaly_map.cpu().numpy())
         if on_batch is not None:

@@ -30,7 +30,7 @@ from safetensors.torch import save as save_safetensors
 
 from kanoclip.errors import InputError
 from kanoclip.fileio import atomic_write_bytes
-from kanoclip.vv_attention import VisualFeatures
+from kanoclip.modeling.vv_attention import VisualFeatures
 
 MEMORY_ENV = "KANOCLIP_FEATURE_CACHE_GB"
 DEFAULT_MEMORY_GB = 4.0

@@ -1,6 +1,6 @@
 """Training KAnoCLIP's prompts, Bi-CMCI and Conv-Adapter with the joint loss (paper §2.5, eq. 13).
 
-The CLIP backbone is frozen: only ``model.trainable_modules()`` are optimised (AdamW by
+The CLIP backbone is frozen: only ``model.model.trainable_modules()`` are optimised (AdamW by
 default, or Adam; constant learning rate). Each batch's loss is ``α·L_KD + β·L_global + γ·L_local``: ``L_KD`` pulls the
 learned abnormal prompts towards the knowledge base's descriptions of the batch's classes,
 ``L_global`` is the BCE of the image score, ``L_local`` the focal + Dice losses of the maps
@@ -41,8 +41,7 @@ from kanoclip.data import Sample, load_dataset, load_mask, parse_data_arg
 from kanoclip.errors import CheckpointError, DatasetError, ImageError, InputError, KAnoCLIPError
 from kanoclip.fileio import atomic_write_json
 from kanoclip.images import load_image
-from kanoclip.losses import kd_loss, total_loss
-from kanoclip.model import KAnoCLIP, resolve_device
+from kanoclip.detector import KAnoCLIP, resolve_device
 from kanoclip.training.feature_cache import CACHE_DIR, FeatureCache
 from kanoclip.training.state import (
     STATE_DIR,
@@ -348,11 +347,7 @@ class _Batches:
 def _loss_terms(model: KAnoCLIP, net: torch.nn.Module, batches: _Batches, indices: list[int]) -> dict[str, torch.Tensor]:
     visual, classes, labels, masks, has_mask = batches.batch(indices)
     out = net(visual, classes)
-    kd = kd_loss(model.knowledge_features(out.classes), out.prompts.abnormal, out.prompts.normal)
-    return total_loss(
-        model.config.loss, kd=kd, score=out.score, label=labels, normal=out.normal, abnormal=out.abnormal,
-        mask=masks, has_mask=has_mask, stage_maps=out.stage_maps,
-    )  # fmt: skip
+    return model.model.losses(out, model.knowledge_features(out.classes), label=labels, mask=masks, has_mask=has_mask)
 
 
 def _kb_digest(model: KAnoCLIP) -> str:
@@ -394,7 +389,7 @@ def _build_model(config: TrainConfig, device: torch.device) -> KAnoCLIP:
     model_config = copy.deepcopy(config.model) if config.model is not None else KAnoCLIPConfig()  # the caller's stays as given
     if config.image_size is not None:
         model_config.image_size = config.image_size
-    return KAnoCLIP.from_pretrained(backbone=config.backbone, device=device, kb=config.kb, config=model_config, precision=config.precision)
+    return KAnoCLIP.for_training(backbone=config.backbone, device=device, kb=config.kb, config=model_config, precision=config.precision)
 
 
 def _model_settings(model: KAnoCLIP) -> dict[str, Any]:
@@ -517,8 +512,7 @@ def _run_info(config: TrainConfig, model: KAnoCLIP, trainset: _TrainSet) -> dict
 def _train(run: _Run) -> TrainResult:
     """Resume, prepare the samples, then train epoch by epoch, each ending with a checkpoint."""
     model, procs = run.model, run.procs
-    model.trained = True
-    params = [(f"{m}.{n}", p) for m, module in model.trainable_modules().items() for n, p in module.named_parameters() if p.requires_grad]
+    params = [(f"{m}.{n}", p) for m, module in model.model.trainable_modules().items() for n, p in module.named_parameters() if p.requires_grad]
     names = [n for n, _ in params]
     optimizer = _optimizer(run.config, [p for _, p in params])
     start = _resume(run, optimizer, names)
@@ -642,7 +636,7 @@ def _write_checkpoint(run: _Run, optimizer: torch.optim.Optimizer, names: list[s
         config = run.config
         skipped = [list(s) for s in run.skipped]
         info = {"run": run.info, "epochs": config.epochs, "lr": config.lr, "history": run.history, "skipped": skipped}
-        weights = run.model.trainable_state_dict()
+        weights = run.model.model.trainable_state_dict()
         save_state(run.out, TrainingState(epoch, weights, optimizer_tensors(optimizer, names), capture_rng(), info))
         _write_outputs(run, epoch)
     run.procs.barrier()

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kanoclip.config import LossConfig
-from kanoclip.maps import upsample
+from kanoclip.modeling.maps import upsample
 
 
 def kd_loss(knowledge: torch.Tensor, abnormal: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:

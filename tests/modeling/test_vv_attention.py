@@ -7,7 +7,7 @@ import torch
 
 from kanoclip.backbone import load_backbone
 from kanoclip.config import VVConfig
-from kanoclip.vv_attention import POSITION_CACHE_SIZE, CLIPVV
+from kanoclip.modeling.vv_attention import POSITION_CACHE_SIZE, CLIPVV
 
 
 @pytest.fixture(scope="module")

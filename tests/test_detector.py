@@ -17,7 +17,7 @@ from kanoclip.checkpoint import WEIGHTS_NAME, read_checkpoint
 from kanoclip.config import BiCMCIConfig, KAnoCLIPConfig, TrainingFreeConfig
 from kanoclip.errors import CheckpointError, InputError
 from kanoclip.images import preprocess
-from kanoclip.losses import kd_loss, total_loss
+from kanoclip.modeling.losses import kd_loss, total_loss
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +25,17 @@ def small_config(tiny_backbone) -> KAnoCLIPConfig:
     return KAnoCLIPConfig(backbone=str(tiny_backbone), bicmci=BiCMCIConfig(dim=32, num_heads=2))
 
 
-def fresh_model(config: KAnoCLIPConfig, seed: int = 0) -> KAnoCLIP:
+def fresh_model(config: KAnoCLIPConfig, seed: int = 0, *, trained: bool = False) -> KAnoCLIP:
+    """Training-free, or trained mode with fresh (seeded) learned parts, in eval mode."""
     torch.manual_seed(seed)
+    if trained:
+        return KAnoCLIP.for_training(config=config, device="cpu").eval()
     return KAnoCLIP.from_pretrained(config=config, device="cpu")
 
 
 @pytest.mark.parametrize("trained", [False, True])
 def test_detect_real_bottle_gives_a_map_of_the_input_size(trained, small_config, bottle_image):
-    model = fresh_model(small_config)
-    if trained:
-        model.trained = True
+    model = fresh_model(small_config, trained=trained)
     det = model.detect(str(bottle_image), "bottle")
     assert model.mode == ("trained" if trained else "training-free")
     assert det.mode == model.mode
@@ -57,8 +58,7 @@ def test_eq9_maps_are_the_weighted_mean_of_the_upsampled_stage_maps(small_config
     1, 0, 2, 1) against upsampling each stage's grid map first, by hand; a Detection's extra maps
     are the grid maps taken straight to the image's size."""
     config = replace(small_config, training_free=TrainingFreeConfig(stage_weights=(1, 0, 2, 1)))
-    model = fresh_model(config)
-    model.trained = trained
+    model = fresh_model(config, trained=trained)
     weights = torch.full((4,), 0.25) if trained else torch.tensor([0.25, 0.0, 0.5, 0.25])
     image = Image.open(bottle_image).convert("RGB")
     out, _ = model.infer([image], ["bottle"])
@@ -105,7 +105,7 @@ def test_guidance_of_a_mixed_batch_is_each_images_own(tiny_model, bottle_dir):
     paths = sorted((bottle_dir / "test" / "contamination").glob("*.png"))[:2]
     images = [Image.open(p).convert("RGB") for p in paths]
     detections = tiny_model.detect_batch(images, ["bottle", "screw"])
-    clip, tokenizer = tiny_model.clip, tiny_model.tokenizer
+    clip, tokenizer = tiny_model.model.clip, tiny_model.model.text_encoder.tokenizer
     for image, name, det in zip(images, ["bottle", "screw"], detections):
         described = [g for g in det.guidance if g.source not in ("learned", "template")]
         assert [g.text for g in sorted(described, key=lambda g: g.text)] == sorted(d.text for d in tiny_model.knowledge.descriptions(name))
@@ -132,12 +132,11 @@ def test_class_names(tiny_model, bottle_image):
 @pytest.mark.parametrize("trained", [False, True])
 def test_text_features_are_computed_once_per_class(small_config, bottle_image, monkeypatch, trained):
     """Through detect and through the tensor-level forward alike, in both modes."""
-    model = fresh_model(small_config)
-    model.trained = trained
+    model = fresh_model(small_config, trained=trained)
     assert not model.training  # from_pretrained gives a model ready for inference
     calls = []
-    original = model.text_encoder.encode
-    monkeypatch.setattr(model.text_encoder, "encode", lambda texts, **kw: calls.append(len(texts)) or original(texts, **kw))
+    original = model.model.text_encoder.encode
+    monkeypatch.setattr(model.model.text_encoder, "encode", lambda texts, **kw: calls.append(len(texts)) or original(texts, **kw))
     model.detect(str(bottle_image), "bottle")
     first = len(calls)
     model.detect(str(bottle_image), "bottle")
@@ -155,8 +154,8 @@ def test_knowledge_descriptions_are_encoded_once_for_training_inference_and_plot
     model = fresh_model(small_config)
     descriptions = [d.text for d in model.knowledge.descriptions("bottle")]
     encoded: list[list[str]] = []
-    original = model.text_encoder.encode
-    monkeypatch.setattr(model.text_encoder, "encode", lambda texts, **kw: encoded.append(list(texts)) or original(texts, **kw))
+    original = model.model.text_encoder.encode
+    monkeypatch.setattr(model.model.text_encoder, "encode", lambda texts, **kw: encoded.append(list(texts)) or original(texts, **kw))
     target = model.knowledge_features(["bottle"])
     model.detect(str(bottle_image), "bottle")
     plotted = prompt_set(model, "bottle")
@@ -175,14 +174,13 @@ def test_moving_the_model_drops_cached_text_features(small_config, bottle_image)
 
 
 def test_optimizer_step_touches_only_the_trainable_parts(small_config, bottle_image):
-    model = fresh_model(small_config)
-    model.trained = True
+    model = fresh_model(small_config, trained=True)
     model.train()
-    frozen = {k: v.detach().clone() for k, v in model.clip.state_dict().items()}
-    trainable = [p for m in model.trainable_modules().values() for p in m.parameters()]
+    frozen = {k: v.detach().clone() for k, v in model.model.clip.state_dict().items()}
+    trainable = [p for m in model.model.trainable_modules().values() for p in m.parameters()]
     assert all(p.requires_grad for p in trainable)
-    assert all(not p.requires_grad for p in model.clip.parameters())
-    assert {id(p) for p in model.parameters()} >= {id(p) for p in trainable} | {id(p) for p in model.clip.parameters()}
+    assert all(not p.requires_grad for p in model.model.clip.parameters())
+    assert {id(p) for p in model.parameters()} >= {id(p) for p in trainable} | {id(p) for p in model.model.clip.parameters()}
 
     pixels = preprocess([Image.open(bottle_image).convert("RGB")] * 2, model.image_size, model.image_mean, model.image_std)
     out = model(model.encode_image(pixels), ["bottle", "bottle"])
@@ -193,25 +191,24 @@ def test_optimizer_step_touches_only_the_trainable_parts(small_config, bottle_im
                        abnormal=out.abnormal, mask=mask, has_mask=torch.tensor([True, True]))
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     terms["total"].backward()
-    missing = [n for name, m in model.trainable_modules().items() for n, p in m.named_parameters(prefix=name) if p.grad is None or not p.grad.abs().sum() > 0]
+    missing = [n for name, m in model.model.trainable_modules().items() for n, p in m.named_parameters(prefix=name) if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
     optimizer.step()
-    assert all(p.grad is None for p in model.clip.parameters())
-    after = model.clip.state_dict()
+    assert all(p.grad is None for p in model.model.clip.parameters())
+    after = model.model.clip.state_dict()
     assert all(torch.equal(frozen[k], after[k]) for k in frozen)
-    assert not model.clip.training
+    assert not model.model.clip.training
 
 
 def test_checkpoint_round_trip(small_config, bottle_image, tmp_path):
-    model = fresh_model(small_config, seed=1)
-    model.trained = True
+    model = fresh_model(small_config, seed=1, trained=True)
     kb = KnowledgeBase.builtin()
     folder = model.save_pretrained(tmp_path / "ck", metadata={"epochs": 3})
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "knowledge_base.json", WEIGHTS_NAME]
     config = json.loads((folder / "config.json").read_text())
     assert config["metadata"]["epochs"] == 3 and config["model"]["backbone"] == small_config.backbone
     files = read_checkpoint(folder)
-    assert set(files.state_dict) == set(model.trainable_state_dict())
+    assert set(files.state_dict) == set(model.model.trainable_state_dict())
     assert not any(k.startswith("clip.") for k in files.state_dict)  # trainable weights only
     loaded = KAnoCLIP.from_pretrained(folder, device="cpu")
     assert loaded.mode == "trained" and loaded.knowledge.counts() == kb.counts()
@@ -223,15 +220,14 @@ def test_checkpoint_round_trip(small_config, bottle_image, tmp_path):
 def test_hub_id_checkpoint_loads_from_the_cache_offline(small_config, monkeypatch, tmp_path):
     from conftest import put_in_hub_cache
 
-    model = fresh_model(small_config, seed=2)
-    model.trained = True
+    model = fresh_model(small_config, seed=2, trained=True)
     cache = put_in_hub_cache(model.save_pretrained(tmp_path / "ck"), "someone/kanoclip-test", tmp_path / "hub")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     loaded = KAnoCLIP.from_pretrained("someone/kanoclip-test", backbone=small_config.backbone, device="cpu", cache_dir=str(cache))
     assert loaded.mode == "trained"
     assert loaded.checkpoint_name == "someone/kanoclip-test"
-    for name, tensor in model.trainable_state_dict().items():
-        assert torch.equal(tensor, loaded.trainable_state_dict()[name]), name
+    for name, tensor in model.model.trainable_state_dict().items():
+        assert torch.equal(tensor, loaded.model.trainable_state_dict()[name]), name
 
 
 @pytest.mark.parametrize("offline", ["1", "0"])
@@ -263,7 +259,7 @@ def test_pickles_are_refused(suffix, tmp_path):
 def test_nan_weights_and_wrong_shapes_are_detected(small_config, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    model = fresh_model(small_config)
+    model = fresh_model(small_config, trained=True)
     folder = model.save_pretrained(tmp_path / "ck")
     state = load_file(folder / WEIGHTS_NAME)
     key = next(iter(state))
@@ -273,8 +269,10 @@ def test_nan_weights_and_wrong_shapes_are_detected(small_config, tmp_path):
         KAnoCLIP.from_pretrained(folder, device="cpu")
 
     other = KAnoCLIPConfig(backbone=small_config.backbone, bicmci=BiCMCIConfig(dim=16, num_heads=2))
-    wrong = fresh_model(other).save_pretrained(tmp_path / "wrong")
+    wrong = fresh_model(other, trained=True).save_pretrained(tmp_path / "wrong")
     with pytest.raises(CheckpointError, match="does not fit"):
+        fresh_model(small_config, trained=True).load_trainable_state_dict(read_checkpoint(wrong).state_dict)
+    with pytest.raises(InputError, match="need a trained-mode model"):  # the mode is never switched from outside
         fresh_model(small_config).load_trainable_state_dict(read_checkpoint(wrong).state_dict)
 
 
@@ -297,15 +295,14 @@ def test_short_training_overfits_painted_defects(small_config, bottle_dir):
 
     (Plumbing on a random backbone: it shows the training signal flows, not accuracy.)
     """
-    model = fresh_model(small_config)
+    model = fresh_model(small_config, trained=True)
     images, masks = _painted(bottle_dir / "test" / "good", model.image_size, n=4)
     visual = model.encode_image(preprocess(images, model.image_size, model.image_mean, model.image_std))
-    model.trained = True
     model.train()
-    params = [p for m in model.trainable_modules().values() for p in m.parameters()]
+    params = [p for m in model.model.trainable_modules().values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     labels = torch.ones(4)
-    start = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    start = {k: v.clone() for k, v in model.model.trainable_state_dict().items()}
     for _ in range(25):
         out = model(visual, ["bottle"] * 4)
         kd = kd_loss(model.knowledge_features(out.classes), out.prompts.abnormal, out.prompts.normal)
@@ -318,17 +315,17 @@ def test_short_training_overfits_painted_defects(small_config, bottle_dir):
     with torch.no_grad():
         final = model(visual, ["bottle"] * 4).anomaly_map
     assert roc_auc_score(masks.flatten().numpy(), final.flatten().numpy()) > 0.9
-    changed = {k for k, v in model.trainable_state_dict().items() if not torch.equal(v, start[k])}
+    changed = {k for k, v in model.model.trainable_state_dict().items() if not torch.equal(v, start[k])}
     assert {k.split(".")[0] for k in changed} == {"prompt_learner", "bicmci", "adapter"}
 
 
 def test_models_can_share_one_backbone(small_config, tmp_path):
-    folder = fresh_model(small_config).save_pretrained(tmp_path / "ck")
+    folder = fresh_model(small_config, trained=True).save_pretrained(tmp_path / "ck")
     cache: dict = {}
     free = KAnoCLIP.from_pretrained(config=small_config, device="cpu", backbone_cache=cache)
     trained = KAnoCLIP.from_pretrained(folder, device="cpu", backbone_cache=cache)
     assert len(cache) == 1
-    assert trained.clip is free.clip and trained.mode == "trained" and free.mode == "training-free"
+    assert trained.model.clip is free.model.clip and trained.mode == "trained" and free.mode == "training-free"
 
 
 @pytest.mark.parametrize("missing", ["./checkpoints/mine", "/abs/path/to/ckpt"])

@@ -7,7 +7,7 @@ import torch
 
 from kanoclip.backbone import load_backbone
 from kanoclip.config import PromptConfig
-from kanoclip.prompts import PromptLearner, TextEncoder, class_text
+from kanoclip.modeling.prompts import PromptLearner, TextEncoder, class_text
 
 
 @pytest.fixture(scope="module")

@@ -1,23 +1,15 @@
-"""KAnoCLIP: the whole model (paper Fig. 1) and its public API.
+"""KAnoCLIP, the detector service: images in, :class:`~kanoclip.detection.Detection` results out.
 
-``KAnoCLIP`` is an ``nn.Module`` whose parameters are the frozen CLIP backbone's plus the
-trainable parts — the KnPL context vectors (:mod:`~kanoclip.prompts`), Bi-CMCI
-(:mod:`~kanoclip.bicmci`) and the Conv-Adapter (:mod:`~kanoclip.adapter`).
+``KAnoCLIP`` holds the pure model (:class:`~kanoclip.modeling.model.KAnoCLIPModel`, the paper's
+forward pass, tensors in and out) and does what sits around it: loading backbones and
+checkpoints, decoding and preprocessing images, each class's text features (the learned prompts
+or the training-free ensemble, with the knowledge base's descriptions), cached per class in
+bounded caches it owns, and the guidance and results built from a forward. It is an
+``nn.Module`` too (its parameters are the model's), so training can wrap it in DDP.
 
-Two modes:
-
-* **trained** (a checkpoint is loaded, or after training): text = the learned prompts,
-  maps = Bi-CMCI over the 4 CLIP-VV stages, global feature through the Conv-Adapter.
-* **training-free** (no checkpoint; :class:`~kanoclip.config.TrainingFreeConfig`): a symmetric
-  state ensemble (the same templates for both states, WinCLIP-style), the class's
-  knowledge-base descriptions joining the abnormal side, maps = CLIP-VV patch/text similarity
-  on the V-V path of CLIP Surgery's length (6 blocks), weighted over the stages (default: the
-  last one), global feature = CLIP's own. This is what runs before anyone has trained.
-
-Both end the same way: ``M^n, M^a`` = the stages' (weighted) mean (eq. 9),
-``M = G_σ(M^a + 1 − M^n)/2`` (eq. 10), score = ``(softmax(Î_G·F_textᵀ/τ)[abnormal] + max M) / 2``
-(eq. 12, in [0, 1]). The backbone may run in reduced precision (:mod:`~kanoclip.precision`);
-everything from the stage features on runs in fp32.
+The mode comes from what was loaded: :meth:`from_pretrained` with a checkpoint gives the trained
+mode, without one the training-free mode; :meth:`for_training` builds a model whose learned parts
+are about to be trained (trained mode, fresh weights).
 """
 
 from __future__ import annotations
@@ -33,9 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from kanoclip.adapter import ConvAdapter
 from kanoclip.backbone import Backbone, load_backbone
-from kanoclip.bicmci import BiCMCI
 from kanoclip.cache import LRUCache
 from kanoclip.checkpoint import KB_NAME, read_checkpoint, write_checkpoint
 from kanoclip.config import BACKBONE_ENV, KAnoCLIPConfig, with_overrides
@@ -43,29 +33,13 @@ from kanoclip.detection import Detection, Guidance, upsample_maps
 from kanoclip.errors import CheckpointError, InputError
 from kanoclip.images import ImageInput, describe, load_image, preprocess
 from kanoclip.knowledge import KnowledgeBase
-from kanoclip.maps import combine_maps, global_score, similarity_probabilities, stage_grid_maps, upsample
-from kanoclip.precision import backbone_autocast, full_precision, resolve_precision
-from kanoclip.prompts import PromptFeatures, PromptLearner, TextEncoder, mean_direction, state_ensemble
-from kanoclip.vv_attention import CLIPVV, VisualFeatures
+from kanoclip.modeling.model import KAnoCLIPModel, KAnoCLIPOutput
+from kanoclip.modeling.prompts import mean_direction
+from kanoclip.modeling.vv_attention import VisualFeatures
+from kanoclip.precision import resolve_precision
 
-TRAINABLE_MODULES = ("prompt_learner", "bicmci", "adapter")
 MAX_CLASS_CHARS = 1000  # longer names are cut before tokenising (the tokenizer cuts to 77 tokens anyway)
-
-
-@dataclass
-class KAnoCLIPOutput:
-    """Tensors of one forward pass (S = the model's input size, n = number of stages)."""
-
-    score: torch.Tensor  # (B,) in [0, 1], eq. 12 halved
-    anomaly_map: torch.Tensor  # (B, S, S), eq. 10
-    normal: torch.Tensor  # (B, S, S), M^n of eq. 9
-    abnormal: torch.Tensor  # (B, S, S), M^a of eq. 9
-    stage_maps: torch.Tensor  # (B, n, 2, h, w), each stage's [M_i^n, M_i^a] on the patch grid
-    grid_maps: torch.Tensor  # (B, 2, h, w), [M^n, M^a] of eq. 9 on the patch grid
-    text: torch.Tensor  # (B, 2, C) normalised [normal, abnormal] text features used
-    global_feature: torch.Tensor  # (B, C), through the adapter in trained mode
-    prompts: PromptFeatures | None  # learned prompts' raw features per unique class (when training)
-    classes: list[str]  # the unique classes, in the order of ``prompts``
+_SHARED_PASS_KEYS = {"backbone", "image_size", "vv.stage_layers", "vv.position_interpolation"}
 
 
 @dataclass
@@ -85,40 +59,21 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 class KAnoCLIP(nn.Module):
-    """KAnoCLIP on a frozen transformers CLIP. Build it with :meth:`from_pretrained`."""
+    """KAnoCLIP on a frozen transformers CLIP. Build it with :meth:`from_pretrained` (or :meth:`for_training`)."""
 
-    def __init__(
-        self, backbone: Backbone, config: KAnoCLIPConfig, knowledge: KnowledgeBase | None = None, *, precision: str = "auto"
-    ) -> None:
+    def __init__(self, model: KAnoCLIPModel, backbone: Backbone, knowledge: KnowledgeBase | None = None) -> None:
         super().__init__()
-        self.config = config
-        self.requested_precision = precision
+        self.model = model
         self._backbone = backbone  # kept for :meth:`variant`, which shares it
         self.backbone_name = backbone.name
         self.random_backbone = backbone.random_init
-        self.tokenizer = backbone.tokenizer
         self.image_mean, self.image_std = backbone.image_mean, backbone.image_std
-        self.image_size = config.image_size or backbone.image_size
-        self.clip = backbone.model  # frozen: requires_grad False, kept in eval mode by train()
-        self.visual = CLIPVV(self.clip, config.vv)
-        self.text_encoder = TextEncoder(self.clip, self.tokenizer)
-        dim = int(self.clip.config.projection_dim)
-        self.prompt_learner = PromptLearner(config.prompts, self.text_encoder)
-        self.bicmci = BiCMCI(dim, len(self.visual.stage_layers), config.bicmci, config.scoring.temperature)
-        self.adapter = ConvAdapter(dim, config.adapter)
-        n_stages = len(self.visual.stage_layers)
-        if len(config.training_free.stage_weights) != n_stages:
-            raise InputError(
-                f"training_free.stage_weights has {len(config.training_free.stage_weights)} weights but the model has "
-                f"{n_stages} stages (layers {list(self.visual.stage_layers)}); give one weight per stage"
-            )
-        self.visual.first_layer(config.training_free.num_replaced_blocks)  # checked against the depth now
         self.knowledge = knowledge or KnowledgeBase.builtin()
-        self.trained = False  # set by a loaded checkpoint or by training
         self.checkpoint_name: str | None = None
         # Per-class text caches, bounded (LRU, config.cache) and emptied in one place: _invalidate.
-        self._text_cache: LRUCache[tuple[str, str], _ClassText] = LRUCache(config.cache.max_classes)
-        self._knowledge_cache: LRUCache[str, torch.Tensor] = LRUCache(config.cache.max_classes)
+        max_classes = model.config.cache.max_classes
+        self._text_cache: LRUCache[str, _ClassText] = LRUCache(max_classes)
+        self._knowledge_cache: LRUCache[str, torch.Tensor] = LRUCache(max_classes)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -135,42 +90,88 @@ class KAnoCLIP(nn.Module):
         precision: str = "auto",
         overrides: Mapping[str, Any] | None = None,
     ) -> KAnoCLIP:
-        """Load a model: training-free with ``checkpoint=None``, else a checkpoint folder or hub id.
+        """Load a model: training-free with ``checkpoint=None``, else trained from a checkpoint folder or hub id.
 
-        ``backbone`` defaults to ``$KANOCLIP_BACKBONE``, else the checkpoint's (or ViT-L/14@336px);
-        ``kb`` defaults to the checkpoint's knowledge base (or the built-in one).
-        ``backbone_cache``, a mapping the caller owns, lets several models (say, training-free and
-        a checkpoint) share one frozen backbone in memory instead of loading it once each.
-        ``precision``: the backbone's precision, see :mod:`kanoclip.precision` (``model.precision``
-        says which is in force). ``overrides``: dotted config paths applied on top of ``config``
-        or the checkpoint's, e.g. ``{"training_free.stage_weights": (0, 0, 0, 1)}``
-        (:func:`kanoclip.config.with_overrides`).
+        Args:
+            checkpoint: a checkpoint folder or hub repo id (None: the training-free mode).
+            backbone: a hub id or local folder; default ``$KANOCLIP_BACKBONE`` (read here, once),
+                else the checkpoint's (or ViT-L/14@336px).
+            device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``, ...
+            kb: a knowledge-base file or object; default the checkpoint's, else the built-in one.
+            config: the model config (default: the checkpoint's, else the defaults).
+            cache_dir: the hub cache to read from.
+            backbone_cache: a mapping the caller owns, so that several models (say,
+                training-free and a checkpoint) share one frozen backbone in memory.
+            precision: the backbone's precision (:mod:`kanoclip.precision`; ``model.precision``
+                says which is in force).
+            overrides: dotted config paths applied on top of ``config`` or the checkpoint's, e.g.
+                ``{"training_free.stage_weights": (0, 0, 0, 1)}`` (:func:`kanoclip.config.with_overrides`).
+
+        Returns:
+            The model in eval mode, ready for inference.
         """
         files = read_checkpoint(checkpoint, cache_dir=cache_dir) if checkpoint is not None else None
         cfg = config or (files.config if files else KAnoCLIPConfig())
-        if overrides:
-            try:
-                cfg = with_overrides(cfg, overrides)
-            except ValueError as exc:
-                raise InputError(f"config override: {exc}") from None
-        # backbone: the argument, else $KANOCLIP_BACKBONE (e.g. a local copy of the checkpoint's
-        # hub backbone), else the checkpoint's or the config's; shapes are checked on load.
-        cfg = replace(cfg, backbone=backbone or os.environ.get(BACKBONE_ENV) or cfg.backbone)
-        knowledge = _knowledge_from(kb, files.folder if files else None)
-        torch_device = resolve_device(device)
-        resolve_precision(precision, torch_device)  # a precision the device cannot run fails before loading
-        key = (cfg.backbone, str(torch_device))
-        loaded = backbone_cache.get(key) if backbone_cache is not None else None
-        if loaded is None:
-            loaded = load_backbone(cfg.backbone, device=torch_device, cache_dir=cache_dir)
-            if backbone_cache is not None:
-                backbone_cache[key] = loaded
-        model = cls(loaded, cfg, knowledge, precision=precision)
-        model.to(torch_device)
+        model = cls._build(
+            cfg, backbone, device, trained=files is not None, precision=precision, overrides=overrides,
+            cache_dir=cache_dir, backbone_cache=backbone_cache, knowledge=_knowledge_from(kb, files.folder if files else None),
+        )  # fmt: skip
         if files is not None:
             model.load_trainable_state_dict(files.state_dict, source=str(files.folder), trained_backbone=files.config.backbone)
             model.checkpoint_name = str(checkpoint)
         return model.eval()  # like transformers' from_pretrained: ready for inference
+
+    @classmethod
+    def for_training(
+        cls,
+        backbone: str | None = None,
+        device: str | torch.device = "auto",
+        *,
+        kb: str | os.PathLike[str] | KnowledgeBase | None = None,
+        config: KAnoCLIPConfig | None = None,
+        precision: str = "auto",
+        backbone_cache: MutableMapping[tuple[str, str], Backbone] | None = None,
+    ) -> KAnoCLIP:
+        """A trained-mode model with freshly initialised prompts, Bi-CMCI and adapter, to be trained.
+
+        Arguments as for :meth:`from_pretrained` (the initialisation follows torch's RNG).
+        """
+        return cls._build(
+            config or KAnoCLIPConfig(), backbone, device, trained=True, precision=precision,
+            knowledge=_knowledge_from(kb, None), backbone_cache=backbone_cache,
+        )  # fmt: skip
+
+    @classmethod
+    def _build(
+        cls,
+        config: KAnoCLIPConfig,
+        backbone: str | None,
+        device: str | torch.device,
+        *,
+        trained: bool,
+        precision: str,
+        knowledge: KnowledgeBase,
+        overrides: Mapping[str, Any] | None = None,
+        cache_dir: str | None = None,
+        backbone_cache: MutableMapping[tuple[str, str], Backbone] | None = None,
+    ) -> KAnoCLIP:
+        if overrides:
+            try:
+                config = with_overrides(config, overrides)
+            except ValueError as exc:
+                raise InputError(f"config override: {exc}") from None
+        # backbone: the argument, else $KANOCLIP_BACKBONE (e.g. a local copy of the checkpoint's
+        # hub backbone), else the checkpoint's or the config's; shapes are checked on load.
+        config = replace(config, backbone=backbone or os.environ.get(BACKBONE_ENV) or config.backbone)
+        torch_device = resolve_device(device)
+        resolve_precision(precision, torch_device)  # a precision the device cannot run fails before loading
+        key = (config.backbone, str(torch_device))
+        loaded = backbone_cache.get(key) if backbone_cache is not None else None
+        if loaded is None:
+            loaded = load_backbone(config.backbone, device=torch_device, cache_dir=cache_dir)
+            if backbone_cache is not None:
+                backbone_cache[key] = loaded
+        return cls(_model_on(loaded, config, trained=trained, precision=precision), loaded, knowledge).to(torch_device)
 
     def variant(self, overrides: Mapping[str, Any]) -> KAnoCLIP:
         """A model that differs from this one by config ``overrides`` and shares its backbone and weights.
@@ -186,32 +187,36 @@ class KAnoCLIP(nn.Module):
         Returns:
             A model in the same mode, in eval mode, on the same device.
         """
-        fixed = sorted(set(overrides) & {"backbone", "image_size", "vv.stage_layers", "vv.position_interpolation"})
+        fixed = sorted(set(overrides) & _SHARED_PASS_KEYS)
         if fixed:
-            raise InputError(f"a sweep variant cannot set {', '.join(fixed)}: all variants share one backbone pass; evaluate that setting on its own with --set")
+            raise InputError(
+                f"a sweep variant cannot set {', '.join(fixed)}: all variants share one backbone pass; "
+                "evaluate that setting on its own with --set"
+            )
         try:
             config = with_overrides(self.config, overrides)
         except ValueError as exc:
             raise InputError(f"config override: {exc}") from None
-        other = type(self)(self._backbone, config, self.knowledge, precision=self.requested_precision).to(self.device)
+        model = _model_on(self._backbone, config, trained=self.trained, precision=self.model.requested_precision)
+        other = type(self)(model, self._backbone, self.knowledge).to(self.device)
         if self.trained:
             try:
-                other.load_trainable_state_dict(self.trainable_state_dict(), source="the trained weights")
+                other.load_trainable_state_dict(self.model.trainable_state_dict(), source="the trained weights")
             except CheckpointError:
                 raise InputError("a sweep variant cannot change the shapes of the trained parts (e.g. bicmci.dim, prompts.n_ctx)") from None
         other.checkpoint_name = self.checkpoint_name
         return other.eval()
 
-    def trainable_modules(self) -> dict[str, nn.Module]:
-        return {name: getattr(self, name) for name in TRAINABLE_MODULES}
+    def load_trainable_state_dict(
+        self, state: dict[str, torch.Tensor], *, source: str = "checkpoint", trained_backbone: str | None = None
+    ) -> None:
+        """Load trained weights (a checkpoint's, or a resumed run's) after checking names and shapes.
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable weights only, keyed ``<module>.<param>`` (what a checkpoint stores)."""
-        return {f"{name}.{k}": v for name, module in self.trainable_modules().items() for k, v in module.state_dict().items()}
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], *, source: str = "checkpoint", trained_backbone: str | None = None) -> None:
-        """Load trainable weights after checking names and shapes; switches to trained mode."""
-        expected = self.trainable_state_dict()
+        Only a trained-mode model takes them: a training-free model has no learned parts in use.
+        """
+        if not self.trained:
+            raise InputError(f"{source}: trained weights need a trained-mode model; load it with from_pretrained(checkpoint=...)")
+        expected = self.model.trainable_state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
@@ -226,32 +231,46 @@ class KAnoCLIP(nn.Module):
                 f"{source} does not fit this model:{trained_for} this model uses {self.backbone_name!r} ({detail}); "
                 "load it with the backbone it was trained on"
             )
-        for name, module in self.trainable_modules().items():
+        for name, module in self.model.trainable_modules().items():
             prefix = f"{name}."
             module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-        self.trained = True
         self._invalidate()
 
     def save_pretrained(self, folder: str | os.PathLike[str], metadata: dict[str, Any] | None = None) -> Path:
         """Write a checkpoint folder: config, trainable safetensors, knowledge base (atomically)."""
         meta = {"random_backbone": self.random_backbone, **(metadata or {})}
-        return write_checkpoint(folder, self.config, self.trainable_state_dict(), self.knowledge.to_dict(), meta)
+        return write_checkpoint(folder, self.config, self.model.trainable_state_dict(), self.knowledge.to_dict(), meta)
 
     # ------------------------------------------------------------------ state
+    @property
+    def config(self) -> KAnoCLIPConfig:
+        return self.model.config
+
+    @property
+    def trained(self) -> bool:
+        return self.model.trained
+
     @property
     def mode(self) -> Literal["training-free", "trained"]:
         return "trained" if self.trained else "training-free"
 
     @property
+    def image_size(self) -> int:
+        return self.model.image_size
+
+    @property
     def device(self) -> torch.device:
-        return self.adapter.down.weight.device
+        return self.model.device
+
+    @property
+    def precision(self) -> str:
+        """The backbone's precision in force on the current device: ``"fp32"``, ``"bf16"`` or ``"fp16"``."""
+        return self.model.precision
 
     def train(self, mode: bool = True) -> KAnoCLIP:
         if mode != self.training:  # the learned parts may change (or have changed) meanwhile
             self._invalidate()
-        super().train(mode)
-        self.clip.eval()  # the backbone never leaves eval mode
-        return self
+        return super().train(mode)  # the model keeps its backbone in eval mode
 
     def _invalidate(self, *, descriptions: bool = False) -> None:
         """Empty the per-class text cache (and the description features'): the one place they are emptied.
@@ -273,100 +292,37 @@ class KAnoCLIP(nn.Module):
         self.knowledge = knowledge
         self._invalidate(descriptions=True)
 
-    @property
-    def precision(self) -> str:
-        """The backbone's precision in force on the current device: ``"fp32"``, ``"bf16"`` or ``"fp16"``."""
-        return resolve_precision(self.requested_precision, self.device)
-
-    def backbone_autocast(self):
-        """The autocast context of the backbone's forward at :attr:`precision` (nothing for fp32)."""
-        return backbone_autocast(self.precision, self.device)
-
-    def num_replaced_blocks(self) -> int:
-        """The V-V path's length in the current mode: ``config.vv``'s when trained, else ``config.training_free``'s."""
-        if self.trained:
-            return self.visual.depth - self.visual.first_replaced + 1
-        return self.config.training_free.num_replaced_blocks
-
-    def stage_weights(self) -> torch.Tensor:
-        """Eq. 9's weights over the stages, summing to 1: equal when trained, the config's otherwise."""
-        n = len(self.visual.stage_layers)
-        weights = torch.ones(n) if self.trained else torch.tensor(self.config.training_free.stage_weights)
-        return (weights / weights.sum()).to(self.device)
-
     # ------------------------------------------------------------------ forward
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Decoded RGB images -> the model's normalised input ``(B, 3, S, S)`` on its device."""
         return preprocess(list(images), self.image_size, self.image_mean, self.image_std, device=self.device)
 
     def encode_image(self, pixel_values: torch.Tensor) -> VisualFeatures:
-        """CLIP-VV features of a normalised batch ``(B, 3, S, S)`` for the current mode (frozen: no gradients).
-
-        The backbone runs at :attr:`precision`; the features come out in fp32.
-        """
-        n = self.num_replaced_blocks()
-        return self.encode_image_paths(pixel_values, [n])[n]
-
-    def encode_image_paths(self, pixel_values: torch.Tensor, replaced: Sequence[int]) -> dict[int, VisualFeatures]:
-        """CLIP-VV features for several V-V path lengths from one backbone forward (used by sweeps)."""
-        with torch.no_grad(), self.backbone_autocast():
-            paths = self.visual.features(pixel_values.to(self.device), replaced)
-        return {
-            n: VisualFeatures(global_feature=f.global_feature.float(), stages=[s.float() for s in f.stages], grid=f.grid)
-            for n, f in paths.items()
-        }
+        """CLIP-VV features of a normalised batch (see :meth:`KAnoCLIPModel.encode_image`)."""
+        return self.model.encode_image(pixel_values)
 
     def forward(self, visual: VisualFeatures, class_names: Sequence[str], *, sigma: float | None = None) -> KAnoCLIPOutput:
-        """Maps and scores from CLIP-VV features, in the model's current mode.
+        """Maps and scores from CLIP-VV features for each image's (canonical) class.
 
         In trained mode and ``self.training``, the learned prompts are encoded anew so gradients
-        reach them, Bi-CMCI and the adapter (used by training); otherwise the text side comes
-        from the per-class cache. Everything here runs in fp32, also under a caller's autocast.
+        reach them, Bi-CMCI and the adapter (used by training; ``prompts`` and ``classes`` of the
+        output are set for the loss); otherwise the text side comes from the per-class cache.
         """
-        with full_precision(self.device):
-            return self._forward(visual, class_names, sigma)
-
-    def _forward(self, visual: VisualFeatures, class_names: Sequence[str], sigma: float | None) -> KAnoCLIPOutput:
-        visual = VisualFeatures(visual.global_feature.float(), [s.float() for s in visual.stages], visual.grid)
-        sigma = self.config.scoring.sigma if sigma is None else sigma
         classes = list(dict.fromkeys(class_names))
         index = torch.tensor([classes.index(c) for c in class_names], device=self.device)
-        tau = self.config.scoring.temperature
         prompts = None
         if self.trained and self.training:  # learning the prompts: text features with gradients
-            prompts = self.prompt_learner(classes)
+            prompts = self.model.learned_prompts(classes)
             text = prompts.state_features()[index]  # (B, 2, C)
         else:  # inference: each class's text features are computed once and cached
             text = torch.stack([self._class_text(c).state for c in classes])[index]
-        if self.trained:
-            probs = self.bicmci(visual.stages, text, visual.grid)
-            global_feature = self.adapter(visual.global_feature)
-        else:
-            probs = [similarity_probabilities(stage, text, tau) for stage in visual.stages]
-            global_feature = visual.global_feature
-        stage_maps = stage_grid_maps(probs, visual.grid)  # (B, n, 2, h, w)
-        # Eq. 9 with Norm = the stages' weighted mean, taken on the grid before upsampling to
-        # S x S: bilinear upsampling is linear, so this equals the mean of the upsampled stage
-        # maps, for a quarter of the upsampling work.
-        grid_maps = torch.einsum("n,bnkhw->bkhw", self.stage_weights(), stage_maps)  # (B, 2, h, w)
-        normal, abnormal = upsample(grid_maps, (self.image_size, self.image_size)).unbind(dim=1)  # (B, S, S) each
-        anomaly_map = combine_maps(normal, abnormal, sigma)  # eq. 10
-        score = global_score(global_feature, text, anomaly_map, tau)  # eq. 12
-        return KAnoCLIPOutput(
-            score=score,
-            anomaly_map=anomaly_map,
-            normal=normal,
-            abnormal=abnormal,
-            stage_maps=stage_maps,
-            grid_maps=grid_maps,
-            text=text,
-            global_feature=global_feature,
-            prompts=prompts,
-            classes=classes,
-        )
+        return replace(self.model(visual, text, sigma=sigma), prompts=prompts, classes=classes)
 
     def knowledge_features(self, class_names: Sequence[str]) -> torch.Tensor:
-        """Mean raw CLIP text feature of each class's knowledge-base descriptions (eq. 3's LLM + VQA; any source), ``(n, 1, C)``."""
+        """Mean raw CLIP text feature of each class's knowledge-base descriptions, ``(n, 1, C)`` (eq. 3's w̄k).
+
+        The paper's descriptions come from an LLM and a VQA model; here every source counts.
+        """
         return torch.stack([self.description_features(name).mean(dim=0, keepdim=True) for name in class_names])
 
     def description_features(self, class_name: str) -> torch.Tensor:
@@ -375,9 +331,10 @@ class KAnoCLIP(nn.Module):
         Shared by the knowledge-distillation target (eq. 3) and the text side of inference, so
         training never encodes the same descriptions twice.
         """
+
         def encode() -> torch.Tensor:
             with torch.no_grad():
-                return self.text_encoder.encode([d.text for d in self.knowledge.descriptions(class_name)]).float()
+                return self.model.text_encoder.encode([d.text for d in self.knowledge.descriptions(class_name)]).float()
 
         return self._knowledge_cache.get_or_compute(class_name, encode)
 
@@ -395,36 +352,35 @@ class KAnoCLIP(nn.Module):
             with torch.no_grad():
                 return self._build_class_text(class_name)
 
-        return self._text_cache.get_or_compute((self.mode, class_name), build)
+        return self._text_cache.get_or_compute(class_name, build)
 
     def _build_class_text(self, class_name: str) -> _ClassText:
         descriptions = self.knowledge.descriptions(class_name)
         kb_texts = [(d.text, d.source, "abnormal") for d in descriptions]
         kb_features = self.description_features(class_name)
         if self.trained:
-            prompts = self.prompt_learner([class_name])
+            prompts = self.model.learned_prompts([class_name])
             state = prompts.state_features()[0]
             learned = [
                 (text, "learned", state_name)
                 for state_name, abnormal in (("normal", False), ("abnormal", True))
-                for text in self.prompt_learner.prompt_texts(class_name, abnormal)
+                for text in self.model.prompt_learner.prompt_texts(class_name, abnormal)
             ]
             guidance_texts = learned + kb_texts
             guidance = torch.cat([prompts.normal[0], prompts.abnormal[0], kb_features])
         else:
-            # The symmetric state ensemble; the descriptions join the abnormal side as members.
-            recipe = self.config.training_free
-            normal_texts = state_ensemble(class_name, recipe.normal_states, recipe.templates)
-            abnormal_texts = state_ensemble(class_name, recipe.abnormal_states, recipe.templates)
-            features = self.text_encoder.encode(normal_texts + abnormal_texts).float()
-            normal_features, abnormal_features = features[: len(normal_texts)], features[len(normal_texts) :]
-            if not recipe.use_descriptions:
-                kb_texts, kb_features = [], kb_features[:0]
-            state = torch.stack([mean_direction(normal_features), mean_direction(torch.cat([abnormal_features, kb_features]))])
+            ensemble = self.model.training_free_text(class_name)
+            if self.config.training_free.use_descriptions:  # they join the abnormal side as members
+                abnormal = mean_direction(torch.cat([ensemble.abnormal, kb_features]))
+                state = torch.stack([ensemble.state[0], abnormal])
+            else:
+                kb_texts, kb_features, state = [], kb_features[:0], ensemble.state
             guidance_texts = (
-                [(t, "template", "normal") for t in normal_texts] + [(t, "template", "abnormal") for t in abnormal_texts] + kb_texts
+                [(t, "template", "normal") for t in ensemble.normal_texts]
+                + [(t, "template", "abnormal") for t in ensemble.abnormal_texts]
+                + kb_texts
             )
-            guidance = torch.cat([normal_features, abnormal_features, kb_features])
+            guidance = torch.cat([ensemble.normal, ensemble.abnormal, kb_features])
         return _ClassText(state=state, guidance_texts=guidance_texts, guidance_features=F.normalize(guidance, dim=-1))
 
     # ------------------------------------------------------------------ detection API
@@ -515,3 +471,14 @@ def _knowledge_from(kb: str | os.PathLike[str] | KnowledgeBase | None, checkpoin
     if checkpoint_folder is not None and (checkpoint_folder / KB_NAME).is_file():
         return KnowledgeBase.load(checkpoint_folder / KB_NAME)
     return KnowledgeBase.builtin()
+
+
+def _model_on(backbone: Backbone, config: KAnoCLIPConfig, *, trained: bool, precision: str) -> KAnoCLIPModel:
+    """The pure model on a loaded backbone (a config that does not fit it is one clear line)."""
+    try:
+        return KAnoCLIPModel(
+            backbone.model, backbone.tokenizer, config, trained=trained,
+            image_size=config.image_size or backbone.image_size, precision=precision,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise InputError(f"the config does not fit backbone {backbone.name!r}: {exc}") from None

@@ -1,13 +1,11 @@
-"""Bi-CMCI (eq. 9), the Conv-Adapter (eq. 11) and the map/score functions (eq. 10, 12)."""
+"""Bi-CMCI (eq. 9): shapes, both modalities, deformable offsets, the CLIP-logits residual."""
 
 from __future__ import annotations
 
 import torch
 
-from kanoclip.adapter import ConvAdapter
-from kanoclip.bicmci import BiCMCI, DeformableSelfAttention
-from kanoclip.config import AdapterConfig, BiCMCIConfig
-from kanoclip.maps import combine_maps, gaussian_blur, global_score, similarity_probabilities
+from kanoclip.config import BiCMCIConfig
+from kanoclip.modeling.bicmci import BiCMCI, DeformableSelfAttention
 
 
 def test_bicmci_shapes_and_probabilities():
@@ -49,61 +47,6 @@ def test_deformable_offsets_come_from_the_features():
     assert out.shape == (2, 64, 8)
 
 
-def test_adapter_is_eq_11_at_ratio_1():
-    torch.manual_seed(0)
-    adapter = ConvAdapter(16, AdapterConfig(bottleneck=4, ratio=1.0))
-    x = torch.randn(5, 16)
-    expected = adapter.up(torch.relu(adapter.down(torch.nn.functional.layer_norm(x, (16,), adapter.norm.weight, adapter.norm.bias))))
-    torch.testing.assert_close(adapter(x), expected)
-    assert adapter.down.out_features == 4
-
-
-def test_adapter_ratio_mixes_in_the_input():
-    torch.manual_seed(0)
-    adapter = ConvAdapter(16, AdapterConfig(ratio=0.2))
-    assert adapter.down.out_features == 4  # default bottleneck: dim // 4
-    x = torch.randn(2, 16)
-    full = ConvAdapter(16, AdapterConfig(ratio=1.0))
-    full.load_state_dict(adapter.state_dict())
-    torch.testing.assert_close(adapter(x), 0.2 * full(x) + 0.8 * x)
-
-
-def test_similarity_probabilities_prefer_the_closer_text():
-    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # normal along x, abnormal along y
-    patches = torch.tensor([[[1.0, 0.1], [0.1, 1.0]]])
-    probs = similarity_probabilities(patches, text, temperature=0.07)
-    assert probs.shape == (1, 2, 2)
-    assert probs[0, 0, 0] > 0.99 and probs[0, 1, 1] > 0.99
-
-
-def test_combine_maps_is_eq_10():
-    normal = torch.rand(2, 20, 20)
-    abnormal = torch.rand(2, 20, 20)
-    torch.testing.assert_close(combine_maps(normal, abnormal, sigma=0), (abnormal + 1 - normal) / 2)
-    smoothed = combine_maps(normal, abnormal, sigma=2)
-    assert smoothed.shape == (2, 20, 20)
-    assert smoothed.std() < ((abnormal + 1 - normal) / 2).std()
-
-
-def test_gaussian_blur_preserves_constants_and_mass_center():
-    const = torch.full((1, 30, 30), 0.3)
-    torch.testing.assert_close(gaussian_blur(const, 3.0), const)
-    spike = torch.zeros(1, 31, 31)
-    spike[0, 15, 15] = 1.0
-    blurred = gaussian_blur(spike, 2.0)
-    assert blurred[0].argmax() == 15 * 31 + 15
-    assert abs(float(blurred.sum()) - 1.0) < 1e-4
-
-
-def test_global_score_is_eq_12_halved():
-    feature = torch.tensor([[0.0, 1.0]])
-    text = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
-    amap = torch.zeros(1, 4, 4)
-    amap[0, 1, 2] = 0.8
-    p_abnormal = torch.softmax(torch.tensor([0.0, 1.0]) / 0.07, dim=0)[1]
-    torch.testing.assert_close(global_score(feature, text, amap, 0.07), ((p_abnormal + 0.8) / 2).view(1))
-
-
 def test_residual_logits_add_clips_own_logits_before_the_softmax():
     torch.manual_seed(0)
     config = BiCMCIConfig(dim=16, num_heads=2)
@@ -126,11 +69,11 @@ def test_residual_logits_switch_on_a_loaded_model(tiny_backbone):
 
     model = KAnoCLIP.from_pretrained(backbone=str(tiny_backbone), device="cpu")  # its own: the shared one stays as is
     torch.manual_seed(0)
-    width = model.bicmci.stages[0].in_visual.in_features
-    stages = [torch.randn(1, 16, width) for _ in model.bicmci.stages]
+    width = model.model.bicmci.stages[0].in_visual.in_features
+    stages = [torch.randn(1, 16, width) for _ in model.model.bicmci.stages]
     text = torch.randn(1, 2, width)
     with torch.no_grad():
-        before = model.bicmci(stages, text, (4, 4))
+        before = model.model.bicmci(stages, text, (4, 4))
         model.config.bicmci.residual_logits = True
-        after = model.bicmci(stages, text, (4, 4))
+        after = model.model.bicmci(stages, text, (4, 4))
     assert not torch.allclose(before[0], after[0])

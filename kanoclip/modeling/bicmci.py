@@ -17,7 +17,7 @@ One :class:`BiCMCIStage` per CLIP-VV stage fuses that stage's patch features
 The paper does not give the order of the blocks nor their width; this order (self, then
 bi-directional cross) and a 256-wide pre-norm residual layout are our choice
 (:class:`~kanoclip.config.BiCMCIConfig`). Summation over the stages and ``Norm`` are in
-:mod:`kanoclip.maps`.
+:mod:`kanoclip.modeling.maps`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kanoclip.config import BiCMCIConfig
-from kanoclip.maps import similarity_logits
+from kanoclip.modeling.maps import similarity_logits
 
 
 class DeformableSelfAttention(nn.Module):

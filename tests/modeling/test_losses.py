@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kanoclip.config import LossConfig
-from kanoclip.losses import dice_loss, focal_loss, global_loss, kd_loss, local_loss, total_loss
+from kanoclip.modeling.losses import dice_loss, focal_loss, global_loss, kd_loss, local_loss, total_loss
 
 
 def test_kd_loss_hinge_on_normalised_mean_distances():
