@@ -177,6 +177,24 @@ class CacheConfig:
             raise ValueError(f"cache.max_classes must be >= 1, got {self.max_classes}")
 
 
+@dataclass
+class ReferenceConfig:
+    """k-shot normal references (:mod:`kanoclip.references`; not in the paper)."""
+
+    weight: float = 0.5  # λ, the reference map's share of the fused map and score (WinCLIP+'s mean)
+    margin: float = 0.02  # added to the largest normal score for a threshold from normal images only
+    max_per_class: int = 64  # 64 x 576 patches x 4 stages x 768 x 2 bytes = 226 MB at ViT-L/14@336
+    chunk: int = 8192  # reference patches compared at a time in the nearest-neighbour search
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.weight <= 1.0:
+            raise ValueError(f"references.weight must be in [0, 1], got {self.weight}")
+        if not 0.0 <= self.margin < 1.0:
+            raise ValueError(f"references.margin must be in [0, 1), got {self.margin}")
+        if self.max_per_class < 1 or self.chunk < 1:
+            raise ValueError(f"references.max_per_class and references.chunk must be >= 1, got {self.max_per_class}, {self.chunk}")
+
+
 # The training-free state ensemble, written for kanoclip after WinCLIP's compositional prompt
 # ensemble (state words x templates; Jeong et al., CVPR 2023, §3.2): both states share every
 # template, so the difference between the two directions is the state alone.
@@ -269,6 +287,7 @@ class KAnoCLIPConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     training_free: TrainingFreeConfig = field(default_factory=TrainingFreeConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    references: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict, tagged with the config format version."""
@@ -407,4 +426,5 @@ _SECTIONS: dict[str, type] = {
     "scoring": ScoringConfig,
     "training_free": TrainingFreeConfig,
     "cache": CacheConfig,
+    "references": ReferenceConfig,
 }

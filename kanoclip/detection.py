@@ -52,6 +52,9 @@ class Detection:
     image: str = ""
     # [M^n, M^a, M_1^a .. M_n^a] on the patch grid, (2 + n_stages, h, w)
     model_maps: np.ndarray = field(default_factory=lambda: np.zeros((0, 1, 1), np.float32), repr=False)
+    reference_map: np.ndarray | None = None  # (H, W) in [0, 1], the references' own map; None without references
+    reference_count: int = 0  # k normal references of this class that took part
+    threshold_note: str = ""  # where the threshold comes from: default, or calibrated on what
 
     @property
     def is_anomalous(self) -> bool:
@@ -63,7 +66,7 @@ class Detection:
         return (
             f"Detection(score={self.score:.4f}, threshold={self.threshold:.4f}, verdict={verdict!r}, "
             f"class_name={self.class_name!r}, mode={self.mode!r}, map_shape={tuple(self.anomaly_map.shape)}, "
-            f"guidance={len(self.guidance)} prompts)"
+            f"guidance={len(self.guidance)} prompts, references={self.reference_count})"
         )
 
     @cached_property

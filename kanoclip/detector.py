@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -37,6 +38,7 @@ from kanoclip.modeling.model import KAnoCLIPModel, KAnoCLIPOutput
 from kanoclip.modeling.prompts import mean_direction
 from kanoclip.modeling.vv_attention import VisualFeatures
 from kanoclip.precision import resolve_precision
+from kanoclip.references import ReferenceSet, References, bank_from_stages, f1_max_threshold, fuse, reference_maps
 
 MAX_CLASS_CHARS = 1000  # longer names are cut before tokenising (the tokenizer cuts to 77 tokens anyway)
 _SHARED_PASS_KEYS = {"backbone", "image_size", "vv.stage_layers", "vv.position_interpolation"}
@@ -74,6 +76,7 @@ class KAnoCLIP(nn.Module):
         max_classes = model.config.cache.max_classes
         self._text_cache: LRUCache[str, _ClassText] = LRUCache(max_classes)
         self._knowledge_cache: LRUCache[str, torch.Tensor] = LRUCache(max_classes)
+        self.reference_store = References(self.reference_fingerprint())  # add_references fills it
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -89,6 +92,7 @@ class KAnoCLIP(nn.Module):
         backbone_cache: MutableMapping[tuple[str, str], Backbone] | None = None,
         precision: str = "auto",
         overrides: Mapping[str, Any] | None = None,
+        references: str | os.PathLike[str] | None = None,
     ) -> KAnoCLIP:
         """Load a model: training-free with ``checkpoint=None``, else trained from a checkpoint folder or hub id.
 
@@ -106,6 +110,8 @@ class KAnoCLIP(nn.Module):
                 says which is in force).
             overrides: dotted config paths applied on top of ``config`` or the checkpoint's, e.g.
                 ``{"training_free.stage_weights": (0, 0, 0, 1)}`` (:func:`kanoclip.config.with_overrides`).
+            references: a folder of saved normal references (:meth:`save_references`), built
+                with a model of the same backbone, input size and mode.
 
         Returns:
             The model in eval mode, ready for inference.
@@ -119,6 +125,8 @@ class KAnoCLIP(nn.Module):
         if files is not None:
             model.load_trainable_state_dict(files.state_dict, source=str(files.folder), trained_backbone=files.config.backbone)
             model.checkpoint_name = str(checkpoint)
+        if references is not None:
+            model.reference_store = References.load(references, fingerprint=model.reference_fingerprint(), device=model.device)
         return model.eval()  # like transformers' from_pretrained: ready for inference
 
     @classmethod
@@ -301,12 +309,16 @@ class KAnoCLIP(nn.Module):
         """CLIP-VV features of a normalised batch (see :meth:`KAnoCLIPModel.encode_image`)."""
         return self.model.encode_image(pixel_values)
 
-    def forward(self, visual: VisualFeatures, class_names: Sequence[str], *, sigma: float | None = None) -> KAnoCLIPOutput:
+    def forward(
+        self, visual: VisualFeatures, class_names: Sequence[str], *, sigma: float | None = None, references: References | None = None
+    ) -> KAnoCLIPOutput:
         """Maps and scores from CLIP-VV features for each image's (canonical) class.
 
         In trained mode and ``self.training``, the learned prompts are encoded anew so gradients
         reach them, Bi-CMCI and the adapter (used by training; ``prompts`` and ``classes`` of the
         output are set for the loss); otherwise the text side comes from the per-class cache.
+        Images of a class with normal references (``references``, default the model's own
+        :attr:`reference_store`) get the fused map and score (:mod:`kanoclip.references`).
         """
         classes = list(dict.fromkeys(class_names))
         index = torch.tensor([classes.index(c) for c in class_names], device=self.device)
@@ -316,7 +328,35 @@ class KAnoCLIP(nn.Module):
             text = prompts.state_features()[index]  # (B, 2, C)
         else:  # inference: each class's text features are computed once and cached
             text = torch.stack([self._class_text(c).state for c in classes])[index]
-        return replace(self.model(visual, text, sigma=sigma), prompts=prompts, classes=classes)
+        out = replace(self.model(visual, text, sigma=sigma), prompts=prompts, classes=classes)
+        store = self.reference_store if references is None else references
+        sets = [store.get(c) for c in class_names]
+        if any(refs is not None and refs.count for refs in sets):
+            out = self._with_references(out, visual, sets, sigma)
+        return out
+
+    def _with_references(self, out: KAnoCLIPOutput, visual: VisualFeatures, sets: list[ReferenceSet | None], sigma: float | None) -> KAnoCLIPOutput:
+        """``out`` with each referenced image's map and score fused with its reference map."""
+        config, size = self.config, self.image_size
+        sigma = config.scoring.sigma if sigma is None else sigma
+        weights = self.model.stage_weights()
+        reference_map = torch.zeros_like(out.anomaly_map)
+        anomaly_map, score = out.anomaly_map.clone(), out.score.clone()
+        groups: dict[int, list[int]] = {}
+        for i, refs in enumerate(sets):
+            if refs is not None and refs.count:
+                groups.setdefault(id(refs), []).append(i)
+        for rows in groups.values():
+            bank = sets[rows[0]].bank  # type: ignore[union-attr]
+            idx = torch.tensor(rows, device=self.device)
+            ref = reference_maps(
+                [s[idx] for s in visual.stages], bank, weights, visual.grid, size, sigma, chunk=config.references.chunk
+            )  # fmt: skip
+            reference_map[idx] = ref
+            anomaly_map[idx] = fuse(out.anomaly_map[idx], ref, config.references.weight)
+            score[idx] = fuse(out.score[idx], ref.flatten(1).amax(dim=1), config.references.weight)
+        counts = [refs.count if refs is not None else 0 for refs in sets]
+        return replace(out, anomaly_map=anomaly_map, score=score, reference_map=reference_map, reference_counts=counts)
 
     def knowledge_features(self, class_names: Sequence[str]) -> torch.Tensor:
         """Mean raw CLIP text feature of each class's knowledge-base descriptions, ``(n, 1, C)`` (eq. 3's w̄k).
@@ -383,9 +423,140 @@ class KAnoCLIP(nn.Module):
             guidance = torch.cat([ensemble.normal, ensemble.abnormal, kb_features])
         return _ClassText(state=state, guidance_texts=guidance_texts, guidance_features=F.normalize(guidance, dim=-1))
 
+    # ------------------------------------------------------------------ normal references (k-shot)
+    def reference_fingerprint(self) -> dict[str, Any]:
+        """What reference features depend on: saved references load only where these match."""
+        return {
+            "backbone": self.backbone_name,
+            "image_size": self.image_size,
+            "mode": self.mode,
+            "num_replaced_blocks": self.model.num_replaced_blocks(),
+            "stage_layers": list(self.model.visual.stage_layers),
+            "position_interpolation": self.config.vv.position_interpolation,
+        }
+
+    def add_references(self, class_name: str, images: Sequence[ImageInput], *, store: References | None = None) -> ReferenceSet:
+        """Add k >= 1 normal images of ``class_name`` as references; detect then fuses their map.
+
+        With k >= 2 in all, the class's threshold is set from them (leave-one-out, see
+        :mod:`kanoclip.references`); a later :meth:`calibrate` overrides it.
+
+        Args:
+            class_name: the class, as for :meth:`detect`.
+            images: paths, PIL images, arrays or bytes; another size than the test images is fine.
+            store: where to keep them (default the model's own :attr:`reference_store`; the app
+                passes a visitor's own).
+
+        Returns:
+            The class's :class:`~kanoclip.references.ReferenceSet`.
+
+        Raises:
+            ImageError: an image cannot be decoded (named; nothing is added).
+            InputError: no images, too many, or NaN/Inf arrays.
+        """
+        store = self.reference_store if store is None else store
+        name = self.canonical_class(class_name)[0]
+        old = store.get(name)
+        limit = self.config.references.max_per_class
+        if isinstance(images, (str, bytes, os.PathLike, np.ndarray, Image.Image)) or not len(images):
+            raise InputError("images must be a non-empty list of normal images (paths, PIL images, arrays or bytes)")
+        have = old.count if old is not None else 0
+        if have + len(images) > limit:
+            raise InputError(
+                f"{have + len(images)} references for {name!r} exceed the limit of {limit} per class "
+                f"(references.max_per_class): each takes memory for all its patch features; keep the most typical"
+            )
+        decoded = [load_image(_finite(image)) for image in images]  # all decoded before any is added
+        stages, model_scores, grid = self._reference_features(name, decoded)
+        if old is not None and old.count:
+            stages = [torch.cat([b, n]) for b, n in zip(old.bank, stages)]
+            model_scores = old.model_scores + model_scores
+        names = (old.image_names if old is not None else []) + [describe(image) for image in images]
+        refs = ReferenceSet(name, stages, names, grid=grid, model_scores=model_scores)
+        if refs.count >= 2:
+            refs.threshold = self._leave_one_out_threshold(refs)
+            refs.calibration = f"leave-one-out on its {refs.count} references"
+        store.sets[name] = refs
+        return refs
+
+    def references(self, class_name: str, *, store: References | None = None) -> ReferenceSet | None:
+        """The class's references and threshold, or None."""
+        store = self.reference_store if store is None else store
+        return store.get(self.canonical_class(class_name)[0])
+
+    def remove_references(self, class_name: str, *, store: References | None = None) -> None:
+        """Forget the class's references and its calibrated threshold."""
+        store = self.reference_store if store is None else store
+        store.sets.pop(self.canonical_class(class_name)[0], None)
+
+    def save_references(self, folder: str | os.PathLike[str]) -> Path:
+        """Write the model's references to ``folder`` (load them with ``from_pretrained(references=folder)``)."""
+        return self.reference_store.save(folder)
+
+    def calibrate(
+        self, class_name: str, images: Sequence[ImageInput], labels: Sequence[int] | None = None, *, store: References | None = None
+    ) -> float:
+        """Set and return the class's threshold from validation images.
+
+        With ``labels`` (0 normal, 1 anomalous): the F1-max threshold of their scores. Without:
+        every image is taken as normal, and the threshold is their largest score plus
+        ``references.margin``. The scores are the model's own, with the class's references if it has some.
+        """
+        store = self.reference_store if store is None else store
+        name = self.canonical_class(class_name)[0]
+        if isinstance(images, (str, bytes, os.PathLike, np.ndarray, Image.Image)) or not len(images):
+            raise InputError("calibration needs a non-empty list of images")
+        if labels is not None and len(labels) != len(images):
+            raise InputError(f"got {len(images)} images but {len(labels)} labels; give one label (0 or 1) per image")
+        scores = np.array([d.score for d in self.detect_batch([_finite(i) for i in images], name, references=store)])
+        if labels is None:
+            threshold = float(min(scores.max() + self.config.references.margin, 1.0))
+            how = f"on {len(images)} normal images (largest score + {self.config.references.margin})"
+        else:
+            threshold = f1_max_threshold(scores, np.asarray(labels))
+            how = f"on {len(images)} labelled images (F1-max)"
+        refs = store.get(name) or ReferenceSet(name, [], [])
+        refs.threshold, refs.calibration = threshold, how
+        store.sets[name] = refs
+        return threshold
+
+    @torch.inference_mode()
+    def _reference_features(self, class_name: str, images: Sequence[Image.Image], batch: int = 8) -> tuple[list[torch.Tensor], list[float], tuple[int, int]]:
+        """Decoded images -> (their memory bank, n_stages x (k·L, C); each one's own score without references; the grid)."""
+        stages, scores = [], []
+        for start in range(0, len(images), batch):
+            visual = self.encode_image(self.pixel_values(images[start : start + batch]))
+            out = self.forward(visual, [class_name] * visual.stages[0].shape[0], references=References(self.reference_fingerprint()))
+            stages.append(visual.stages)
+            scores += out.score.tolist()
+        return bank_from_stages([torch.cat(parts) for parts in zip(*stages)]), scores, visual.grid
+
+    @torch.inference_mode()
+    def _leave_one_out_threshold(self, refs: ReferenceSet) -> float:
+        """The largest leave-one-out fused score of a class's references, plus the margin.
+
+        Each reference's patches (its rows of the bank) are matched against the other references'
+        only; its own score without references was kept when it was added.
+        """
+        config, (h, w) = self.config, refs.grid
+        per = h * w
+        rows = torch.arange(refs.count * per, device=self.device)
+        fused = []
+        for i in range(refs.count):
+            own = [stage[i * per : (i + 1) * per].float()[None] for stage in refs.bank]  # n x (1, L, C)
+            exclude = (rows // per == i)[None]  # (1, k·L)
+            ref = reference_maps(
+                own, refs.bank, self.model.stage_weights(), refs.grid, self.image_size, config.scoring.sigma,
+                chunk=config.references.chunk, exclude=exclude,
+            )  # fmt: skip
+            fused.append(fuse(refs.model_scores[i], float(ref.max()), config.references.weight))
+        return float(min(max(fused) + config.references.margin, 1.0))
+
     # ------------------------------------------------------------------ detection API
     @torch.inference_mode()
-    def infer(self, images: Sequence[Image.Image], class_names: Sequence[str], *, sigma: float | None = None) -> tuple[KAnoCLIPOutput, VisualFeatures]:
+    def infer(
+        self, images: Sequence[Image.Image], class_names: Sequence[str], *, sigma: float | None = None, references: References | None = None
+    ) -> tuple[KAnoCLIPOutput, VisualFeatures]:
         """Inference on decoded RGB images of canonical classes: eval mode, the backbone at :attr:`precision`.
 
         The tensor-level path shared by :meth:`detect_batch` and evaluation; maps are S×S.
@@ -393,11 +564,13 @@ class KAnoCLIP(nn.Module):
         if self.training:
             self.eval()
         visual = self.encode_image(self.pixel_values(images))
-        return self.forward(visual, class_names, sigma=sigma), visual
+        return self.forward(visual, class_names, sigma=sigma, references=references), visual
 
-    def detect(self, image: ImageInput, class_name: str, *, threshold: float | None = None, sigma: float | None = None) -> Detection:
+    def detect(
+        self, image: ImageInput, class_name: str, *, threshold: float | None = None, sigma: float | None = None, references: References | None = None
+    ) -> Detection:
         """Detect anomalies in one image of ``class_name`` (see :class:`~kanoclip.detection.Detection`)."""
-        return self.detect_batch([image], [class_name], threshold=threshold, sigma=sigma)[0]
+        return self.detect_batch([image], [class_name], threshold=threshold, sigma=sigma, references=references)[0]
 
     @torch.inference_mode()
     def detect_batch(
@@ -407,39 +580,61 @@ class KAnoCLIP(nn.Module):
         *,
         threshold: float | None = None,
         sigma: float | None = None,
+        references: References | None = None,
     ) -> list[Detection]:
-        """Detect anomalies in several images; ``class_names`` is one name or one per image."""
+        """Detect anomalies in several images; ``class_names`` is one name or one per image.
+
+        ``threshold`` (default: the class's calibrated one, else ``scoring.threshold``) decides
+        ``is_anomalous``; ``references`` (default the model's own store) adds each class's normal
+        references to its images' maps and scores.
+        """
         if isinstance(class_names, str):
             class_names = [class_names] * len(images)
         if len(class_names) != len(images):
             raise InputError(f"got {len(images)} images but {len(class_names)} class names; pass one class name or one per image")
         if not images:
             return []
+        store = self.reference_store if references is None else references
         resolved = [self.canonical_class(name) for name in class_names]
         pil_images = [load_image(image) for image in images]
         classes = [c for c, _ in resolved]
-        out, visual = self.infer(pil_images, classes, sigma=sigma)
-        threshold = self.config.scoring.threshold if threshold is None else float(threshold)
+        out, visual = self.infer(pil_images, classes, sigma=sigma, references=store)
         # One device-to-host copy of each output per batch, not one per image (on a GPU, many
         # small copies and synchronisations would cost more than the maps themselves).
         scores = out.score.float().clamp(0, 1).cpu().tolist()
         anomaly_maps = out.anomaly_map.float().cpu()
+        reference_maps_ = out.reference_map.float().cpu() if out.reference_map is not None else None
         model_maps = torch.cat([out.grid_maps, out.stage_maps[:, :, 1]], dim=1).cpu().numpy()  # (B, 2 + n, h, w)
         guidance = self._guidance(classes, out, visual)
-        return [
-            Detection(
-                score=scores[i],
-                threshold=threshold,
-                anomaly_map=upsample_maps(anomaly_maps[i : i + 1], (pil.height, pil.width))[0],
-                class_name=name,
-                known_class=known,
-                mode=self.mode,
-                guidance=guidance[i],
-                image=describe(images[i]),
-                model_maps=model_maps[i],
+        detections = []
+        for i, (pil, (name, known)) in enumerate(zip(pil_images, resolved)):
+            refs = store.get(name)
+            count = out.reference_counts[i] if out.reference_counts else 0
+            default = self.config.scoring.threshold
+            if threshold is not None:
+                chosen, note = float(threshold), f"threshold {float(threshold):.3f}, given by the caller"
+            elif refs is not None and refs.calibrated:
+                chosen, note = float(refs.threshold), refs.describe(default)  # type: ignore[arg-type]
+            else:
+                chosen, note = default, f"default threshold {default:.3f} (not calibrated)"
+            size = (pil.height, pil.width)
+            detections.append(
+                Detection(
+                    score=scores[i],
+                    threshold=chosen,
+                    anomaly_map=upsample_maps(anomaly_maps[i : i + 1], size)[0],
+                    class_name=name,
+                    known_class=known,
+                    mode=self.mode,
+                    guidance=guidance[i],
+                    image=describe(images[i]),
+                    model_maps=model_maps[i],
+                    reference_map=upsample_maps(reference_maps_[i : i + 1], size)[0] if count else None,
+                    reference_count=count,
+                    threshold_note=note,
+                )
             )
-            for i, (pil, (name, known)) in enumerate(zip(pil_images, resolved))
-        ]
+        return detections
 
     def _guidance(self, classes: Sequence[str], out: KAnoCLIPOutput, visual: VisualFeatures) -> list[list[Guidance]]:
         """Each image's prompts ranked by similarity to the image and to its most anomalous patches."""
@@ -482,3 +677,10 @@ def _model_on(backbone: Backbone, config: KAnoCLIPConfig, *, trained: bool, prec
         )  # fmt: skip
     except ValueError as exc:
         raise InputError(f"the config does not fit backbone {backbone.name!r}: {exc}") from None
+
+
+def _finite(image: ImageInput) -> ImageInput:
+    """``image``, refused in one line when it is an array holding NaN or Inf values."""
+    if isinstance(image, np.ndarray) and image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise InputError("an image array holds NaN or infinite values; pass real pixel values")
+    return image

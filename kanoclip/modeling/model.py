@@ -59,6 +59,9 @@ class KAnoCLIPOutput:
     global_feature: torch.Tensor  # (B, C), through the adapter in trained mode
     prompts: PromptFeatures | None = None  # the learned prompts' raw features per unique class (training)
     classes: list[str] = field(default_factory=list)  # the unique classes, in the order of ``prompts``
+    # set by the service when normal references took part (kanoclip.references): (B, S, S), and k per image
+    reference_map: torch.Tensor | None = None
+    reference_counts: list[int] = field(default_factory=list)
 
 
 @dataclass
