@@ -467,3 +467,22 @@ def test_real_headct(shared_data: Path) -> None:
     samples = load_dataset("headct", shared_data / "headct")
     assert summarize(samples) == {"head": {"n_normal": 100, "n_anomalous": 100, "n_masks": 0}}
     assert verify_images(samples) == []
+
+
+def test_train_normals_of_an_mvtec_tree_and_none_elsewhere(tmp_path, shared_data):
+    """MVTec-style trees publish train/good (the k-shot references' pool); HeadCT publishes no train split."""
+    from kanoclip.data import load_train_normals
+    from PIL import Image
+
+    root = tmp_path / "mvtec"
+    for folder, n in (("train/good", 3), ("test/good", 1), ("test/crack", 1)):
+        (root / "bottle" / folder).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8)).save(root / "bottle" / folder / f"{i:03d}.png")
+    (root / "bottle" / "ground_truth" / "crack").mkdir(parents=True)
+    Image.new("L", (8, 8)).save(root / "bottle" / "ground_truth" / "crack" / "000_mask.png")
+    pool = load_train_normals("mvtec", root)
+    assert list(pool) == ["bottle"] and [p.name for p in pool["bottle"]] == ["000.png", "001.png", "002.png"]
+    assert all(p.parent.name == "good" and p.parent.parent.name == "train" for p in pool["bottle"])
+    assert load_train_normals("headct", shared_data / "headct") == {}
+    assert load_train_normals("mvtec", shared_data / "mvtec_ad") == {}  # the shared bottle copy is its test split only

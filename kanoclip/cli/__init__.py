@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from kanoclip.errors import KAnoCLIPError
 
-SUBCOMMANDS = ("detect", "train", "eval", "kb")
+SUBCOMMANDS = ("detect", "train", "eval", "kb", "references")
 
 
 def build_parser() -> argparse.ArgumentParser:

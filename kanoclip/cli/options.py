@@ -33,6 +33,11 @@ def add_model_options(parser: argparse.ArgumentParser, *, checkpoint: bool = Tru
         help=f"CLIP backbone: hub id or local folder (default: ${BACKBONE_ENV}, else {loaded}ViT-L/14@336px)",
     )
     parser.add_argument("--kb", metavar="FILE", help=f"knowledge-base JSON (default: {loaded}the built-in one)")
+    if checkpoint:
+        parser.add_argument(
+            "--references", metavar="DIR",
+            help="saved normal references (kanoclip references build): their map is fused with the model's, their thresholds used",
+        )
     per_process = "" if checkpoint else "; under torchrun each process takes its own GPU"
     parser.add_argument(
         "--device", default="auto", metavar="D", help=f"cpu, cuda, cuda:1, ... (default: auto = cuda when available{per_process})"
@@ -87,7 +92,7 @@ def load_model(args: argparse.Namespace):
     # from_pretrained applies the precedence: --backbone, $KANOCLIP_BACKBONE, the checkpoint's
     return KAnoCLIP.from_pretrained(
         args.checkpoint, backbone=args.backbone, device=args.device, kb=args.kb,
-        precision=args.precision, overrides=config_overrides(args),
+        precision=args.precision, overrides=config_overrides(args), references=args.references,
     )
 
 

@@ -209,6 +209,20 @@ def load_dataset(kind: str | None, root: str | os.PathLike[str]) -> list[Sample]
     return sorted(samples, key=lambda s: (natural_key(s.class_name), natural_key(s.image.as_posix())))
 
 
+def load_train_normals(kind: str | None, root: str | os.PathLike[str]) -> dict[str, list[Path]]:
+    """``{class: normal training images}`` of the dataset at ``root``; ``{}`` where it has no train split.
+
+    The k-shot protocol (``kanoclip eval --shots``) draws its references from here, as WinCLIP does,
+    and from the test split's normal images (left out of that run's test set) where this is empty.
+    """
+    if kind is None:
+        kind = detect_kind(root)
+    kind = _check_kind(kind)
+    path = _existing_folder(root, f"{kind} dataset")
+    found = layouts.train_normals(kind, _locate(path, _MATCHES[kind]))
+    return {name: sorted(paths, key=lambda p: natural_key(p.as_posix())) for name, paths in found.items()}
+
+
 def group_by_class(samples: Iterable[Sample]) -> dict[str, list[Sample]]:
     """Samples by class name, classes in natural order, samples in their given order."""
     groups: dict[str, list[Sample]] = {}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from kanoclip.data.sample import Sample, is_image, read_mask_array
@@ -228,13 +228,12 @@ def is_visa(folder: Path) -> bool:
     return (folder / "split_csv" / "1cls.csv").is_file()
 
 
-def read_visa(root: Path) -> list[Sample]:
-    """VisA: the ``split == test`` rows of ``split_csv/1cls.csv`` (paths relative to ``root``)."""
+def _visa_rows(root: Path, split: str) -> Iterator[tuple[dict[str, str], str]]:
+    """The rows of ``split_csv/1cls.csv`` whose split is ``split``, each with its place for messages."""
     table = root / "split_csv" / "1cls.csv"
     if not table.is_file():
         raise layout_error("visa", root, "split_csv/1cls.csv and the class folders (candle/Data/Images/...)")
     required = ["object", "split", "label", "image", "mask"]
-    out = []
     with table.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = [(name or "").strip().lower() for name in (reader.fieldnames or [])]
@@ -245,24 +244,53 @@ def read_visa(root: Path) -> list[Sample]:
             )
         for raw in reader:
             row = {(key or "").strip().lower(): (value or "").strip() for key, value in raw.items()}
-            if row["split"].lower() != "test":
+            if row["split"].lower() != split:
                 continue
             where = f"{table} line {reader.line_num}"
             if row["label"].lower() not in ("normal", "anomaly"):
                 raise DatasetError(
                     f"visa split file {where}: label {row['label']!r} is neither 'normal' nor 'anomaly'; fix the row"
                 )
-            image = root / row["image"]
-            if not image.is_file():
-                raise missing_listed("visa", root, image, where)
-            label = int(row["label"].lower() == "anomaly")
-            mask = root / row["mask"] if label and row["mask"] else None
-            if label and (mask is None or not mask.is_file()):
-                raise missing_mask("visa", root, image, f"{mask or 'none listed'} in {where}")
-            out.append(Sample(image, row["object"], label, mask, "visa", "" if label else "good"))
+            yield row, where
+
+
+def read_visa(root: Path) -> list[Sample]:
+    """VisA: the ``split == test`` rows of ``split_csv/1cls.csv`` (paths relative to ``root``)."""
+    out = []
+    for row, where in _visa_rows(root, "test"):
+        image = root / row["image"]
+        if not image.is_file():
+            raise missing_listed("visa", root, image, where)
+        label = int(row["label"].lower() == "anomaly")
+        mask = root / row["mask"] if label and row["mask"] else None
+        if label and (mask is None or not mask.is_file()):
+            raise missing_mask("visa", root, image, f"{mask or 'none listed'} in {where}")
+        out.append(Sample(image, row["object"], label, mask, "visa", "" if label else "good"))
     if not out:
-        raise layout_error("visa", root, f"rows with split 'test' in {table}", "none")
+        raise layout_error("visa", root, f"rows with split 'test' in {root / 'split_csv' / '1cls.csv'}", "none")
     return out
+
+
+# Normal training images, where a layout has a train split (used as k-shot references).
+_TRAIN_NORMAL_FOLDERS = {"mvtec": "good", "mpdd": "good", "btad": "ok"}
+
+
+def train_normals(kind: str, root: Path) -> dict[str, list[Path]]:
+    """``{class: normal training images}`` for layouts with a train split, else ``{}``.
+
+    MVTec-style trees: ``<cat>/train/good`` (BTAD ``train/ok``); VisA: the normal ``split == train``
+    rows. Other layouts (HeadCT, MTD, ...) publish no train split.
+    """
+    if kind in _TRAIN_NORMAL_FOLDERS:
+        found = {cat.name: images(descend(cat, "train", _TRAIN_NORMAL_FOLDERS[kind])) for cat in category_dirs(root, bool)}
+        return {name: paths for name, paths in found.items() if paths}
+    if kind == "visa":
+        out: dict[str, list[Path]] = {}
+        for row, _ in _visa_rows(root, "train"):
+            if row["label"].lower() == "normal" and (root / row["image"]).is_file():
+                out.setdefault(row["object"], []).append(root / row["image"])
+        return out
+    return {}
 
 
 # ----------------------------------------------------------------- KolektorSDD (sdd)
