@@ -74,6 +74,21 @@ def flops_per_image(fn: Callable[[torch.Tensor], None], pixels: torch.Tensor) ->
     return float(counter.get_total_flops())
 
 
+def precision_grid(models: dict[str, object], batch: int, size: int, repeats: int, device: torch.device) -> dict:
+    """``detect_batch`` images/s of each precision's model (trained mode), without references and with 4 of the class."""
+    images = [np.random.default_rng(1000 + i).integers(0, 256, (size, size, 3), dtype=np.uint8) for i in range(batch + 4)]
+    grid = {}
+    for precision, model in models.items():
+        row = {"in_force": model.precision}
+        for k in (0, 4):
+            if k:
+                model.add_references("bottle", images[batch:])
+            rate = batch / timed(lambda m=model: m.detect_batch(images[:batch], "bottle"), max(1, repeats // 2), device)
+            row[f"detect_batch_images_per_s_{k}_references"] = rate
+        grid[precision] = row
+    return grid
+
+
 def summary(result: dict) -> str:
     """The lines gpu_check.sh prints at the end."""
     flops = result["flops_per_image"]
@@ -87,6 +102,11 @@ def summary(result: dict) -> str:
             f"({row['model_tflops']:.0f} TFLOPS), detect_batch {row['detect_batch_images_per_s']:.1f}/s, "
             f"peak {row['peak_gpu_memory_gb']:.1f} GB"
         )
+    for precision, row in result["precisions"].items():
+        lines.append(
+            f"precision {precision} ({row['in_force']}): detect_batch {row['detect_batch_images_per_s_0_references']:.1f}/s, "
+            f"with 4 references {row['detect_batch_images_per_s_4_references']:.1f}/s"
+        )
     return "\n".join(lines)
 
 
@@ -98,6 +118,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--architecture", default="vit-l-14-336", help="vit-l-14-336 (the issue's) or tiny (smoke tests)")
     parser.add_argument("--json-out", type=Path, help="also write the result here")
+    parser.add_argument("--grid-batch", type=int, default=64, help="batch of the precision x references grid")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -108,7 +129,12 @@ def main() -> None:
     result: dict = {"machine": machine(), "architecture": args.architecture, "device": str(device)}
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_random_backbone(tmp, args.tokenizer, architecture=args.architecture)
-        model = KAnoCLIP.for_training(backbone=str(folder), device=device).eval()  # the full path: learned prompts, Bi-CMCI, adapter
+        shared: dict = {}  # one backbone in memory for every model below
+        model = KAnoCLIP.for_training(backbone=str(folder), device=device, backbone_cache=shared).eval()  # the full path
+        grid_models = {
+            p: KAnoCLIP.for_training(backbone=str(folder), device=device, precision=p, backbone_cache=shared).eval()
+            for p in ("auto", "fp32", "bf16")
+        }
     size = model.image_size
     probe = torch.randn(1, 3, size, size, device=device)
     result["flops_per_image"] = {
@@ -131,6 +157,7 @@ def main() -> None:
         }
         rows[batch]["share_of_h200_bf16_peak"] = rows[batch]["model_tflops"] / H200_BF16_DENSE_TFLOPS
     result["throughput"] = rows
+    result["precisions"] = precision_grid(grid_models, args.grid_batch, size, args.repeats, device)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json_out:

@@ -1,0 +1,77 @@
+"""k-shot references on ViT-L/14@336 (random weights): memory of the bank, and detect's time with references.
+
+Memory: the bank's own bytes (fp16, n_stages x k·576 x 768) and the process's resident memory
+before and after adding 16 references. Time: ``detect`` on a 900x900 image without references
+and with 4 (medians of interleaved rounds, one model each, sharing the backbone), in the
+training-free mode (the default) and the trained mode.
+
+    python benchmarks/bench_references.py [--runs 5] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+
+from _common import machine, vit_l_backbone
+from bench_inference import distinct_images
+from kanoclip import KAnoCLIP
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    folder = vit_l_backbone()
+    base = np.asarray(np.random.default_rng(0).integers(0, 256, (900, 900, 3)), dtype=np.uint8)
+    images = distinct_images(base, 64)
+    shared: dict = {}
+    result: dict = {"machine": machine()}
+
+    memory_model = KAnoCLIP.from_pretrained(backbone=str(folder), device=args.device, backbone_cache=shared)
+    before = rss_mb()
+    refs = memory_model.add_references("bottle", images[:16])
+    result["memory_16_references"] = {
+        "bank_mb": sum(t.numel() * t.element_size() for t in refs.bank) / 2**20,
+        "rss_growth_mb": rss_mb() - before,
+        "stages": len(refs.bank),
+    }
+
+    cells: dict[str, KAnoCLIP] = {}
+    for mode in ("training-free", "trained"):
+        for k in (0, 4):
+            build = KAnoCLIP.from_pretrained if mode == "training-free" else KAnoCLIP.for_training
+            model = build(backbone=str(folder), device=args.device, backbone_cache=shared).eval()
+            if k:
+                model.add_references("bottle", images[16 : 16 + k])
+            cells[f"{mode}/{k} references"] = model
+    stream = iter(images[20:])
+    for model in cells.values():
+        model.detect(next(stream), "bottle")  # warm-up: text features
+    times: dict[str, list[float]] = {cell: [] for cell in cells}
+    for _ in range(args.runs):
+        image = next(stream)
+        for cell, model in cells.items():
+            start = time.perf_counter()
+            model.detect(image, "bottle")
+            times[cell].append(time.perf_counter() - start)
+    medians = {cell: statistics.median(v) for cell, v in times.items()}
+    result["detect_s"] = medians
+    result["added_time_4_references"] = {
+        mode: medians[f"{mode}/4 references"] / medians[f"{mode}/0 references"] - 1 for mode in ("training-free", "trained")
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
