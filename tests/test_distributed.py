@@ -64,6 +64,16 @@ def test_a_process_alone_ignores_the_launcher_and_shards_nothing(monkeypatch):
     assert Processes("auto").model_device == "auto"  # one process: the loader resolves the option itself
 
 
+def test_an_empty_part_predicts_empty_arrays(tiny_backbone):
+    """A class with fewer images than processes leaves some processes nothing to predict."""
+    from kanoclip import KAnoCLIP
+    from kanoclip.evaluation.evaluate import predict
+
+    model = KAnoCLIP.from_pretrained(None, backbone=str(tiny_backbone), device="cpu", overrides={"image_size": SIZE})
+    ((scores, maps),) = predict({"": model}, []).values()
+    assert (scores.shape, maps.shape) == ((0,), (0, SIZE, SIZE)) and maps.dtype == scores.dtype == "float32"
+
+
 def test_two_processes_detect_like_one(tiny_backbone, bottle_dir, tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()

@@ -76,13 +76,13 @@ def find_images(inputs: list[str]) -> list[tuple[Path, str]]:
     return unique
 
 
-def _detect_all(model: Any, images: list[tuple[Path, str]], args: argparse.Namespace, emit, *, bar: bool = True) -> list[dict[str, Any]]:
+def _detect_all(model: Any, images: list[tuple[Path, str]], args: argparse.Namespace, emit, *, show_progress: bool = True) -> list[dict[str, Any]]:
     from kanoclip.errors import ImageError
     from kanoclip.images import load_image
     from kanoclip.viz import overlay_with_colorbar, save_png
 
     rows: list[dict[str, Any]] = []
-    bar = progress_bar(len(images), "detecting", disable=not bar or len(images) < 2)
+    bar = progress_bar(len(images), "detecting", disable=not show_progress or len(images) < 2)
     try:
         for start in range(0, len(images), args.batch_size):
             batch = images[start : start + args.batch_size]
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
             tqdm.write(f"{row['image']}\t{row['score']:.4f}\t{verdict}", file=sys.stdout)
 
     mine = procs.shard(images)  # the main process's part comes first
-    rows = _detect_all(model, mine, args, emit if procs.is_main else lambda _row: None, bar=procs.is_main)
+    rows = _detect_all(model, mine, args, emit if procs.is_main else lambda _row: None, show_progress=procs.is_main)
     rows = procs.gather(rows)
     failed = 1 if any("error" in row for row in rows) else 0
     if not procs.is_main:
