@@ -44,13 +44,19 @@ class Processes:
             from accelerate import PartialState
 
             self.state = PartialState(cpu=self._cpu)
-            self.device = self.state.device
             self.rank, self.world = self.state.process_index, self.state.num_processes
         else:
-            from kanoclip.detector import resolve_device
-
-            self.device = resolve_device(device)
             self.rank, self.world = 0, 1
+
+    @property
+    def device(self) -> torch.device:
+        """This process's device (with one process, the option resolved; asked only when needed,
+        so that a loader given :attr:`model_device` reports a bad option in its own words)."""
+        if self.state is not None:
+            return self.state.device
+        from kanoclip.detector import resolve_device
+
+        return resolve_device(self._option)
 
     @property
     def is_main(self) -> bool:
