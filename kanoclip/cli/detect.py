@@ -5,6 +5,12 @@ one JSON list instead: ``{"image", "score", "is_anomalous"}`` per image, or ``{"
 for an image that could not be read. With ``--out DIR``: ``<name>_overlay.png`` per image
 (the heat map over the image at its own size, with a colour bar beside it) and ``results.csv``.
 An unreadable image does not stop the others; the exit status is then 1.
+
+Under ``accelerate launch`` (or ``torchrun``) the images are split into one contiguous part per
+process (in the order above); each process scores its part and writes its part's overlays (each
+image's own file, so ``--out`` must be a folder every process sees), and the main process
+gathers the rows and alone prints them and writes ``results.csv``: the same lines, JSON and CSV
+as one process gives. It shows its own part's progress and rows as they come, then the others'.
 """
 
 from __future__ import annotations
@@ -70,13 +76,13 @@ def find_images(inputs: list[str]) -> list[tuple[Path, str]]:
     return unique
 
 
-def _detect_all(model: Any, images: list[tuple[Path, str]], args: argparse.Namespace, emit) -> list[dict[str, Any]]:
+def _detect_all(model: Any, images: list[tuple[Path, str]], args: argparse.Namespace, emit, *, show_progress: bool = True) -> list[dict[str, Any]]:
     from kanoclip.errors import ImageError
     from kanoclip.images import load_image
     from kanoclip.viz import overlay_with_colorbar, save_png
 
     rows: list[dict[str, Any]] = []
-    bar = progress_bar(len(images), "detecting", disable=len(images) < 2)
+    bar = progress_bar(len(images), "detecting", disable=not show_progress or len(images) < 2)
     try:
         for start in range(0, len(images), args.batch_size):
             batch = images[start : start + args.batch_size]
@@ -120,10 +126,14 @@ def _write_csv(rows: list[dict[str, Any]], folder: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from kanoclip.distributed import Processes
+
     images = find_images(args.inputs)
+    procs = Processes(args.device)
+    args.device = procs.model_device  # with several processes, each loads the model on its own device
     model = load_model(args)
     class_name, known = model.canonical_class(args.class_name)  # an empty class name fails before any work
-    if not known:
+    if not known and procs.is_main:
         near = model.knowledge.suggest(class_name)
         hint = f"did you mean --class {' or '.join(near)}? Otherwise pass" if near else "pass"
         print(
@@ -139,10 +149,17 @@ def run(args: argparse.Namespace) -> int:
             verdict = "anomalous" if row["is_anomalous"] else "normal"
             tqdm.write(f"{row['image']}\t{row['score']:.4f}\t{verdict}", file=sys.stdout)
 
-    rows = _detect_all(model, images, args, emit)
+    mine = procs.shard(images)  # the main process's part comes first
+    rows = _detect_all(model, mine, args, emit if procs.is_main else lambda _row: None, show_progress=procs.is_main)
+    rows = procs.gather(rows)
+    failed = 1 if any("error" in row for row in rows) else 0
+    if not procs.is_main:
+        return failed
+    for row in rows[len(mine) :]:
+        emit(row)
     if args.out is not None:
         _write_csv(rows, args.out)
     if args.json:
         keep = ("image", "score", "is_anomalous", "error")
         print(json.dumps([{k: row[k] for k in keep if k in row} for row in rows], indent=2))
-    return 1 if any("error" in row for row in rows) else 0
+    return failed

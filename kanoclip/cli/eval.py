@@ -1,4 +1,9 @@
-"""``kanoclip eval``: zero-shot metrics per class and per dataset, laid out like the paper's tables."""
+"""``kanoclip eval``: zero-shot metrics per class and per dataset, laid out like the paper's tables.
+
+Under ``accelerate launch`` (or ``torchrun``) each process evaluates its part of every class and
+the main process computes the metrics from the gathered scores and maps
+(:mod:`kanoclip.evaluation.evaluate`); it alone shows progress, prints and writes the files.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kanoclip.data import parse_data_arg
+    from kanoclip.distributed import Processes
     from kanoclip.errors import InputError
     from kanoclip.evaluation.evaluate import evaluate, format_report, format_sweep_report, sweep
     from kanoclip.fileio import atomic_write_json, atomic_write_text
@@ -39,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
     variants = read_json_file(args.sweep, "--sweep") if args.sweep else None
     if variants is not None and not (isinstance(variants, dict) and variants):
         raise InputError(f'--sweep {args.sweep}: expected a non-empty JSON object {{"variant name": {{"dotted.path": value}}}}')
+    procs = Processes(args.device)
+    args.device = procs.model_device  # with several processes, each loads the model on its own device
     model = load_model(args)
-    bar = progress_bar(0, "evaluating")
+    bar = progress_bar(0, "evaluating", disable=not procs.is_main)
 
     def progress(done: int, total: int) -> None:
         bar.total = total
@@ -49,11 +57,13 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if variants is None:
-            results = evaluate(model, datasets, batch_size=args.batch_size, progress=progress)
+            results = evaluate(model, datasets, batch_size=args.batch_size, progress=progress, processes=procs)
         else:
-            results = sweep(model, datasets, variants, batch_size=args.batch_size, progress=progress)
+            results = sweep(model, datasets, variants, batch_size=args.batch_size, progress=progress, processes=procs)
     finally:
         bar.close()
+    if not procs.is_main:
+        return 0
     report = format_report(results, model) if variants is None else format_sweep_report(results, model)
     if args.json:
         atomic_write_json(args.json, results)

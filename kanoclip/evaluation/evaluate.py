@@ -18,6 +18,12 @@ Sweeps (``sweep(model, datasets, {"name": {"dotted.path": value}, ...})``): ever
 model with some config overrides (:meth:`kanoclip.KAnoCLIP.variant`); they share one backbone
 forward per image (each V-V path length among them is computed from that forward), then each
 runs its own text side, fusion, maps and metrics. One class's maps are held per variant.
+
+Several processes (``accelerate launch -m kanoclip eval``; ``processes=``, a
+:class:`~kanoclip.distributed.Processes`): each class's images are split into one contiguous
+part per process; each process predicts its part, and the scores and S×S maps are gathered in
+rank order, so that the main process holds the single process's arrays and computes the metrics
+as it does. Every process returns the main process's results.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import torch
 
 from kanoclip.config import flatten_overrides
 from kanoclip.data import Sample, group_by_class, load_dataset, load_mask
+from kanoclip.distributed import Processes
 from kanoclip.errors import InputError
 from kanoclip.evaluation.metrics import METRIC_KEYS, compute_metrics
 from kanoclip.images import load_image
@@ -49,11 +56,16 @@ def predict(
     """Each model's image scores ``(N,)`` and S×S anomaly maps ``(N, S, S)`` (float32) of ``samples``.
 
     ``models`` are a model and its variants (they share a backbone, input size and stage
-    layers): each batch takes one backbone forward, shared by all of them.
+    layers): each batch takes one backbone forward, shared by all of them. No ``samples``
+    give empty arrays.
     """
     first = next(iter(models.values()))
     lengths = sorted({m.model.num_replaced_blocks() for m in models.values()})
-    results: dict[str, tuple[list, list]] = {name: ([], []) for name in models}
+    size = first.image_size
+    # empty arrays to start from: a process's part of a small class may hold no sample
+    results: dict[str, tuple[list, list]] = {
+        name: ([np.zeros(0, np.float32)], [np.zeros((0, size, size), np.float32)]) for name in models
+    }
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
         classes = [first.canonical_class(s.class_name)[0] for s in batch]
@@ -98,13 +110,22 @@ def evaluate(
     *,
     batch_size: int = 16,
     progress: ProgressFn | None = None,
+    processes: Processes | None = None,
 ) -> dict[str, Any]:
     """Per-class metrics and each dataset's mean, as ``{"datasets": {KIND: {"classes": .., "mean": ..}}}``.
 
-    ``datasets`` holds ``(kind, root)`` pairs (kind None: detected). ``progress(done, total)``
-    is called after each batch. Metrics are fractions in [0, 1]; ``None`` where undefined.
+    Args:
+        model: the loaded :class:`~kanoclip.KAnoCLIP`.
+        datasets: ``(kind, root)`` pairs (kind None: detected).
+        batch_size: images per backbone forward (per process).
+        progress: called with (images done, images in all) after each batch; with several
+            processes the count is estimated from this process's part until each class ends.
+        processes: the processes that share the images (None: this one alone).
+
+    Returns:
+        Metrics as fractions in [0, 1]; ``None`` where undefined. The same on every process.
     """
-    return _evaluate_models({"": model}, datasets, batch_size=batch_size, progress=progress)[""]
+    return _evaluate_models({"": model}, datasets, batch_size=batch_size, progress=progress, processes=processes)[""]
 
 
 def sweep(
@@ -114,6 +135,7 @@ def sweep(
     *,
     batch_size: int = 16,
     progress: ProgressFn | None = None,
+    processes: Processes | None = None,
 ) -> dict[str, Any]:
     """:func:`evaluate` for several config variants of ``model`` on one backbone forward per image.
 
@@ -124,6 +146,7 @@ def sweep(
             base model itself), e.g. ``{"last": {"training_free.stage_weights": [0, 0, 0, 1]}}``.
         batch_size: images per backbone forward.
         progress: called with (images done, images in all) after each batch.
+        processes: the processes that share the images, as for :func:`evaluate`.
 
     Returns:
         ``{"variants": {name: {"overrides": {...}, "datasets": ...}}}``, each like :func:`evaluate`'s.
@@ -137,7 +160,7 @@ def sweep(
         except ValueError as exc:
             raise InputError(str(exc)) from None
         models[name] = model.variant(flat)
-    results = _evaluate_models(models, datasets, batch_size=batch_size, progress=progress)
+    results = _evaluate_models(models, datasets, batch_size=batch_size, progress=progress, processes=processes)
     return {"variants": {name: {"overrides": flatten_overrides(variants[name]), **results[name]} for name in models}}
 
 
@@ -147,33 +170,51 @@ def _evaluate_models(
     *,
     batch_size: int,
     progress: ProgressFn | None,
+    processes: Processes | None = None,
 ) -> dict[str, dict[str, Any]]:
     """:func:`evaluate`'s results for each of ``models`` (a model and its variants)."""
+    procs = processes or Processes("cpu", alone=True)
     first = next(iter(models.values()))
     listed = [(kind, load_dataset(kind, root)) for kind, root in datasets]
     total = sum(len(samples) for _, samples in listed)
-    done = 0
-
-    def on_batch(count: int) -> None:
-        nonlocal done
-        done += count
-        if progress is not None:
-            progress(done, total)
+    done = 0  # images of the classes finished so far (by all processes)
 
     results: dict[str, dict[str, Any]] = {name: {"datasets": {}} for name in models}
     for kind, samples in listed:
         key = _unique_key(kind or samples[0].dataset, results[next(iter(models))]["datasets"])
         classes: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in models}
         for class_name, group in group_by_class(samples).items():
-            predictions = predict(models, group, batch_size=batch_size, on_batch=on_batch)
+            counted = 0  # of this process's part
+
+            def on_batch(count: int, before: int = done, size: int = len(group)) -> None:
+                nonlocal counted
+                counted += count
+                if progress is not None:  # the parts differ by one image at most
+                    progress(before + min(size, counted * procs.world), total)
+
+            predictions = _gathered(procs, predict(models, procs.shard(group), batch_size=batch_size, on_batch=on_batch))
+            done += len(group)
+            if progress is not None and procs.world > 1:  # one process reported it exactly already
+                progress(done, total)
+            if not procs.is_main:
+                continue
             labels, masks = class_ground_truth(group, first.image_size)
             counts = {"n_normal": int((labels == 0).sum()), "n_anomalous": int((labels == 1).sum())}
             for name, (scores, maps) in predictions.items():
                 classes[name][class_name] = {**counts, **compute_metrics(labels, scores, masks, maps if masks is not None else None)}
             del predictions, masks
-        for name in models:
-            results[name]["datasets"][key] = {"classes": classes[name], "mean": _mean(list(classes[name].values()))}
-    return results
+        if procs.is_main:
+            for name in models:
+                results[name]["datasets"][key] = {"classes": classes[name], "mean": _mean(list(classes[name].values()))}
+    return procs.broadcast(results)
+
+
+def _gathered(procs: Processes, predictions: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every process's :func:`predict` results of its part, concatenated in rank order."""
+    if procs.world == 1:
+        return predictions
+    parts = procs.gather([predictions])
+    return {name: tuple(np.concatenate([part[name][i] for part in parts]) for i in (0, 1)) for name in predictions}
 
 
 def _cell(value: float | None) -> str:

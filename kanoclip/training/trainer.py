@@ -15,7 +15,8 @@ and rerun with ``resume=True`` redoes the unfinished epoch from that state and e
 same weights as an uninterrupted run (on the same machine and device).
 
 Several processes: launched by ``torchrun`` or ``accelerate launch`` (``WORLD_SIZE > 1``),
-training runs through :class:`accelerate.Accelerator` with DDP (gloo on CPU, NCCL on GPU).
+training runs through :class:`accelerate.Accelerator` with DDP (gloo on CPU, NCCL on GPU;
+:class:`kanoclip.distributed.Processes`).
 ``batch_size`` is per process; each step's global batch is split among the processes and the
 gradients averaged. Only the main process writes files and reports progress.
 """
@@ -26,8 +27,6 @@ import copy
 import hashlib
 import json
 import math
-import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,8 @@ from kanoclip.data import Sample, load_dataset, load_mask, parse_data_arg
 from kanoclip.errors import CheckpointError, DatasetError, ImageError, InputError, KAnoCLIPError
 from kanoclip.fileio import atomic_write_json
 from kanoclip.images import load_image
-from kanoclip.detector import KAnoCLIP, resolve_device
+from kanoclip.detector import KAnoCLIP
+from kanoclip.distributed import Processes
 from kanoclip.training.feature_cache import CACHE_DIR, FeatureCache
 from kanoclip.training.state import (
     STATE_DIR,
@@ -168,57 +168,6 @@ class TrainResult:
 
 
 ProgressFn = Callable[[TrainProgress], None]
-
-
-# ----------------------------------------------------------------------------- processes
-
-
-class _Processes:
-    """One process, or several under torchrun / accelerate launch (through ``accelerate``)."""
-
-    def __init__(self, device: str) -> None:
-        self.accelerator = None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import Accelerator
-
-            cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-            self.accelerator = Accelerator(cpu=cpu)
-            self.device = self.accelerator.device
-            self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
-        else:
-            self.device = resolve_device(device)
-            self.rank, self.world = 0, 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
-
-    def gather(self, items: list) -> list:
-        """Every process's ``items``, concatenated (in rank order)."""
-        if self.accelerator is None:
-            return list(items)
-        from accelerate.utils import gather_object
-
-        return list(gather_object(list(items)))
-
-    def mean(self, values: dict[str, float]) -> dict[str, float]:
-        if self.accelerator is None:
-            return values
-        tensor = torch.tensor([values[k] for k in LOSS_TERMS], dtype=torch.float64, device=self.device)
-        reduced = self.accelerator.reduce(tensor, reduction="mean")
-        return {k: float(v) for k, v in zip(LOSS_TERMS, reduced.tolist())}
-
-    def wrap(self, model: KAnoCLIP) -> torch.nn.Module:
-        if self.accelerator is None:
-            return model
-        # Depthwise-conv gradients come in another memory layout than DDP's buckets: harmless, and
-        # warned about once per process on every run.
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        return self.accelerator.prepare_model(model)
 
 
 # ----------------------------------------------------------------------------- data
@@ -428,7 +377,7 @@ class _Run:
 
     config: TrainConfig
     out: Path
-    procs: _Processes
+    procs: Processes
     model: KAnoCLIP
     trainset: _TrainSet
     info: dict[str, Any]  # the settings a resume must match (``_RESUME_KEYS``)
@@ -471,7 +420,7 @@ def train(
     """
     out = _validate(config)
     existed = out.exists()
-    procs = _Processes(config.device)
+    procs = Processes(config.device)
     report: ProgressFn = progress if (progress is not None and procs.is_main) else (lambda _p: None)
     with torch.random.fork_rng(devices=[]):  # the caller's global RNG state is left alone
         torch.manual_seed(config.seed)
