@@ -31,7 +31,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help='evaluate named config variants on one backbone pass per image: a JSON object '
         '{"variant": {"dotted.path": value, ...}, ...}; prints one row per variant and dataset',
     )
+    parser.add_argument(
+        "--shots", type=shot_list, metavar="K,K,...",
+        help="the few-shot protocol: also evaluate with k normal references per class for each k (e.g. 1,2,4), "
+        "drawn from the train split's good images, else from the test split's (left out); mean ± std over --seeds",
+    )
+    parser.add_argument("--seeds", type=positive_int, default=3, help="draws of the references per k, with --shots (default 3)")
     parser.set_defaults(func=run)
+
+
+def shot_list(text: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]``; each a whole number >= 1."""
+    try:
+        shots = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        shots = []
+    if not shots or min(shots) < 1:
+        raise argparse.ArgumentTypeError(f"expected whole numbers >= 1 separated by commas, e.g. 1,2,4; got {text!r}")
+    return shots
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,13 +56,18 @@ def run(args: argparse.Namespace) -> int:
     from kanoclip.distributed import Processes
     from kanoclip.errors import InputError
     from kanoclip.evaluation.evaluate import evaluate, format_report, format_sweep_report, sweep
+    from kanoclip.evaluation.fewshot import few_shot, format_few_shot_report
     from kanoclip.fileio import atomic_write_json, atomic_write_text
 
     datasets = [parse_data_arg(spec) for spec in args.data]
     variants = read_json_file(args.sweep, "--sweep") if args.sweep else None
     if variants is not None and not (isinstance(variants, dict) and variants):
         raise InputError(f'--sweep {args.sweep}: expected a non-empty JSON object {{"variant name": {{"dotted.path": value}}}}')
+    if variants is not None and args.shots:
+        raise InputError("--sweep and --shots are separate evaluations; run them one at a time")
     procs = Processes(args.device)
+    if args.shots and procs.world > 1:
+        raise InputError("--shots runs in one process (each run adds its own references); start it without accelerate launch")
     args.device = procs.model_device  # with several processes, each loads the model on its own device
     model = load_model(args)
     bar = progress_bar(0, "evaluating", disable=not procs.is_main)
@@ -56,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        if variants is None:
+        if args.shots:
+            results = few_shot(model, datasets, args.shots, args.seeds, batch_size=args.batch_size, progress=progress)
+        elif variants is None:
             results = evaluate(model, datasets, batch_size=args.batch_size, progress=progress, processes=procs)
         else:
             results = sweep(model, datasets, variants, batch_size=args.batch_size, progress=progress, processes=procs)
@@ -64,7 +88,10 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
     if not procs.is_main:
         return 0
-    report = format_report(results, model) if variants is None else format_sweep_report(results, model)
+    if args.shots:
+        report = format_few_shot_report(results, model)
+    else:
+        report = format_report(results, model) if variants is None else format_sweep_report(results, model)
     if args.json:
         atomic_write_json(args.json, results)
     if args.report:

@@ -51,13 +51,19 @@ _HEADERS = ("image AUROC", "image AP", "image F1-max", "pixel AUROC", "pixel AUP
 
 
 def predict(
-    models: Mapping[str, Any], samples: Sequence[Sample], *, batch_size: int = 16, on_batch: Callable[[int], None] | None = None
+    models: Mapping[str, Any],
+    samples: Sequence[Sample],
+    *,
+    batch_size: int = 16,
+    on_batch: Callable[[int], None] | None = None,
+    references: Any = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Each model's image scores ``(N,)`` and S×S anomaly maps ``(N, S, S)`` (float32) of ``samples``.
 
     ``models`` are a model and its variants (they share a backbone, input size and stage
     layers): each batch takes one backbone forward, shared by all of them. No ``samples``
-    give empty arrays.
+    give empty arrays. ``references`` (a :class:`~kanoclip.references.References`; default each
+    model's own) are fused into the maps and scores of their classes.
     """
     first = next(iter(models.values()))
     lengths = sorted({m.model.num_replaced_blocks() for m in models.values()})
@@ -73,7 +79,7 @@ def predict(
         with torch.inference_mode():
             paths = first.model.encode_image_paths(pixels, lengths)
             for name, model in models.items():
-                out = model(paths[model.model.num_replaced_blocks()], classes)
+                out = model(paths[model.model.num_replaced_blocks()], classes, references=references)
                 results[name][0].append(out.score.clamp(0, 1).cpu().numpy())
                 results[name][1].append(out.anomaly_map.cpu().numpy())
         if on_batch is not None:
