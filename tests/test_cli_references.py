@@ -39,3 +39,33 @@ def test_references_errors_are_one_line(tiny_backbone, bottle_image, tmp_path):
     assert missing.returncode == 2 and "holds no saved references" in missing.stderr and "Traceback" not in missing.stderr
     not_refs = run_cli("references", "show", str(tmp_path))
     assert not_refs.returncode == 2 and "Traceback" not in not_refs.stderr
+
+
+def test_detect_with_reference_and_calibrate_folders(tiny_backbone, bottle_dir, tmp_path):
+    """--reference GOOD_DIR fuses the references; --calibrate VAL_DIR (good/ + a defect folder) sets the
+    F1-max threshold, the same as the API's calibrate on the same labelled images."""
+    import shutil
+
+    good_dir, val = tmp_path / "good", tmp_path / "val"
+    for i, p in enumerate(sorted((bottle_dir / "test" / "good").glob("*.png"))[:6]):
+        target = (good_dir if i < 3 else val / "good") / p.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, target)
+    for p in sorted((bottle_dir / "test" / "broken_large").glob("*.png"))[:3]:
+        (val / "broken").mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, val / "broken" / p.name)
+    test_image = sorted((bottle_dir / "test" / "contamination").glob("*.png"))[0]
+    done = run_cli(
+        "detect", str(test_image), "--class", "bottle", "--reference", str(good_dir), "--calibrate", str(val),
+        "--backbone", str(tiny_backbone), "--device", "cpu", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "3 references of 'bottle'" in done.stderr and "F1-max" in done.stderr
+    row = json.loads(done.stdout)[0]
+    model = KAnoCLIP.from_pretrained(backbone=str(tiny_backbone), device="cpu")
+    model.add_references("bottle", sorted(map(str, good_dir.glob("*.png"))))
+    val_images = sorted(map(str, (val / "broken").glob("*.png"))) + sorted(map(str, (val / "good").glob("*.png")))
+    threshold = model.calibrate("bottle", val_images, [1, 1, 1, 0, 0, 0])
+    expected = model.detect(str(test_image), "bottle")
+    assert row["score"] == pytest.approx(expected.score, abs=1e-5)
+    assert row["is_anomalous"] == (expected.score >= threshold)

@@ -41,7 +41,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, metavar="DIR", help="write an overlay PNG per image and results.csv here")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of one line per image")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images per batch (default 8)")
+    parser.add_argument(
+        "--reference", action="append", default=[], metavar="GOOD",
+        help="normal images of the class (files or folders, repeatable): their map is fused with the model's, "
+        "and with 2 or more the threshold is calibrated on them (leave-one-out)",
+    )
+    parser.add_argument(
+        "--calibrate", metavar="VAL_DIR",
+        help="set the threshold on validation images: with good/ (or ok/, normal/) and defect sub-folders, the F1-max "
+        "threshold; with images only, all taken as normal (their largest score + a margin)",
+    )
     parser.set_defaults(func=run)
+
+
+NORMAL_FOLDERS = ("good", "ok", "normal")
+
+
+def calibration_images(folder: str) -> tuple[list[str], list[int] | None]:
+    """The images under ``folder`` and their labels from their sub-folders (None: no sub-folders, all normal)."""
+    root = Path(folder).expanduser()
+    paths = [path for path, _ in find_images([folder])]
+    nested = [path.relative_to(root).parts[:-1] for path in paths]
+    if not any(nested):
+        return [str(p) for p in paths], None
+    labels = [0 if any(part.lower() in NORMAL_FOLDERS for part in parts) else 1 for parts in nested]
+    return [str(p) for p in paths], labels
 
 
 def find_images(inputs: list[str]) -> list[tuple[Path, str]]:
@@ -133,6 +157,10 @@ def run(args: argparse.Namespace) -> int:
     args.device = procs.model_device  # with several processes, each loads the model on its own device
     model = load_model(args)
     class_name, known = model.canonical_class(args.class_name)  # an empty class name fails before any work
+    if args.reference:  # every process adds the same references (a deterministic encoding)
+        model.add_references(class_name, [str(path) for path, _ in find_images(args.reference)])
+    if args.calibrate:
+        model.calibrate(class_name, *calibration_images(args.calibrate))
     if not known and procs.is_main:
         near = model.knowledge.suggest(class_name)
         hint = f"did you mean --class {' or '.join(near)}? Otherwise pass" if near else "pass"
@@ -159,6 +187,9 @@ def run(args: argparse.Namespace) -> int:
         emit(row)
     if args.out is not None:
         _write_csv(rows, args.out)
+    refs = model.references(class_name)
+    if procs.is_main and refs is not None:
+        print(f"kanoclip detect: {refs.count} references of {class_name!r}; {refs.describe(model.config.scoring.threshold)}", file=sys.stderr)
     if args.json:
         keep = ("image", "score", "is_anomalous", "error")
         print(json.dumps([{k: row[k] for k in keep if k in row} for row in rows], indent=2))
