@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from demo import AppConfig, build_app
-    from demo.app import UPLOAD_LIMIT
+    from demo.app import CSS, UPLOAD_LIMIT
     from kanoclip.errors import KAnoCLIPError
 
     config = AppConfig.from_env(
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KAnoCLIPError as exc:  # e.g. an unreadable --kb file: nothing to serve
         print(f"kanoclip app: error: {exc}", file=sys.stderr)
         return 2
-    app.launch(server_name=args.host, server_port=args.port, share=args.share or None, max_file_size=UPLOAD_LIMIT)
+    app.launch(server_name=args.host, server_port=args.port, share=args.share or None, max_file_size=UPLOAD_LIMIT, css=CSS)
     return 0
 
 

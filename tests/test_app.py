@@ -31,6 +31,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from demo import AppConfig, build_app  # noqa: E402
+from demo.app import CSS  # noqa: E402
 from demo.uploads import ZipLimits, check_zip, confine, discard_upload, extract_zip  # noqa: E402
 from kanoclip import KAnoCLIP  # noqa: E402
 from kanoclip.errors import CheckpointError, InputError  # noqa: E402
@@ -63,7 +64,7 @@ class Running:
 def launch(config: AppConfig, **kwargs) -> Running:
     demo = build_app(config, **kwargs)
     port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, css=CSS)
     return Running(url=f"http://127.0.0.1:{port}/", config=config, demo=demo)
 
 
@@ -333,24 +334,28 @@ def test_the_slider_decides_when_the_calibrated_threshold_is_not_wanted(app: Run
     assert verdict["label"].startswith("ANOMALOUS" if score >= 0.3 else "normal")
 
 
-def test_concurrent_clients_with_different_references_get_their_own_results(app: Running, tiny_model, bottle_dir: Path, bottle_image: Path) -> None:
+def test_concurrent_clients_with_different_references_get_their_own_results(app: Running, tiny_model, bottle_dir: Path) -> None:
     good = good_bottles(bottle_dir)
     sets = [good[i : i + 2 + i % 2] for i in range(0, 16, 2)]  # 8 disjoint sets of 2 or 3 images
+    # one test image per client: Gradio rewrites an output file at its content hash on every
+    # request, so identical outputs (the stage maps of one image) served at once can be read half-written
+    images = sorted((bottle_dir / "test" / "broken_large").glob("*.png"))[: len(sets)]
 
-    def one(refs: list[Path]):
+    def one(job: tuple[Path, list[Path]]):
+        image, refs = job
         client = Client(app.url, verbose=False)  # each its own session
         add_references(client, refs)
-        summary, score, verdict, *_ = client.predict(handle_file(str(bottle_image)), "bottle", api_name="/detect")
+        summary, score, verdict, *_ = client.predict(handle_file(str(image)), "bottle", api_name="/detect")
         return score, verdict["label"], summary
 
     with ThreadPoolExecutor(max_workers=len(sets)) as pool:
-        results = list(pool.map(one, sets))
-    for refs, (score, label, summary) in zip(sets, results):
-        direct = direct_with(tiny_model, bottle_image, refs)
+        results = list(pool.map(one, zip(images, sets)))
+    for image, refs, (score, label, summary) in zip(images, sets, results):
+        direct = direct_with(tiny_model, image, refs)
         assert score == pytest.approx(direct.score, abs=1e-5), [p.name for p in refs]
         assert label.endswith(f"threshold {direct.threshold:.3f}, calibrated leave-one-out on its {len(refs)} references")
         assert f"**References:** {len(refs)} normal images" in summary
-    assert len({round(score, 6) for score, _, _ in results}) == len(sets)  # every session's references differ
+    assert len({round(score, 6) for score, _, _ in results}) == len(sets)
 
 
 @pytest.fixture(scope="module")
@@ -390,6 +395,7 @@ def test_saved_references_serve_every_session_without_its_own(tiny_backbone: Pat
     maker = KAnoCLIP.from_pretrained(backbone=str(tiny_backbone), device="cpu")
     maker.add_references("bottle", good[:2])
     folder = maker.save_references(tmp_path / "refs")
+    KAnoCLIP.for_training(backbone=str(tiny_backbone), device="cpu").save_pretrained(tmp_path / "checkpoints" / "trained")
     running = launch(app_config(tmp_path, tiny_backbone, references=folder))
     try:
         visitor, other = running.client(), running.client()
@@ -406,6 +412,10 @@ def test_saved_references_serve_every_session_without_its_own(tiny_backbone: Pat
         assert again == score
         status = visitor.predict("bottle", "training-free", api_name="/clear_references")
         assert "2 (the app's shared references, loaded with --references)" in status  # not the visitor's to clear
+        # a trained checkpoint extracts other features: the saved references do not serve it, and it still loads
+        status = visitor.predict("bottle", "checkpoints/trained", api_name="/clear_references")
+        assert "**Normal references of `bottle`:** none" in status
+        assert "The shared references (`--references`) do not serve this model:" in status and "was built for another model" in status
     finally:
         running.demo.close()
 
