@@ -195,8 +195,8 @@ SHARED_WHOSE = "the app's shared references, loaded with --references"
 def session_store(stores: dict[ModelKey, References], key: ModelKey, model: KAnoCLIP) -> References:
     """The session's store for the model of ``key``, made on first use.
 
-    Made anew when the model's fingerprint changed (e.g. the checkpoint folder was retrained):
-    features of another model cannot be searched.
+    Made anew when the model's fingerprint changed (e.g. its checkpoint folder now holds a model
+    of another backbone): features of another model cannot be searched.
     """
     fingerprint = model.reference_fingerprint()
     store = stores.get(key)
@@ -331,7 +331,9 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
             room = f"upload at most {limit - count} more" if count < limit else "clear them first"
             raise InputError(f"{count + len(files)} reference images of {canonical!r} exceed the limit of {limit} per class; {room}")
         images = [decode(path) for path in files]  # every file decoded (and named when bad) before any is added
-        run_add_references(model_choice, canonical, images, session)
+        # kept from the returned set: on ZeroGPU the call runs in a worker, whose changes to its
+        # copy of the store would not come back
+        session.sets[canonical] = run_add_references(model_choice, canonical, images, session)
         return describe_references(model, session, model_choice, canonical), None, stores
 
     @user_errors

@@ -110,7 +110,10 @@ def test_detect_in_a_real_browser(browser, app_url: str, bottle_image: Path, bot
     driver.find_element(By.CSS_SELECTOR, "#detect-references input[type='file']").send_keys("\n".join(str(p) for p in references))
     _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#detect-references tr, #detect-references .file")) >= 3, what="the 3 reference uploads")
     driver.find_element(By.ID, "detect-add-references").click()
-    status = lambda d: d.find_element(By.ID, "detect-references-status").text  # noqa: E731
+
+    def status(d) -> str:
+        return d.find_element(By.ID, "detect-references-status").text
+
     _wait(driver, lambda d: "calibrated leave-one-out on its 3 references" in status(d), timeout=90, what="the references to be added")
     assert "3 (yours: this session only)" in status(driver)
 
