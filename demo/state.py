@@ -370,7 +370,7 @@ class AppContext:
         """
         if config.references is not None and not all((config.references / name).is_file() for name in (INDEX_NAME, TENSORS_NAME)):
             raise CheckpointError(
-                f"--references {config.references} holds no saved references (expected {INDEX_NAME} and {TENSORS_NAME}); "
+                f"--references / KANOCLIP_REFERENCES {config.references} holds no saved references (expected {INDEX_NAME} and {TENSORS_NAME}); "
                 "save them there with KAnoCLIP.save_references"
             )
         knowledge = KnowledgeStore(config)

@@ -424,7 +424,7 @@ def test_a_references_folder_without_references_stops_the_app(tiny_backbone: Pat
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError) as excinfo:
         build_app(app_config(tmp_path, tiny_backbone, references=tmp_path / "empty", preload=False))
-    assert str(excinfo.value).startswith(f"--references {tmp_path / 'empty'} holds no saved references (expected references.json")
+    assert str(excinfo.value).startswith(f"--references / KANOCLIP_REFERENCES {tmp_path / 'empty'} holds no saved references (expected references.json")
 
 
 # ---------------------------------------------------------------------------- prompts
