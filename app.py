@@ -3,9 +3,10 @@
     python app.py                                   # training-free, ViT-L/14@336px, http://127.0.0.1:7860
     python app.py --checkpoint checkpoints/mvtec    # start on a trained checkpoint
     python app.py --backbone ./my-clip --port 8080  # a local CLIP folder, another port
+    python app.py --references refs/                # saved normal references, shared by every visitor
 
 Every flag has an environment variable (flags win): ``KANOCLIP_BACKBONE``,
-``KANOCLIP_CHECKPOINT``, ``KANOCLIP_KB``, ``KANOCLIP_DATA_ROOT``, ``KANOCLIP_PRECISION``, ``KANOCLIP_HOST``,
+``KANOCLIP_CHECKPOINT``, ``KANOCLIP_KB``, ``KANOCLIP_REFERENCES``, ``KANOCLIP_DATA_ROOT``, ``KANOCLIP_PRECISION``, ``KANOCLIP_HOST``,
 ``KANOCLIP_PORT``. On a Space (``SPACE_ID`` is set) the host and port are Gradio's defaults
 (the platform's ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``). See docs/app.md.
 """
@@ -28,6 +29,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backbone", help="CLIP hub id or local folder (env KANOCLIP_BACKBONE; default openai/clip-vit-large-patch14-336)")
     parser.add_argument("--checkpoint", help="checkpoint folder or hub id to start on (env KANOCLIP_CHECKPOINT; default training-free)")
     parser.add_argument("--kb", help="knowledge-base JSON file (env KANOCLIP_KB; default the built-in one)")
+    parser.add_argument(
+        "--references",
+        help="folder of saved normal references (KAnoCLIP.save_references); they serve every visitor whose session has none of that class (env KANOCLIP_REFERENCES; default none)",
+    )
     parser.add_argument("--data-root", help="folder the Train tab may read datasets from (env KANOCLIP_DATA_ROOT; default ./data)")
     parser.add_argument("--checkpoints-dir", help="where trained checkpoints go and are listed (env KANOCLIP_CHECKPOINTS_DIR; default ./checkpoints)")
     parser.add_argument("--kb-dir", help="folder the Knowledge tab may save to (env KANOCLIP_KB_DIR; default ./kb)")
@@ -51,13 +56,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from demo import AppConfig, build_app
-    from demo.app import UPLOAD_LIMIT
+    from demo.app import CSS, UPLOAD_LIMIT
     from kanoclip.errors import KAnoCLIPError
 
     config = AppConfig.from_env(
         backbone=args.backbone,
         checkpoint=args.checkpoint,
         kb=args.kb,
+        references=args.references,
         data_root=args.data_root,
         checkpoints_dir=args.checkpoints_dir,
         kb_dir=args.kb_dir,
@@ -70,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KAnoCLIPError as exc:  # e.g. an unreadable --kb file: nothing to serve
         print(f"kanoclip app: error: {exc}", file=sys.stderr)
         return 2
-    app.launch(server_name=args.host, server_port=args.port, share=args.share or None, max_file_size=UPLOAD_LIMIT)
+    app.launch(server_name=args.host, server_port=args.port, share=args.share or None, max_file_size=UPLOAD_LIMIT, css=CSS)
     return 0
 
 

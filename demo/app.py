@@ -23,6 +23,9 @@ UPLOAD_LIMIT = ZipLimits().max_compressed  # bytes: the largest upload is a trai
 # Gradio's own cleanup of uploads and results: every hour, files older than an hour (and all at
 # shutdown), so a public Space does not fill its disk. Training zips are deleted at once.
 DELETE_CACHE = (3600, 3600)
+# The verdict carries its threshold's note ("threshold 0.412, calibrated leave-one-out on its 3
+# references"): at gr.Label's headline size it would fill the column. Pass to ``launch(css=CSS)``.
+CSS = "#detect-verdict .output-class { font-size: 1.15rem; line-height: 1.35; padding: 1.6rem 0.75rem 0.5rem; }"
 
 
 def build_app(

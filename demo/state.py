@@ -8,6 +8,11 @@ stored on it (each request gets its own :class:`~kanoclip.detection.Detection`).
   small LRU cache; loading is serialised by a lock so two visitors never load the same model twice.
 * :class:`KnowledgeStore` — the app's knowledge base, edited in the Knowledge tab and pushed
   to every loaded model.
+
+A visitor's own normal references are not here: they live in that visitor's session
+(``gr.State``, see :mod:`demo.detect_tab`). Only the references saved with ``--references`` are
+shared: each model loads them into its own store, where they serve every visitor whose session
+has none of that class.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from kanoclip import KAnoCLIP, KnowledgeBase
 from kanoclip.backbone import Backbone
 from kanoclip.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from kanoclip.config import DEFAULT_BACKBONE
-from kanoclip.errors import InputError, KAnoCLIPError
+from kanoclip.errors import CheckpointError, InputError, KAnoCLIPError
 from kanoclip.detector import resolve_device
+from kanoclip.references import INDEX_NAME, TENSORS_NAME, References
 
 from demo.uploads import confine
 
@@ -57,6 +63,7 @@ class AppConfig:
     data_root: Path = field(default_factory=lambda: Path(os.environ.get("KANOCLIP_DATA_ROOT", "data")))
     checkpoints_dir: Path = field(default_factory=lambda: Path(os.environ.get("KANOCLIP_CHECKPOINTS_DIR", "checkpoints")))
     kb_dir: Path = field(default_factory=lambda: Path(os.environ.get("KANOCLIP_KB_DIR", "kb")))
+    references: Path | None = None  # saved normal references shared by every visitor; None = none
     device: str = field(default_factory=lambda: os.environ.get("KANOCLIP_DEVICE", "auto"))
     precision: str = field(default_factory=lambda: os.environ.get("KANOCLIP_PRECISION", "auto"))  # the backbone's
     concurrency: int = field(default_factory=lambda: _env_int("KANOCLIP_CONCURRENCY", 2))
@@ -71,10 +78,11 @@ class AppConfig:
             backbone=os.environ.get("KANOCLIP_BACKBONE") or None,
             checkpoint=os.environ.get("KANOCLIP_CHECKPOINT") or None,
             kb=Path(os.environ["KANOCLIP_KB"]) if os.environ.get("KANOCLIP_KB") else None,
+            references=Path(os.environ["KANOCLIP_REFERENCES"]) if os.environ.get("KANOCLIP_REFERENCES") else None,
         )
         for key, value in overrides.items():
             if value is not None:
-                setattr(config, key, Path(value) if key in ("kb", "data_root", "checkpoints_dir", "kb_dir") else value)
+                setattr(config, key, Path(value) if key in ("kb", "data_root", "checkpoints_dir", "kb_dir", "references") else value)
         return config
 
     @property
@@ -187,6 +195,8 @@ class ModelRegistry:
         self.knowledge = knowledge
         self._models: OrderedDict[tuple[str | None, str | None], KAnoCLIP] = OrderedDict()
         self._errors: dict[tuple[str | None, str | None], KAnoCLIPError] = {}
+        # why the shared references (--references) do not serve a loaded model, by model key
+        self.reference_problems: dict[tuple[str | None, str | None], str] = {}
         self._lock = threading.Lock()  # guards _models and _errors
         self._load_lock = threading.Lock()  # serialises loading
         # Models of the same backbone share it (frozen, never written): one copy in memory.
@@ -220,12 +230,32 @@ class ModelRegistry:
                 with self._lock:
                     self._errors[key] = error
                 raise error from None
+            self._load_shared_references(key, model)
             with self._lock:
                 self._errors.pop(key, None)
                 self._models[key] = model
                 while len(self._models) > self.config.max_models:
                     self._models.popitem(last=False)
             return model
+
+    def _load_shared_references(self, key: tuple[str | None, str | None], model: KAnoCLIP) -> None:
+        """Put the ``--references`` folder into ``model``'s own store (what ``from_pretrained(references=)`` does).
+
+        Loaded apart from the model: references saved for one model (their fingerprint) do not
+        fit another, and a checkpoint picked from the list must still load without them; the
+        Detect tab then says why they do not serve it.
+        """
+        folder = self.config.references
+        if folder is None:
+            return
+        try:
+            model.reference_store = References.load(folder, fingerprint=model.reference_fingerprint(), device=model.device)
+        except CheckpointError as exc:
+            log.warning("the shared references in %s do not serve %s: %s", folder, model.backbone_name, exc)
+            self.reference_problems[key] = str(exc)
+            return
+        self.reference_problems.pop(key, None)
+        log.info("shared references loaded from %s: %s", folder, ", ".join(model.reference_store.sets) or "no classes")
 
     def _cached(self, key: tuple[str | None, str | None]) -> KAnoCLIP | None:
         with self._lock:
@@ -338,6 +368,11 @@ class AppContext:
         when it fails, the same one-line reason the page's header shows. The header alone
         explains a failure; the Detect summary then only points at it.
         """
+        if config.references is not None and not all((config.references / name).is_file() for name in (INDEX_NAME, TENSORS_NAME)):
+            raise CheckpointError(
+                f"--references / KANOCLIP_REFERENCES {config.references} holds no saved references (expected {INDEX_NAME} and {TENSORS_NAME}); "
+                "save them there with KAnoCLIP.save_references"
+            )
         knowledge = KnowledgeStore(config)
         registry = ModelRegistry(config, knowledge)
         knowledge.registry = registry

@@ -31,13 +31,15 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from demo import AppConfig, build_app  # noqa: E402
+from demo.app import CSS  # noqa: E402
 from demo.uploads import ZipLimits, check_zip, confine, discard_upload, extract_zip  # noqa: E402
 from kanoclip import KAnoCLIP  # noqa: E402
-from kanoclip.errors import InputError  # noqa: E402
+from kanoclip.errors import CheckpointError, InputError  # noqa: E402
 from kanoclip.images import load_image  # noqa: E402
 from kanoclip.knowledge import KnowledgeBase  # noqa: E402
+from kanoclip.references import References  # noqa: E402
 from kanoclip.training import TrainProgress, TrainResult  # noqa: E402
-from kanoclip.viz import heatmap_overlay  # noqa: E402
+from kanoclip.viz import colorize, heatmap_overlay  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,7 +64,7 @@ class Running:
 def launch(config: AppConfig, **kwargs) -> Running:
     demo = build_app(config, **kwargs)
     port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, css=CSS)
     return Running(url=f"http://127.0.0.1:{port}/", config=config, demo=demo)
 
 
@@ -271,6 +273,158 @@ def test_concurrent_clients_each_get_their_own_result(app: Running, tiny_model, 
         assert height == Image.open(image).height  # this request's own image
         assert f"`{direct.class_name}`" in summary
     assert len({round(score, 6) for score, _, _ in results}) > 1
+
+
+# ---------------------------------------------------------------------------- normal references
+def good_bottles(bottle_dir: Path) -> list[Path]:
+    return sorted((bottle_dir / "test" / "good").glob("*.png"))
+
+
+def direct_with(model: KAnoCLIP, image: Path, references: list[Path], class_name: str = "bottle"):
+    """``model.detect`` with a store of its own built from ``references`` (the shared model is not changed)."""
+    store = References(model.reference_fingerprint())
+    if references:
+        model.add_references(class_name, references, store=store)
+    return model.detect(image, class_name, references=store)
+
+
+def add_references(client: Client, images: list[Path], class_name: str = "bottle") -> str:
+    status, uploaded = client.predict([handle_file(str(p)) for p in images], class_name, "training-free", api_name="/add_references")
+    assert uploaded in (None, [])  # the upload box is emptied once they are added
+    return status
+
+
+def test_references_give_a_reference_map_and_a_calibrated_verdict_until_cleared(app: Running, tiny_model, bottle_dir: Path, bottle_image: Path) -> None:
+    client = app.client()  # a session of its own
+    refs = good_bottles(bottle_dir)[:3]
+    status = add_references(client, refs)
+    assert "**Normal references of `bottle`:** 3 (yours: this session only)" in status
+    assert "calibrated leave-one-out on its 3 references" in status
+
+    summary, score, verdict, _, _, gallery, _ = client.predict(handle_file(str(bottle_image)), "bottle", api_name="/detect")
+    direct = direct_with(tiny_model, bottle_image, refs)
+    assert direct.reference_count == 3 and direct.reference_map is not None
+    assert score == pytest.approx(direct.score, abs=1e-5)
+    assert f"score {'≥' if direct.is_anomalous else '<'} {direct.threshold:.2f}" in verdict["label"]
+    assert verdict["label"].endswith(f"threshold {direct.threshold:.3f}, calibrated leave-one-out on its 3 references")
+    assert "**References:** 3 normal images (yours: this session only)" in summary
+    captions = [item["caption"] for item in gallery]
+    assert len(captions) == 7 and captions[-1] == "reference map (3 normal refs)"
+    # drawn like the other maps: the jet colours of the reference map, shrunk to the gallery's 768 px
+    drawn = np.asarray(Image.open(gallery[-1]["image"]).convert("RGB"), dtype=float)
+    shrunk = np.asarray(Image.fromarray(direct.reference_map.astype(np.float32)).resize((768, 768), Image.BILINEAR))
+    assert drawn.shape == (768, 768, 3)
+    assert np.abs(drawn - colorize(np.clip(shrunk, 0, 1))).mean() < 3.0
+
+    status = client.predict("bottle", "training-free", api_name="/clear_references")
+    assert "**Normal references of `bottle`:** none · default threshold 0.500 (not calibrated)" in status
+    _, score, verdict, _, _, gallery, _ = client.predict(handle_file(str(bottle_image)), "bottle", api_name="/detect")
+    assert score == pytest.approx(tiny_model.detect(bottle_image, "bottle").score, abs=1e-5)
+    assert verdict["label"].endswith("default threshold 0.500 (not calibrated)")
+    assert len(gallery) == 6
+
+
+def test_the_slider_decides_when_the_calibrated_threshold_is_not_wanted(app: Running, tiny_model, bottle_dir: Path, bottle_image: Path) -> None:
+    client = app.client()
+    refs = good_bottles(bottle_dir)[3:5]
+    add_references(client, refs)
+    _, score, verdict, *_ = client.predict(handle_file(str(bottle_image)), "bottle", "training-free", 0.3, 4.0, False, api_name="/detect")
+    assert score == pytest.approx(direct_with(tiny_model, bottle_image, refs).score, abs=1e-5)  # still fused with them
+    assert verdict["label"].endswith("threshold 0.300 set with the slider")
+    assert verdict["label"].startswith("ANOMALOUS" if score >= 0.3 else "normal")
+
+
+def test_concurrent_clients_with_different_references_get_their_own_results(app: Running, tiny_model, bottle_dir: Path) -> None:
+    good = good_bottles(bottle_dir)
+    sets = [good[i : i + 2 + i % 2] for i in range(0, 16, 2)]  # 8 disjoint sets of 2 or 3 images
+    # one test image per client: Gradio rewrites an output file at its content hash on every
+    # request, so identical outputs (the stage maps of one image) served at once can be read half-written
+    images = sorted((bottle_dir / "test" / "broken_large").glob("*.png"))[: len(sets)]
+
+    def one(job: tuple[Path, list[Path]]):
+        image, refs = job
+        client = Client(app.url, verbose=False)  # each its own session
+        add_references(client, refs)
+        summary, score, verdict, *_ = client.predict(handle_file(str(image)), "bottle", api_name="/detect")
+        return score, verdict["label"], summary
+
+    with ThreadPoolExecutor(max_workers=len(sets)) as pool:
+        results = list(pool.map(one, zip(images, sets)))
+    for image, refs, (score, label, summary) in zip(images, sets, results):
+        direct = direct_with(tiny_model, image, refs)
+        assert score == pytest.approx(direct.score, abs=1e-5), [p.name for p in refs]
+        assert label.endswith(f"threshold {direct.threshold:.3f}, calibrated leave-one-out on its {len(refs)} references")
+        assert f"**References:** {len(refs)} normal images" in summary
+    assert len({round(score, 6) for score, _, _ in results}) == len(sets)
+
+
+@pytest.fixture(scope="module")
+def many_tiny_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("many")
+    paths = []
+    for i in range(65):
+        path = folder / f"good_{i:02d}.png"
+        Image.new("RGB", (16, 16), (i, 100, 200)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_bad_references_get_the_apps_message_and_add_nothing(app: Running, bad_files, bottle_dir: Path, bottle_image: Path, many_tiny_images: list[Path]) -> None:
+    client = app.client()
+    good = good_bottles(bottle_dir)[:2]
+    with pytest.raises(AppError) as excinfo:
+        add_references(client, [good[0], bad_files["text"], good[1]])
+    text = error_text(excinfo)
+    assert "notes.png: not an image file" in text and "/tmp/gradio" not in text
+    with pytest.raises(AppError) as excinfo:
+        client.predict([], "bottle", "training-free", api_name="/add_references")
+    assert "no reference images" in error_text(excinfo)
+    with pytest.raises(AppError) as excinfo:
+        add_references(client, good, class_name="")
+    assert "class name is empty; pick the class the reference images show" in error_text(excinfo)
+    with pytest.raises(AppError) as excinfo:
+        add_references(client, many_tiny_images)
+    assert "65 reference images of 'bottle' exceed the limit of 64 per class; upload at most 64 more" in error_text(excinfo)
+    # none of the refused uploads was added: the session still has no references
+    _, _, verdict, _, _, gallery, _ = client.predict(handle_file(str(bottle_image)), "bottle", api_name="/detect")
+    assert verdict["label"].endswith("default threshold 0.500 (not calibrated)") and len(gallery) == 6
+
+
+def test_saved_references_serve_every_session_without_its_own(tiny_backbone: Path, tiny_model, bottle_dir: Path, bottle_image: Path, tmp_path: Path) -> None:
+    good = good_bottles(bottle_dir)
+    maker = KAnoCLIP.from_pretrained(backbone=str(tiny_backbone), device="cpu")
+    maker.add_references("bottle", good[:2])
+    folder = maker.save_references(tmp_path / "refs")
+    KAnoCLIP.for_training(backbone=str(tiny_backbone), device="cpu").save_pretrained(tmp_path / "checkpoints" / "trained")
+    running = launch(app_config(tmp_path, tiny_backbone, references=folder))
+    try:
+        visitor, other = running.client(), running.client()
+        _, score, verdict, *_ = visitor.predict(handle_file(str(bottle_image)), "bottle", api_name="/detect")
+        assert score == pytest.approx(direct_with(tiny_model, bottle_image, good[:2]).score, abs=1e-5)
+        assert verdict["label"].endswith("calibrated leave-one-out on its 2 references")
+        status = add_references(other, good[2:5])  # the other visitor's own win over the shared ones, for them only
+        assert "3 (yours: this session only)" in status
+        assert "Shared references (loaded with `--references`) of `bottle` serve every visitor whose session has none" in status
+        _, other_score, other_verdict, *_ = other.predict(handle_file(str(bottle_image)), "bottle", api_name="/detect")
+        assert other_score == pytest.approx(direct_with(tiny_model, bottle_image, good[2:5]).score, abs=1e-5)
+        assert other_verdict["label"].endswith("on its 3 references")
+        _, again, *_ = visitor.predict(handle_file(str(bottle_image)), "bottle", api_name="/detect")
+        assert again == score
+        status = visitor.predict("bottle", "training-free", api_name="/clear_references")
+        assert "2 (the app's shared references, loaded with --references)" in status  # not the visitor's to clear
+        # a trained checkpoint extracts other features: the saved references do not serve it, and it still loads
+        status = visitor.predict("bottle", "checkpoints/trained", api_name="/clear_references")
+        assert "**Normal references of `bottle`:** none" in status
+        assert "The shared references (`--references`) do not serve this model:" in status and "was built for another model" in status
+    finally:
+        running.demo.close()
+
+
+def test_a_references_folder_without_references_stops_the_app(tiny_backbone: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError) as excinfo:
+        build_app(app_config(tmp_path, tiny_backbone, references=tmp_path / "empty", preload=False))
+    assert str(excinfo.value).startswith(f"--references / KANOCLIP_REFERENCES {tmp_path / 'empty'} holds no saved references (expected references.json")
 
 
 # ---------------------------------------------------------------------------- prompts

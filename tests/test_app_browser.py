@@ -1,7 +1,8 @@
 """The app in a real headless browser (Debian's chromium + chromedriver through Selenium).
 
-Uploads the real bottle image, types the class, clicks Detect, waits for the heat map and the
-score, then opens every tab. Screenshots go to test-output/screenshots/; with
+Uploads the real bottle image, types the class, adds 3 good bottles as normal references, clicks
+Detect, waits for the heat map, the score, the reference map and the calibrated verdict, then
+opens every tab. Screenshots go to test-output/screenshots/; with
 KANOCLIP_UPDATE_SCREENSHOT=1 the Detect result is also saved as docs/screenshot.png.
 Runs on the tiny random CLIP: the screenshot shows plumbing (and says so), not accuracy.
 """
@@ -97,13 +98,24 @@ def _open_and_fill(driver, url: str, image: Path, class_name: str) -> None:
     _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#detect-class input").get_attribute("value") == class_name, what="the class")
 
 
-def test_detect_in_a_real_browser(browser, app_url: str, bottle_image: Path) -> None:
+def test_detect_in_a_real_browser(browser, app_url: str, bottle_image: Path, bottle_dir: Path) -> None:
     from selenium.webdriver.common.by import By
 
     driver = browser
     _open_and_fill(driver, app_url, bottle_image, "bottle")
     assert "Random test backbone" in driver.find_element(By.ID, "app-status").text
     _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#detect-image img"), what="the uploaded image preview")
+
+    references = sorted((bottle_dir / "test" / "good").glob("*.png"))[:3]
+    driver.find_element(By.CSS_SELECTOR, "#detect-references input[type='file']").send_keys("\n".join(str(p) for p in references))
+    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#detect-references tr, #detect-references .file")) >= 3, what="the 3 reference uploads")
+    driver.find_element(By.ID, "detect-add-references").click()
+
+    def status(d) -> str:
+        return d.find_element(By.ID, "detect-references-status").text
+
+    _wait(driver, lambda d: "calibrated leave-one-out on its 3 references" in status(d), timeout=90, what="the references to be added")
+    assert "3 (yours: this session only)" in status(driver)
 
     driver.find_element(By.ID, "detect-button").click()
     score_input = _wait(
@@ -120,7 +132,9 @@ def test_detect_in_a_real_browser(browser, app_url: str, bottle_image: Path) -> 
     assert natural[1] == 900 and natural[0] > 900  # the 900x900 heat map with its colour bar beside it
     verdict = driver.find_element(By.ID, "detect-verdict").text
     assert "ANOMALOUS" in verdict or "normal" in verdict
-    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#detect-gallery img")) >= 6, what="the stage maps")
+    assert "calibrated leave-one-out on its 3 references" in verdict
+    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#detect-gallery img")) >= 7, what="the stage maps and the reference map")
+    assert "reference map (3 normal refs)" in driver.find_element(By.ID, "detect-gallery").text
     _wait(driver, lambda d: "template" in d.find_element(By.ID, "detect-guidance").text, what="the guidance table")
     summary = driver.find_element(By.ID, "detect-summary").text
     assert "meaningless" in summary and "bottle" in summary
