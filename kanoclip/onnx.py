@@ -26,6 +26,7 @@ upsampled as the torch path does. onnxruntime and onnx are the optional extra
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -152,16 +153,21 @@ def export_onnx(
     batch = torch.export.Dim("batch")
     requested = model.requested_precision
     model.requested_precision = "fp32"  # an export is fp32: no autocast region is traced
+    # onnxscript's optimiser logs a warning per attention block that it leaves a Split as it is
+    folding_log = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folding_log.level
+    folding_log.setLevel(logging.ERROR)
     try:
         # The default (torch.export) exporter: non-strict, so CLIP-VV's forward hooks run as
         # Python while the graph is recorded and what they capture is traced like any tensor.
         program = torch.onnx.export(
             graph, example, str(path), input_names=[IMAGE_INPUT, CLASS_INPUT], output_names=list(OUTPUTS),
             dynamic_shapes={"pixel_values": {0: batch}, "class_index": {0: batch}}, opset_version=opset,
-            external_data=_exported_bytes(graph) > SINGLE_FILE_BYTES,
+            external_data=_exported_bytes(graph) > SINGLE_FILE_BYTES, verbose=False,
         )  # fmt: skip
     finally:
         model.requested_precision = requested
+        folding_log.setLevel(level)
     threshold = detector.config.scoring.threshold
     sidecar = {
         "format": FORMAT,
@@ -223,20 +229,25 @@ class OnnxDetector:
     Args:
         path: the ``.onnx`` file (its sidecar ``<path>.json`` beside it).
         providers: onnxruntime execution providers (default: the CPU).
+        session_options: ``onnxruntime.SessionOptions`` (threads, say; default: onnxruntime's).
 
     Raises:
         CheckpointError: ``path`` is not a kanoclip export (a missing or foreign sidecar, a file
             onnxruntime cannot load, a graph without the export's inputs).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, providers: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, providers: Sequence[str] | None = None, session_options: Any = None
+    ) -> None:
         ort = _require("onnxruntime")
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
         self.path = Path(path).expanduser()
         self.meta = read_sidecar(self.path)
         try:
-            self.session = ort.InferenceSession(str(self.path), providers=list(providers or ["CPUExecutionProvider"]))
+            self.session = ort.InferenceSession(
+                str(self.path), sess_options=session_options, providers=list(providers or ["CPUExecutionProvider"])
+            )
         except (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail, ort_errors.NoSuchFile) as exc:
             raise CheckpointError(f"{self.path}: onnxruntime cannot load it as an ONNX graph ({first_line(exc)}); export it again with `kanoclip export`") from None
         names = [i.name for i in self.session.get_inputs()]
