@@ -51,6 +51,7 @@ IMAGE_INPUT = "pixel_values"
 CLASS_INPUT = "class_index"
 OUTPUTS = ("anomaly_map", "score")
 EXTRA = "pip install 'kanoclip[onnx]'"
+HOW = "kanoclip.onnx.export_onnx or `kanoclip export`"  # how to make an export, for messages
 # protobuf caps one file at 2 GiB: larger graphs keep their weights in ``<name>.onnx.data``
 SINGLE_FILE_BYTES = 1_800_000_000
 
@@ -200,15 +201,15 @@ def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path).expanduser()
     side = sidecar_path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such ONNX file; export one with `kanoclip export`")
+        raise CheckpointError(f"{path}: no such ONNX file; export one with {HOW}")
     if not side.is_file():
-        raise CheckpointError(f"{path}: not a kanoclip export (its sidecar {side.name} is missing); export it with `kanoclip export`")
+        raise CheckpointError(f"{path}: not a kanoclip export (its sidecar {side.name} is missing); export it with {HOW}")
     try:
         meta = json.loads(side.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{side}: not a kanoclip export sidecar ({exc}); export the model again with `kanoclip export`") from None
+        raise CheckpointError(f"{side}: not a kanoclip export sidecar ({exc}); export the model again with {HOW}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{side}: not a kanoclip export sidecar (no format {FORMAT!r}); export the model again with `kanoclip export`")
+        raise CheckpointError(f"{side}: not a kanoclip export sidecar (no format {FORMAT!r}); export the model again with {HOW}")
     if meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{side}: export format version {meta.get('version')!r}, this kanoclip reads version {FORMAT_VERSION}; "
@@ -249,10 +250,10 @@ class OnnxDetector:
                 str(self.path), sess_options=session_options, providers=list(providers or ["CPUExecutionProvider"])
             )
         except (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail, ort_errors.NoSuchFile) as exc:
-            raise CheckpointError(f"{self.path}: onnxruntime cannot load it as an ONNX graph ({first_line(exc)}); export it again with `kanoclip export`") from None
+            raise CheckpointError(f"{self.path}: onnxruntime cannot load it as an ONNX graph ({first_line(exc)}); export it again with {HOW}") from None
         names = [i.name for i in self.session.get_inputs()]
         if names != self.meta["inputs"] or [o.name for o in self.session.get_outputs()] != list(OUTPUTS):
-            raise CheckpointError(f"{self.path}: its inputs {names} are not those of the sidecar's export; export it again with `kanoclip export`")
+            raise CheckpointError(f"{self.path}: its inputs {names} are not those of the sidecar's export; export it again with {HOW}")
         self.classes: list[str] = list(self.meta["classes"])
         self.mode: str = self.meta["mode"]
         self.image_size = int(self.meta["image_size"])
