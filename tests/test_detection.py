@@ -16,7 +16,7 @@ def test_repr_is_short_and_names_the_verdict() -> None:
     text = repr(det)
     assert text == (
         "Detection(score=0.7322, threshold=0.5000, verdict='anomalous', class_name='bottle', mode='trained', "
-        "map_shape=(900, 600), guidance=3 prompts)"
+        "map_shape=(900, 600), guidance=3 prompts, references=0)"
     )
     normal = Detection(score=0.2, threshold=0.5, anomaly_map=np.zeros((4, 4), np.float32), class_name="x", known_class=False, mode="training-free")
     assert "verdict='normal'" in repr(normal) and "guidance=0 prompts" in repr(normal)

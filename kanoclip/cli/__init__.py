@@ -1,4 +1,4 @@
-"""The ``kanoclip`` command: ``detect``, ``train``, ``eval`` and ``kb``.
+"""The ``kanoclip`` command: ``detect``, ``train``, ``eval``, ``kb`` and ``export``.
 
 Each subcommand lives in its own module exposing ``register(subparsers)``, which adds
 its parser and sets ``func`` to a handler ``(args) -> int`` (the exit status).
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from kanoclip.errors import KAnoCLIPError
 
-SUBCOMMANDS = ("detect", "train", "eval", "kb", "references")
+SUBCOMMANDS = ("detect", "train", "eval", "kb", "references", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

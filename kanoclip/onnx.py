@@ -1,0 +1,318 @@
+"""ONNX export for deployment: one graph per model and class list, run with onnxruntime.
+
+:func:`export_onnx` writes ONE ONNX graph of a loaded :class:`~kanoclip.KAnoCLIP` and a JSON
+sidecar beside it (``model.onnx`` -> ``model.onnx.json``, :func:`sidecar_path`):
+
+* inputs: ``pixel_values`` ``(B, 3, S, S)`` float32, normalised with the backbone's mean and std,
+  and ``class_index`` ``(B,)`` int64, each image's position in the sidecar's class list;
+* outputs: ``anomaly_map`` ``(B, S, S)`` (eq. 10) and ``score`` ``(B,)`` (eq. 12, halved);
+  the batch axis is dynamic.
+
+What the paper computes from text is baked in: each listed class's [normal, abnormal] state text
+features (the learned prompts in trained mode, the training-free ensemble with the knowledge
+base's descriptions otherwise), as the service computes them for inference. The graph gathers
+each image's row of every per-class table by ``class_index`` and hands the rows to
+:meth:`KAnoCLIPModel.forward` as keyword arguments (:class:`ExportGraph`), so another per-class
+tensor (a memory bank of normal-image references, say) is one more entry of
+:func:`class_tables`, not a new graph. Everything runs in fp32 (the export ignores a
+reduced-precision backbone setting); G_σ's σ is the config's.
+
+:class:`OnnxDetector` runs an export with onnxruntime and returns the same
+:class:`~kanoclip.detection.Detection` as :meth:`KAnoCLIP.detect`, decoded, resized and
+upsampled as the torch path does. onnxruntime and onnx are the optional extra
+``pip install kanoclip[onnx]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kanoclip.detection import Detection, upsample_maps
+from kanoclip.errors import CheckpointError, InputError, KAnoCLIPError, first_line
+from kanoclip.images import ImageInput, describe, load_image, preprocess
+from kanoclip.knowledge.classes import normalize
+
+if TYPE_CHECKING:
+    from kanoclip.detector import KAnoCLIP
+    from kanoclip.modeling.model import KAnoCLIPModel
+
+FORMAT = "kanoclip-onnx"
+FORMAT_VERSION = 1
+IMAGE_INPUT = "pixel_values"
+CLASS_INPUT = "class_index"
+OUTPUTS = ("anomaly_map", "score")
+EXTRA = "pip install 'kanoclip[onnx]'"
+HOW = "kanoclip.onnx.export_onnx or `kanoclip export`"  # how to make an export, for messages
+# protobuf caps one file at 2 GiB: larger graphs keep their weights in ``<name>.onnx.data``
+SINGLE_FILE_BYTES = 1_800_000_000
+
+
+def sidecar_path(path: str | os.PathLike[str]) -> Path:
+    """The JSON sidecar of an export: ``model.onnx`` -> ``model.onnx.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def _require(module: str) -> Any:
+    """Import onnx / onnxruntime, or one line naming the extra that provides them."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise KAnoCLIPError(f"ONNX support needs {module}, which is not installed; install it with {EXTRA}") from None
+
+
+class ExportGraph(nn.Module):
+    """The exported computation: normalised images and class indices in, maps and scores out.
+
+    Args:
+        model: the pure model (its mode decides the recipe, as in the service).
+        tables: per-class tensors ``{forward argument: (K, ...)}``, row k for class k (baked in
+            as buffers); each image's rows are passed to ``model(visual, **rows)``.
+    """
+
+    def __init__(self, model: KAnoCLIPModel, tables: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.table_names = tuple(tables)
+        for name, table in tables.items():
+            self.register_buffer(name, table.detach().float().clone())
+
+    def forward(self, pixel_values: torch.Tensor, class_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        visual = self.model.encode_image(pixel_values)
+        rows = {name: getattr(self, name)[class_index] for name in self.table_names}
+        out = self.model(visual, **rows)
+        return out.anomaly_map, out.score
+
+
+def _exported_bytes(graph: ExportGraph) -> int:
+    """The weights the graph holds: the vision tower and the learned parts (the text tower is left out)."""
+    model = graph.model
+    parts = [model.clip.vision_model, model.clip.visual_projection, model.bicmci, model.adapter]
+    tensors = [t for part in parts for t in part.parameters()] + list(graph.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def class_tables(detector: KAnoCLIP, classes: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The per-class tensors an export bakes in, keyed by :meth:`KAnoCLIPModel.forward`'s argument.
+
+    Now only ``text``: each class's ``(2, C)`` [normal, abnormal] state features, the service's
+    own (its per-class cache), stacked to ``(K, 2, C)``.
+    """
+    with torch.no_grad():
+        return {"text": torch.stack([detector._class_text(name).state.float() for name in classes])}
+
+
+def export_onnx(
+    detector: KAnoCLIP,
+    classes: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    opset: int | None = None,
+) -> Path:
+    """Write an ONNX graph of ``detector`` for ``classes`` and its JSON sidecar.
+
+    Args:
+        detector: a loaded model (either mode); it is exported in eval mode and fp32.
+        classes: the classes to bake in (at least one); each goes through
+            :meth:`KAnoCLIP.canonical_class`, duplicates after that are dropped.
+        path: the ``.onnx`` file to write (its folder is created); the sidecar goes beside it.
+        opset: the ONNX opset (None: the exporter's default).
+
+    Returns:
+        The path of the graph.
+
+    Raises:
+        InputError: no classes, or an empty class name.
+    """
+    _require("onnx")
+    _require("onnxscript")  # the exporter translates through it
+    if isinstance(classes, str):
+        classes = [classes]
+    if not classes:
+        raise InputError("classes is empty; name at least one class to export, e.g. classes=['bottle']")
+    resolved = dict(detector.canonical_class(name) for name in classes)  # canonical -> known, in order
+    names = list(resolved)
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if detector.training:
+        detector.eval()
+    model = detector.model
+    graph = ExportGraph(model, class_tables(detector, names)).eval()
+    size = detector.image_size
+    example = (torch.randn(2, 3, size, size, device=detector.device), torch.zeros(2, dtype=torch.int64, device=detector.device))
+    batch = torch.export.Dim("batch")
+    requested = model.requested_precision
+    model.requested_precision = "fp32"  # an export is fp32: no autocast region is traced
+    # onnxscript's optimiser logs a warning per attention block that it leaves a Split as it is
+    folding_log = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folding_log.level
+    folding_log.setLevel(logging.ERROR)
+    try:
+        # The default (torch.export) exporter: non-strict, so CLIP-VV's forward hooks run as
+        # Python while the graph is recorded and what they capture is traced like any tensor.
+        program = torch.onnx.export(
+            graph, example, str(path), input_names=[IMAGE_INPUT, CLASS_INPUT], output_names=list(OUTPUTS),
+            dynamic_shapes={"pixel_values": {0: batch}, "class_index": {0: batch}}, opset_version=opset,
+            external_data=_exported_bytes(graph) > SINGLE_FILE_BYTES, verbose=False,
+        )  # fmt: skip
+    finally:
+        model.requested_precision = requested
+        folding_log.setLevel(level)
+    threshold = detector.config.scoring.threshold
+    sidecar = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "classes": names,
+        "known_classes": [resolved[name] for name in names],
+        "threshold": {name: threshold for name in names},
+        "image_size": size,
+        "image_mean": list(detector.image_mean),
+        "image_std": list(detector.image_std),
+        "mode": detector.mode,
+        "backbone": detector.backbone_name,
+        "checkpoint": detector.checkpoint_name,
+        "sigma": detector.config.scoring.sigma,
+        "opset": int(program.model.opset_imports[""]),
+        "tables": {name: list(getattr(graph, name).shape) for name in graph.table_names},
+        "inputs": [IMAGE_INPUT, CLASS_INPUT],
+        "outputs": list(OUTPUTS),
+    }
+    sidecar_path(path).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The sidecar of an export, checked to be a kanoclip export of a version this code reads.
+
+    Raises:
+        CheckpointError: the graph or its sidecar is missing, or the sidecar is not a kanoclip export's.
+    """
+    path = Path(path).expanduser()
+    side = sidecar_path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such ONNX file; export one with {HOW}")
+    if not side.is_file():
+        raise CheckpointError(f"{path}: not a kanoclip export (its sidecar {side.name} is missing); export it with {HOW}")
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{side}: not a kanoclip export sidecar ({exc}); export the model again with {HOW}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{side}: not a kanoclip export sidecar (no format {FORMAT!r}); export the model again with {HOW}")
+    if meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{side}: export format version {meta.get('version')!r}, this kanoclip reads version {FORMAT_VERSION}; "
+            "export the model again with this version"
+        )
+    return meta
+
+
+class OnnxDetector:
+    """An export of :func:`export_onnx` run with onnxruntime: images in, :class:`Detection` results out.
+
+    Images are decoded, resized and normalised as :meth:`KAnoCLIP.detect` does, and each map is
+    upsampled to its image's size the same way. The export holds no prompts' texts, so a result's
+    ``guidance`` is empty, and only the final map is exported: ``normal_map``, ``abnormal_map``
+    and ``stage_maps`` are not available. ``score``, ``threshold``, ``anomaly_map``,
+    ``class_name``, ``known_class`` and ``mode`` are set.
+
+    Args:
+        path: the ``.onnx`` file (its sidecar ``<path>.json`` beside it).
+        providers: onnxruntime execution providers (default: the CPU).
+        session_options: ``onnxruntime.SessionOptions`` (threads, say; default: onnxruntime's).
+
+    Raises:
+        CheckpointError: ``path`` is not a kanoclip export (a missing or foreign sidecar, a file
+            onnxruntime cannot load, a graph without the export's inputs).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, providers: Sequence[str] | None = None, session_options: Any = None
+    ) -> None:
+        ort = _require("onnxruntime")
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+        self.path = Path(path).expanduser()
+        self.meta = read_sidecar(self.path)
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), sess_options=session_options, providers=list(providers or ["CPUExecutionProvider"])
+            )
+        except (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail, ort_errors.NoSuchFile) as exc:
+            raise CheckpointError(f"{self.path}: onnxruntime cannot load it as an ONNX graph ({first_line(exc)}); export it again with {HOW}") from None
+        names = [i.name for i in self.session.get_inputs()]
+        if names != self.meta["inputs"] or [o.name for o in self.session.get_outputs()] != list(OUTPUTS):
+            raise CheckpointError(f"{self.path}: its inputs {names} are not those of the sidecar's export; export it again with {HOW}")
+        self.classes: list[str] = list(self.meta["classes"])
+        self.mode: str = self.meta["mode"]
+        self.image_size = int(self.meta["image_size"])
+        self._index = {normalize(name): i for i, name in enumerate(self.classes)}
+
+    def class_index(self, class_name: str) -> int:
+        """The position of ``class_name`` among the exported classes (case, ``_``, ``-`` and spaces ignored).
+
+        Raises:
+            InputError: the class was not exported.
+        """
+        if not isinstance(class_name, str) or not class_name.strip():
+            raise InputError("class name is empty; type what the image shows, e.g. 'bottle'")
+        index = self._index.get(normalize(class_name))
+        if index is None:
+            raise InputError(
+                f"class {class_name!r} is not in this export; it holds {', '.join(self.classes)} "
+                "(export again with the class added to run it)"
+            )
+        return index
+
+    def detect(self, image: ImageInput, class_name: str, *, threshold: float | None = None) -> Detection:
+        """Detect anomalies in one image of an exported class (see :meth:`detect_batch`)."""
+        return self.detect_batch([image], [class_name], threshold=threshold)[0]
+
+    def detect_batch(self, images: Sequence[ImageInput], class_names: Sequence[str] | str, *, threshold: float | None = None) -> list[Detection]:
+        """Detect anomalies in several images; ``class_names`` is one exported class or one per image.
+
+        Args:
+            images: paths, bytes, PIL images or arrays (:mod:`kanoclip.images`).
+            class_names: one name for all, or one per image.
+            threshold: the score at or above which an image is anomalous (None: each class's
+                threshold from the sidecar).
+
+        Returns:
+            One :class:`Detection` per image, in order.
+        """
+        if isinstance(class_names, str):
+            class_names = [class_names] * len(images)
+        if len(class_names) != len(images):
+            raise InputError(f"got {len(images)} images but {len(class_names)} class names; pass one class name or one per image")
+        if not images:
+            return []
+        indices = [self.class_index(name) for name in class_names]
+        pil_images = [load_image(image) for image in images]
+        pixels = preprocess(pil_images, self.image_size, tuple(self.meta["image_mean"]), tuple(self.meta["image_std"])).numpy()
+        maps, scores = self.session.run(list(OUTPUTS), {IMAGE_INPUT: pixels, CLASS_INPUT: np.asarray(indices, dtype=np.int64)})
+        results = []
+        for i, (pil, k) in enumerate(zip(pil_images, indices)):
+            name = self.classes[k]
+            results.append(
+                Detection(
+                    score=float(np.clip(scores[i], 0.0, 1.0)),
+                    threshold=float(self.meta["threshold"][name] if threshold is None else threshold),
+                    anomaly_map=upsample_maps(maps[i : i + 1], (pil.height, pil.width))[0],
+                    class_name=name,
+                    known_class=bool(self.meta["known_classes"][k]),
+                    mode=self.mode,  # type: ignore[arg-type]
+                    image=describe(images[i]),
+                )
+            )
+        return results
