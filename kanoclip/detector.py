@@ -339,7 +339,7 @@ class KAnoCLIP(nn.Module):
         """``out`` with each referenced image's map and score fused with its reference map."""
         config, size = self.config, self.image_size
         sigma = config.scoring.sigma if sigma is None else sigma
-        weights = self.model.stage_weights()
+        weights = self.model.stage_weight_values()
         reference_map = torch.zeros_like(out.anomaly_map)
         anomaly_map, score = out.anomaly_map.clone(), out.score.clone()
         groups: dict[int, list[int]] = {}
@@ -546,7 +546,7 @@ class KAnoCLIP(nn.Module):
             own = [stage[i * per : (i + 1) * per].float()[None] for stage in refs.bank]  # n x (1, L, C)
             exclude = (rows // per == i)[None]  # (1, k·L)
             ref = reference_maps(
-                own, refs.bank, self.model.stage_weights(), refs.grid, self.image_size, config.scoring.sigma,
+                own, refs.bank, self.model.stage_weight_values(), refs.grid, self.image_size, config.scoring.sigma,
                 chunk=config.references.chunk, exclude=exclude,
             )  # fmt: skip
             fused.append(fuse(refs.model_scores[i], float(ref.max()), config.references.weight))

@@ -13,8 +13,10 @@ features (the learned prompts in trained mode, the training-free ensemble with t
 base's descriptions otherwise), as the service computes them for inference. The graph gathers
 each image's row of every per-class table by ``class_index`` and hands the rows to
 :meth:`KAnoCLIPModel.forward` as keyword arguments (:class:`ExportGraph`), so another per-class
-tensor (a memory bank of normal-image references, say) is one more entry of
-:func:`class_tables`, not a new graph. Everything runs in fp32 (the export ignores a
+tensor is one more entry of :func:`class_tables`, not a new graph. Normal references (the
+detector's own, or ``references=``) are baked in too: every listed class's memory bank in one
+table per stage whose rows are tagged with their class (:class:`ReferenceTables`), fused as the
+service fuses them, with each class's calibrated threshold in the sidecar. Everything runs in fp32 (the export ignores a
 reduced-precision backbone setting); G_σ's σ is the config's.
 
 :class:`OnnxDetector` runs an export with onnxruntime and returns the same
@@ -44,6 +46,7 @@ from kanoclip.knowledge.classes import normalize
 if TYPE_CHECKING:
     from kanoclip.detector import KAnoCLIP
     from kanoclip.modeling.model import KAnoCLIPModel
+    from kanoclip.references import ReferenceSet, References
 
 FORMAT = "kanoclip-onnx"
 FORMAT_VERSION = 1
@@ -79,20 +82,61 @@ class ExportGraph(nn.Module):
         model: the pure model (its mode decides the recipe, as in the service).
         tables: per-class tensors ``{forward argument: (K, ...)}``, row k for class k (baked in
             as buffers); each image's rows are passed to ``model(visual, **rows)``.
+        references: the listed classes' normal references (:class:`ReferenceTables`), fused into
+            their images' maps and scores as :meth:`KAnoCLIP.detect` does; None: none.
     """
 
-    def __init__(self, model: KAnoCLIPModel, tables: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, model: KAnoCLIPModel, tables: Mapping[str, torch.Tensor], references: ReferenceTables | None = None) -> None:
         super().__init__()
         self.model = model
         self.table_names = tuple(tables)
         for name, table in tables.items():
             self.register_buffer(name, table.detach().float().clone())
+        self.references = references
 
     def forward(self, pixel_values: torch.Tensor, class_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         visual = self.model.encode_image(pixel_values)
         rows = {name: getattr(self, name)[class_index] for name in self.table_names}
         out = self.model(visual, **rows)
-        return out.anomaly_map, out.score
+        if self.references is None:
+            return out.anomaly_map, out.score
+        return self.references(self.model, visual, class_index, out.anomaly_map, out.score)
+
+
+class ReferenceTables(nn.Module):
+    """Every exported class's memory bank in one table per stage, each row tagged with its class.
+
+    An image matches only its own class's rows (the others are excluded as in a leave-one-out
+    search, :func:`kanoclip.references.reference_maps`), so one graph serves every class and the
+    banks need no padding; the images of a class without references keep the model's map and score.
+    """
+
+    def __init__(self, sets: Sequence[ReferenceSet | None], weight: float, chunk: int, sigma: float) -> None:
+        super().__init__()
+        stages = max((len(r.bank) for r in sets if r is not None and r.count), default=0)
+        banks = [[r.bank[j].float() for r in sets if r is not None and r.count] for j in range(stages)]
+        owners = [k for k, r in enumerate(sets) if r is not None and r.count for _ in range(r.bank[0].shape[0])]
+        self.n_stages = stages
+        for j, parts in enumerate(banks):
+            self.register_buffer(f"bank{j}", torch.cat(parts))
+        self.register_buffer("row_class", torch.tensor(owners, dtype=torch.int64))
+        self.register_buffer("has_references", torch.tensor([r is not None and r.count > 0 for r in sets]))
+        self.weight, self.chunk, self.sigma = weight, chunk, sigma
+
+    def forward(
+        self, model: KAnoCLIPModel, visual: Any, class_index: torch.Tensor, anomaly_map: torch.Tensor, score: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from kanoclip.references import fuse, reference_maps
+
+        exclude = self.row_class[None, :] != class_index[:, None]  # (B, N): other classes' rows
+        bank = [getattr(self, f"bank{j}") for j in range(self.n_stages)]
+        ref = reference_maps(
+            visual.stages, bank, model.stage_weight_values(), visual.grid, model.image_size, self.sigma, chunk=self.chunk, exclude=exclude
+        )  # fmt: skip
+        has = self.has_references[class_index]
+        fused_map = torch.where(has[:, None, None], fuse(anomaly_map, ref, self.weight), anomaly_map)
+        fused_score = torch.where(has, fuse(score, ref.flatten(1).amax(dim=1), self.weight), score)
+        return fused_map, fused_score
 
 
 def _exported_bytes(graph: ExportGraph) -> int:
@@ -119,6 +163,7 @@ def export_onnx(
     path: str | os.PathLike[str],
     *,
     opset: int | None = None,
+    references: References | None = None,
 ) -> Path:
     """Write an ONNX graph of ``detector`` for ``classes`` and its JSON sidecar.
 
@@ -128,6 +173,8 @@ def export_onnx(
             :meth:`KAnoCLIP.canonical_class`, duplicates after that are dropped.
         path: the ``.onnx`` file to write (its folder is created); the sidecar goes beside it.
         opset: the ONNX opset (None: the exporter's default).
+        references: normal references to bake in (default the detector's own store): each listed
+            class that has some gets its memory bank, and its calibrated threshold in the sidecar.
 
     Returns:
         The path of the graph.
@@ -148,7 +195,15 @@ def export_onnx(
     if detector.training:
         detector.eval()
     model = detector.model
-    graph = ExportGraph(model, class_tables(detector, names)).eval()
+    store = detector.reference_store if references is None else references
+    sets = [store.get(name) for name in names]
+    config = detector.config
+    reference_tables = (
+        ReferenceTables(sets, config.references.weight, config.references.chunk, config.scoring.sigma)
+        if any(r is not None and r.count for r in sets)
+        else None
+    )
+    graph = ExportGraph(model, class_tables(detector, names), reference_tables).eval()
     size = detector.image_size
     example = (torch.randn(2, 3, size, size, device=detector.device), torch.zeros(2, dtype=torch.int64, device=detector.device))
     batch = torch.export.Dim("batch")
@@ -175,7 +230,8 @@ def export_onnx(
         "version": FORMAT_VERSION,
         "classes": names,
         "known_classes": [resolved[name] for name in names],
-        "threshold": {name: threshold for name in names},
+        "threshold": {name: r.threshold if r is not None and r.calibrated else threshold for name, r in zip(names, sets)},
+        "references": {name: r.count if r is not None else 0 for name, r in zip(names, sets)},
         "image_size": size,
         "image_mean": list(detector.image_mean),
         "image_std": list(detector.image_std),
@@ -313,6 +369,7 @@ class OnnxDetector:
                     known_class=bool(self.meta["known_classes"][k]),
                     mode=self.mode,  # type: ignore[arg-type]
                     image=describe(images[i]),
+                    reference_count=int(self.meta["references"][name]),  # fused in the graph; its own map is not exported
                 )
             )
         return results

@@ -178,7 +178,7 @@ def nearest_distance(patches: torch.Tensor, bank: torch.Tensor, chunk: int, excl
 def reference_maps(
     stages: Sequence[torch.Tensor],
     bank: Sequence[torch.Tensor],
-    weights: torch.Tensor,
+    weights: Sequence[float],
     grid: tuple[int, int],
     size: int,
     sigma: float,
@@ -188,11 +188,11 @@ def reference_maps(
 ) -> torch.Tensor:
     """The reference map of a batch: ``(B, S, S)`` in [0, 1] (see the module docstring).
 
-    ``stages``: n x (B, L, C) test features; ``bank``: n x (N, C); ``weights``: (n,) summing to 1.
+    ``stages``: n x (B, L, C) test features; ``bank``: n x (N, C); ``weights``: n numbers summing to 1.
     """
     b = stages[0].shape[0]
     grid_map = stages[0].new_zeros(b, grid[0] * grid[1], dtype=torch.float32)
-    for weight, patches, stage_bank in zip(weights.tolist(), stages, bank):
+    for weight, patches, stage_bank in zip(weights, stages, bank):
         if weight > 0:
             grid_map = grid_map + weight * nearest_distance(patches, stage_bank, chunk, exclude)
     up = upsample(grid_map.view(b, 1, *grid), (size, size))[:, 0]  # (B, S, S)

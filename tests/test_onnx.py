@@ -191,3 +191,26 @@ def test_a_bf16_model_is_exported_in_fp32(tiny_backbone, tiny_model, tmp_path):
     fp32_score = tiny_model.detect(image, "bottle").score
     assert bf16.detect(image, "bottle").score != pytest.approx(fp32_score, abs=TOL)  # bf16 differs here
     assert OnnxDetector(path).detect(image, "bottle").score == pytest.approx(fp32_score, abs=TOL)
+
+
+@pytest.mark.parametrize("mode", ["training-free", "trained"])
+def test_an_export_with_references_equals_the_torch_model_with_them(mode, tiny_backbone, bottle_dir, two_images, tmp_path):
+    """References of one of two classes, baked in: the referenced class's maps and scores are
+    fused as the torch model fuses them (1e-4), the other class's are the model's own, and the
+    sidecar carries the references' calibrated threshold."""
+    torch.manual_seed(0)
+    build = KAnoCLIP.from_pretrained if mode == "training-free" else KAnoCLIP.for_training
+    model = build(backbone=str(tiny_backbone), device="cpu").eval()
+    good = sorted((bottle_dir / "test" / "good").glob("*.png"))[:3]
+    refs = model.add_references("bottle", [str(p) for p in good])
+    path = export_onnx(model, CLASSES, tmp_path / "refs.onnx")
+    detector = OnnxDetector(path)
+    images = [two_images[0], two_images[1], two_images[0]]
+    names = ["bottle", "magnetic tile", "magnetic tile"]
+    got = detector.detect_batch([str(p) for p in images], names)
+    want = model.detect_batch([str(p) for p in images], names)
+    for g, w in zip(got, want):
+        assert g.score == pytest.approx(w.score, abs=TOL) and g.reference_count == w.reference_count
+        np.testing.assert_allclose(g.anomaly_map, w.anomaly_map, atol=TOL, rtol=0)
+    assert [g.reference_count for g in got] == [3, 0, 0]
+    assert got[0].threshold == pytest.approx(refs.threshold) and got[1].threshold == model.config.scoring.threshold

@@ -1,6 +1,6 @@
 """``kanoclip export``: write a model and its classes as one ONNX graph for deployment.
 
-``kanoclip export --class bottle [--class screw ...] --out model.onnx [--checkpoint C]`` writes
+``kanoclip export --class bottle [--class screw ...] --out model.onnx [--checkpoint C] [--references R]`` writes
 ``model.onnx`` and its sidecar ``model.onnx.json`` (:mod:`kanoclip.onnx`) and prints the two
 paths. The listed classes' text features are baked into the graph; the graph is fp32.
 """

@@ -146,11 +146,17 @@ class KAnoCLIPModel(nn.Module):
             return self.visual.depth - self.visual.first_replaced + 1
         return self.config.training_free.num_replaced_blocks
 
+    def stage_weight_values(self) -> list[float]:
+        """Eq. 9's weights over the stages, summing to 1: equal when trained, the config's otherwise.
+
+        Plain numbers (known when the graph is built, so an export bakes them in as constants).
+        """
+        raw = [1.0] * len(self.visual.stage_layers) if self.trained else list(self.config.training_free.stage_weights)
+        return [w / sum(raw) for w in raw]
+
     def stage_weights(self) -> torch.Tensor:
-        """Eq. 9's weights over the stages, summing to 1: equal when trained, the config's otherwise."""
-        n = len(self.visual.stage_layers)
-        weights = torch.ones(n) if self.trained else torch.tensor(self.config.training_free.stage_weights)
-        return (weights / weights.sum()).to(self.device)
+        """:meth:`stage_weight_values` as an ``(n,)`` tensor on the model's device."""
+        return torch.tensor(self.stage_weight_values(), device=self.device)
 
     # ------------------------------------------------------------------ image side
     def encode_image(self, pixel_values: torch.Tensor) -> VisualFeatures:
