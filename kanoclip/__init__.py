@@ -15,10 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from kanoclip import quiet_logs
-
 __version__ = "0.1.0"
-quiet_logs.install()  # before anything imports transformers, which imports torchao
 
 _EXPORTS = {
     "KAnoCLIP": "kanoclip.detector",

@@ -8,8 +8,8 @@
   pays on CPUs with native bf16 instructions, e.g. AVX512-BF16 or AMX);
 * ``"fp16"``: fp16 autocast, CUDA only;
 * ``"int8"``: CPU only: the vision tower's linear layers (every block's q/k/v/out projections and
-  MLP) quantised dynamically, int8 weights per output channel and int8 activations per token,
-  scaled at run time, with no calibration (:func:`int8_vision_copy`). For a CPU with no GPU (a
+  MLP) quantised dynamically, int8 weights per output channel and int8 activations scaled at
+  run time, with no calibration (:func:`int8_vision_copy`). For a CPU with no GPU (a
   free Space, a factory PC): the matrix products run on int8 instructions (VNNI/AMX where the CPU
   has them). The patch embedding (a convolution), the layer norms, the attention's softmax and
   the visual projection stay fp32, as does the text tower: it runs once per class, its features
@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from typing import TYPE_CHECKING, Literal
 
 import torch
+from torch import nn
 
 from kanoclip.config import PRECISIONS
 from kanoclip.errors import InputError
@@ -86,12 +88,17 @@ def int8_vision_copy(clip: CLIPModel) -> CLIPModel:
 
     The copy shares everything but the vision tower with ``clip`` (the text tower, the
     projections), and ``clip`` itself is left as it was, so models that share the fp32 backbone
-    never run a quantised one.
+    never run a quantised one. Weights are int8 per output channel; activations are quantised
+    per tensor at run time (no calibration).
 
-    Quantisation is torchao's ``quantize_`` with ``Int8DynamicActivationInt8WeightConfig``:
-    PyTorch 2.13's quantization docs and ``torch.ao.quantization``'s deprecation warning say that
-    eager-mode ``torch.ao.quantization.quantize_dynamic`` is to be deleted and that its users
-    should migrate to torchao's ``quantize_``, where PyTorch maintains quantisation now.
+    The tool is ``torch.ao.quantization.quantize_dynamic``, although PyTorch 2.13's quantization
+    docs and its deprecation warning ask eager-mode users to migrate to torchao's ``quantize_``
+    (PyTorch's maintained quantisation library, a separate package): tried on this project's
+    x86 CPU (AVX512-VNNI) with torchao 0.18, ``Int8DynamicActivationInt8WeightConfig`` ran ViT-L's
+    linear layers no faster than fp32 in eager mode (its CPU path is written for torch.compile to
+    fuse; eager it runs ``torch._int_mm`` plus conversions), while ``quantize_dynamic``'s fbgemm
+    kernels ran them 3-4x faster (``docs/performance.md``). It needs no extra package. When a
+    torch release removes it, this function fails with one line and torchao is the way on.
 
     Args:
         clip: the fp32 backbone, on the CPU.
@@ -100,18 +107,20 @@ def int8_vision_copy(clip: CLIPModel) -> CLIPModel:
         The quantised copy (eval mode, no gradients, like the backbone).
 
     Raises:
-        InputError: torchao is not installed.
+        InputError: this torch has no ``torch.ao.quantization``.
     """
-    try:  # imported here: only int8 needs it, and an install without it runs every other precision
-        from torchao.quantization import (
-            Int8DynamicActivationInt8WeightConfig,
-            quantize_,
-        )
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
     except ImportError:
-        raise InputError("precision 'int8' needs the torchao package; install it with `pip install torchao`") from None
-
+        raise InputError(
+            f"precision 'int8' needs torch.ao.quantization, which torch {torch.__version__} no longer has; "
+            "use precision 'fp32' or 'bf16'"
+        ) from None
     shared = {id(module): module for name, module in clip.named_children() if name != "vision_model"}
     quantized = copy.deepcopy(clip, memo=shared)
-    # set_inductor_config=False: nothing here is compiled, so torchao need not change torch's global compiler settings
-    quantize_(quantized.vision_model, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
+    with warnings.catch_warnings():
+        # its deprecation notices (above) are for this function's author, not for a user of int8
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
+        quantize_dynamic(quantized.vision_model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
     return quantized
