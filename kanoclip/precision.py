@@ -96,8 +96,8 @@ def int8_vision_copy(clip: CLIPModel) -> CLIPModel:
     (PyTorch's maintained quantisation library, a separate package): tried on this project's
     x86 CPU (AVX512-VNNI) with torchao 0.18, ``Int8DynamicActivationInt8WeightConfig`` ran ViT-L's
     linear layers no faster than fp32 in eager mode (its CPU path is written for torch.compile to
-    fuse; eager it runs ``torch._int_mm`` plus conversions), while ``quantize_dynamic``'s fbgemm
-    kernels ran them 3-4x faster (``docs/performance.md``). It needs no extra package. When a
+    fuse; eager it runs ``torch._int_mm`` plus conversions), while ``quantize_dynamic``'s x86 (fbgemm)
+    kernels ran them 2-4x faster than fp32 (``docs/performance.md``). It needs no extra package. When a
     torch release removes it, this function fails with one line and torchao is the way on.
 
     Args:
