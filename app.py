@@ -39,7 +39,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (env KANOCLIP_DEVICE; default auto)")
     parser.add_argument(
         "--precision", choices=PRECISIONS,
-        help="the backbone's precision; maps and scores are fp32 (env KANOCLIP_PRECISION; default auto: bf16 on a GPU, fp32 on the CPU)",
+        help="the backbone's precision; maps and scores are fp32 (env KANOCLIP_PRECISION; default auto: bf16 on a GPU, fp32 on the CPU; "
+        "int8, CPU only: the vision tower's linear layers quantised, for a machine with no GPU)",
     )
     parser.add_argument(
         "--host",

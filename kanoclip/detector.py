@@ -37,7 +37,7 @@ from kanoclip.knowledge import KnowledgeBase
 from kanoclip.modeling.model import KAnoCLIPModel, KAnoCLIPOutput
 from kanoclip.modeling.prompts import mean_direction
 from kanoclip.modeling.vv_attention import VisualFeatures
-from kanoclip.precision import resolve_precision
+from kanoclip.precision import int8_vision_copy, resolve_precision
 from kanoclip.references import ReferenceSet, References, bank_from_stages, f1_max_threshold, fuse, reference_maps
 
 MAX_CLASS_CHARS = 1000  # longer names are cut before tokenising (the tokenizer cuts to 77 tokens anyway)
@@ -172,13 +172,17 @@ class KAnoCLIP(nn.Module):
         # hub backbone), else the checkpoint's or the config's; shapes are checked on load.
         config = replace(config, backbone=backbone or os.environ.get(BACKBONE_ENV) or config.backbone)
         torch_device = resolve_device(device)
-        resolve_precision(precision, torch_device)  # a precision the device cannot run fails before loading
-        key = (config.backbone, str(torch_device))
-        loaded = backbone_cache.get(key) if backbone_cache is not None else None
+        int8 = resolve_precision(precision, torch_device) == "int8"  # one the device cannot run fails before loading
+        fp32_key = (config.backbone, str(torch_device))
+        # an int8 backbone is a quantised copy, cached apart: models sharing the fp32 one never see it
+        key = (config.backbone, f"{torch_device}:int8") if int8 else fp32_key
+        cache = backbone_cache if backbone_cache is not None else {}
+        loaded = cache.get(key)
         if loaded is None:
-            loaded = load_backbone(config.backbone, device=torch_device, cache_dir=cache_dir)
-            if backbone_cache is not None:
-                backbone_cache[key] = loaded
+            loaded = cache.get(fp32_key) or load_backbone(config.backbone, device=torch_device, cache_dir=cache_dir)
+            if int8:
+                loaded = replace(loaded, model=int8_vision_copy(loaded.model))
+            cache[key] = loaded
         return cls(_model_on(loaded, config, trained=trained, precision=precision), loaded, knowledge).to(torch_device)
 
     def variant(self, overrides: Mapping[str, Any]) -> KAnoCLIP:
