@@ -89,6 +89,27 @@ def precision_grid(models: dict[str, object], batch: int, size: int, repeats: in
     return grid
 
 
+def onnx_cuda(model, batch: int, size: int, repeats: int) -> dict:
+    """The ONNX export under onnxruntime's CUDA provider, where it is installed: images/s of the graph."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {"skipped": "onnxruntime is not installed (pip install 'kanoclip[onnx]', or onnxruntime-gpu)"}
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return {"skipped": f"onnxruntime has no CUDA provider here (providers: {', '.join(ort.get_available_providers())})"}
+    from kanoclip.onnx import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        path = export_onnx(model, ["bottle"], Path(tmp) / "model.onnx")
+        export_s = time.perf_counter() - start
+        session = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        feeds = {"pixel_values": np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32),
+                 "class_index": np.zeros(batch, dtype=np.int64)}  # fmt: skip
+        seconds = timed(lambda: session.run(None, feeds), repeats, torch.device("cpu"))  # run() returns host arrays
+    return {"export_s": export_s, "images_per_s": batch / seconds, "providers": session.get_providers()}
+
+
 def summary(result: dict) -> str:
     """The lines gpu_check.sh prints at the end."""
     flops = result["flops_per_image"]
@@ -107,6 +128,9 @@ def summary(result: dict) -> str:
             f"precision {precision} ({row['in_force']}): detect_batch {row['detect_batch_images_per_s_0_references']:.1f}/s, "
             f"with 4 references {row['detect_batch_images_per_s_4_references']:.1f}/s"
         )
+    onnx = result["onnx_cuda"]
+    lines.append(f"onnx (CUDA provider): {onnx['skipped']}" if "skipped" in onnx else
+                 f"onnx (CUDA provider): {onnx['images_per_s']:.1f}/s at batch, export {onnx['export_s']:.0f} s")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -158,6 +182,7 @@ def main() -> None:
         rows[batch]["share_of_h200_bf16_peak"] = rows[batch]["model_tflops"] / H200_BF16_DENSE_TFLOPS
     result["throughput"] = rows
     result["precisions"] = precision_grid(grid_models, args.grid_batch, size, args.repeats, device)
+    result["onnx_cuda"] = onnx_cuda(grid_models["fp32"], args.grid_batch, size, args.repeats)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json_out:

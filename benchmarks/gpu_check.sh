@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything GPU-related in one run (< 5 minutes on an H200), one summary at the end: throughput,
-# FLOPs, each precision (auto, fp32, bf16) with and without references.
+# FLOPs, each precision (auto, fp32, bf16) with and without references, and the ONNX export under
+# onnxruntime's CUDA provider where it is installed.
 # On the device machine: carry the tokenizer in an ignored folder, e.g.
 #   mkdir -p .bench && cp -r ../shared/clip_tokenizer .bench/   (and run with carry [".bench"])
 #   bash benchmarks/gpu_check.sh .bench/clip_tokenizer

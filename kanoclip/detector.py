@@ -276,7 +276,7 @@ class KAnoCLIP(nn.Module):
 
     @property
     def precision(self) -> str:
-        """The backbone's precision in force on the current device: ``"fp32"``, ``"bf16"`` or ``"fp16"``."""
+        """The backbone's precision in force on the current device: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"int8"``."""
         return self.model.precision
 
     def train(self, mode: bool = True) -> KAnoCLIP:

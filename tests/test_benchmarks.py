@@ -54,3 +54,4 @@ def test_gpu_benchmark_runs_on_cpu_and_reports_every_figure(tmp_path):
     summary = done.stdout.split("== summary ==", 1)[1]
     assert "batch 2: bare" in summary and "batch 3: bare" in summary and "detect_batch" in summary
     assert "precision bf16 (bf16): detect_batch" in summary and "with 4 references" in summary
+    assert "skipped" in result["onnx_cuda"] and "onnx (CUDA provider):" in summary  # no CUDA provider on a CPU machine

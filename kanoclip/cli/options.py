@@ -44,7 +44,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, checkpoint: bool = Tru
     )
     parser.add_argument(
         "--precision", default="auto", choices=PRECISIONS,
-        help="the backbone's precision; maps and scores are always fp32 (default: auto = bf16 on a GPU, fp32 on the CPU)",
+        help="the backbone's precision (int8: the CPU only); maps and scores are always fp32 (default: auto = bf16 on a GPU, fp32 on the CPU)",
     )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",

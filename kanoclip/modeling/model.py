@@ -125,7 +125,7 @@ class KAnoCLIPModel(nn.Module):
 
     @property
     def precision(self) -> str:
-        """The backbone's precision in force on the current device: ``"fp32"``, ``"bf16"`` or ``"fp16"``."""
+        """The backbone's precision in force on the current device: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"int8"``."""
         return resolve_precision(self.requested_precision, self.device)
 
     def train(self, mode: bool = True) -> KAnoCLIPModel:
