@@ -24,21 +24,33 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     from kanoclip.config import PRECISIONS  # light: no torch
+
     on_space = bool(os.environ.get("SPACE_ID"))
     parser = argparse.ArgumentParser(description="KAnoCLIP web app (Gradio).")
-    parser.add_argument("--backbone", help="CLIP hub id or local folder (env KANOCLIP_BACKBONE; default openai/clip-vit-large-patch14-336)")
-    parser.add_argument("--checkpoint", help="checkpoint folder or hub id to start on (env KANOCLIP_CHECKPOINT; default training-free)")
+    parser.add_argument(
+        "--backbone",
+        help="CLIP hub id or local folder (env KANOCLIP_BACKBONE; default openai/clip-vit-large-patch14-336)",
+    )
+    parser.add_argument(
+        "--checkpoint", help="checkpoint folder or hub id to start on (env KANOCLIP_CHECKPOINT; default training-free)"
+    )
     parser.add_argument("--kb", help="knowledge-base JSON file (env KANOCLIP_KB; default the built-in one)")
     parser.add_argument(
         "--references",
         help="folder of saved normal references (KAnoCLIP.save_references); they serve every visitor whose session has none of that class (env KANOCLIP_REFERENCES; default none)",
     )
-    parser.add_argument("--data-root", help="folder the Train tab may read datasets from (env KANOCLIP_DATA_ROOT; default ./data)")
-    parser.add_argument("--checkpoints-dir", help="where trained checkpoints go and are listed (env KANOCLIP_CHECKPOINTS_DIR; default ./checkpoints)")
+    parser.add_argument(
+        "--data-root", help="folder the Train tab may read datasets from (env KANOCLIP_DATA_ROOT; default ./data)"
+    )
+    parser.add_argument(
+        "--checkpoints-dir",
+        help="where trained checkpoints go and are listed (env KANOCLIP_CHECKPOINTS_DIR; default ./checkpoints)",
+    )
     parser.add_argument("--kb-dir", help="folder the Knowledge tab may save to (env KANOCLIP_KB_DIR; default ./kb)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (env KANOCLIP_DEVICE; default auto)")
     parser.add_argument(
-        "--precision", choices=PRECISIONS,
+        "--precision",
+        choices=PRECISIONS,
         help="the backbone's precision; maps and scores are fp32 (env KANOCLIP_PRECISION; default auto: bf16 on a GPU, fp32 on the CPU; "
         "int8, CPU only: the vision tower's linear layers quantised, for a machine with no GPU)",
     )
@@ -47,7 +59,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("KANOCLIP_HOST") or (None if on_space else "127.0.0.1"),
         help="address to listen on (env KANOCLIP_HOST; default 127.0.0.1, Gradio's default on a Space); 0.0.0.0 exposes it to the network",
     )
-    parser.add_argument("--port", type=int, default=int(os.environ["KANOCLIP_PORT"]) if os.environ.get("KANOCLIP_PORT") else None, help="port (env KANOCLIP_PORT; default 7860 or the next free one)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ["KANOCLIP_PORT"]) if os.environ.get("KANOCLIP_PORT") else None,
+        help="port (env KANOCLIP_PORT; default 7860 or the next free one)",
+    )
     parser.add_argument("--no-training", action="store_true", help="hide the Train tab (env KANOCLIP_TRAINING=off)")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     return parser.parse_args(argv)
@@ -77,7 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KAnoCLIPError as exc:  # e.g. an unreadable --kb file: nothing to serve
         print(f"kanoclip app: error: {exc}", file=sys.stderr)
         return 2
-    app.launch(server_name=args.host, server_port=args.port, share=args.share or None, max_file_size=UPLOAD_LIMIT, css=CSS)
+    app.launch(
+        server_name=args.host, server_port=args.port, share=args.share or None, max_file_size=UPLOAD_LIMIT, css=CSS
+    )
     return 0
 
 

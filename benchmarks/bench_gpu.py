@@ -76,7 +76,9 @@ def flops_per_image(fn: Callable[[torch.Tensor], None], pixels: torch.Tensor) ->
 
 def precision_grid(models: dict[str, object], batch: int, size: int, repeats: int, device: torch.device) -> dict:
     """``detect_batch`` images/s of each precision's model (trained mode), without references and with 4 of the class."""
-    images = [np.random.default_rng(1000 + i).integers(0, 256, (size, size, 3), dtype=np.uint8) for i in range(batch + 4)]
+    images = [
+        np.random.default_rng(1000 + i).integers(0, 256, (size, size, 3), dtype=np.uint8) for i in range(batch + 4)
+    ]
     grid = {}
     for precision, model in models.items():
         row = {"in_force": model.precision}
@@ -96,7 +98,9 @@ def onnx_cuda(model, batch: int, size: int, repeats: int) -> dict:
     except ImportError:
         return {"skipped": "onnxruntime is not installed (pip install 'kanoclip[onnx]', or onnxruntime-gpu)"}
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return {"skipped": f"onnxruntime has no CUDA provider here (providers: {', '.join(ort.get_available_providers())})"}
+        return {
+            "skipped": f"onnxruntime has no CUDA provider here (providers: {', '.join(ort.get_available_providers())})"
+        }
     from kanoclip.onnx import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,7 +144,9 @@ def main() -> None:
     parser.add_argument("--batches", default="64,128,256")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--architecture", default="vit-l-14-336", help="vit-l-14-336 (the issue's) or tiny (smoke tests)")
+    parser.add_argument(
+        "--architecture", default="vit-l-14-336", help="vit-l-14-336 (the issue's) or tiny (smoke tests)"
+    )
     parser.add_argument("--json-out", type=Path, help="also write the result here")
     parser.add_argument("--grid-batch", type=int, default=64, help="batch of the precision x references grid")
     args = parser.parse_args()
@@ -154,7 +160,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_random_backbone(tmp, args.tokenizer, architecture=args.architecture)
         shared: dict = {}  # one backbone in memory for every model below
-        model = KAnoCLIP.for_training(backbone=str(folder), device=device, backbone_cache=shared).eval()  # the full path
+        model = KAnoCLIP.for_training(
+            backbone=str(folder), device=device, backbone_cache=shared
+        ).eval()  # the full path
         grid_models = {
             p: KAnoCLIP.for_training(backbone=str(folder), device=device, precision=p, backbone_cache=shared).eval()
             for p in ("auto", "fp32", "bf16")
@@ -176,7 +184,8 @@ def main() -> None:
             "bare_vision_images_per_s": batch / timed(lambda p=pixels: bare_forward(model, p), args.repeats, device),
             "model_images_per_s": model_rate,
             "model_tflops": model_rate * result["flops_per_image"]["model"] / 1e12,
-            "detect_batch_images_per_s": batch / timed(lambda x=images: model.detect_batch(x, "bottle"), max(1, args.repeats // 2), device),
+            "detect_batch_images_per_s": batch
+            / timed(lambda x=images: model.detect_batch(x, "bottle"), max(1, args.repeats // 2), device),
             "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0,
         }
         rows[batch]["share_of_h200_bf16_peak"] = rows[batch]["model_tflops"] / H200_BF16_DENSE_TFLOPS

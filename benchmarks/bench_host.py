@@ -21,6 +21,7 @@ import json
 import tempfile
 
 import numpy as np
+
 from _common import TOKENIZER, machine, median_seconds
 
 

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from transformers import CLIPImageProcessor, CLIPVisionModel
 
-from _common import machine, vit_l_backbone
 from kanoclip import KAnoCLIP
+
+from _common import machine, vit_l_backbone
 
 
 def distinct_images(base: np.ndarray, n: int, seed: int = 0) -> list[np.ndarray]:
@@ -37,7 +38,9 @@ def distinct_images(base: np.ndarray, n: int, seed: int = 0) -> list[np.ndarray]
     return out
 
 
-def overhead(models: dict[str, KAnoCLIP], bare: CLIPVisionModel, processor: CLIPImageProcessor, base: np.ndarray, runs: int) -> dict:
+def overhead(
+    models: dict[str, KAnoCLIP], bare: CLIPVisionModel, processor: CLIPImageProcessor, base: np.ndarray, runs: int
+) -> dict:
     """Interleaved runs of the bare fp32 forward and ``detect`` of each model.
 
     ``models`` maps ``"mode/precision"`` to a model (they share one backbone); one round runs the
@@ -83,7 +86,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precisions", default="fp32,bf16", help="backbone precisions to time against the bare fp32 forward")
+    parser.add_argument(
+        "--precisions", default="fp32,bf16", help="backbone precisions to time against the bare fp32 forward"
+    )
     parser.add_argument("--skip-overhead", action="store_true")
     args = parser.parse_args()
 
@@ -93,8 +98,12 @@ def main() -> None:
     shared: dict = {}  # one fp32 backbone in memory for every precision's model (int8: one quantised copy)
     models = {}
     for p in args.precisions.split(","):
-        models[f"training-free/{p}"] = KAnoCLIP.from_pretrained(backbone=str(folder), device=args.device, precision=p, backbone_cache=shared)
-        models[f"trained/{p}"] = KAnoCLIP.for_training(backbone=str(folder), device=args.device, precision=p, backbone_cache=shared).eval()
+        models[f"training-free/{p}"] = KAnoCLIP.from_pretrained(
+            backbone=str(folder), device=args.device, precision=p, backbone_cache=shared
+        )
+        models[f"trained/{p}"] = KAnoCLIP.for_training(
+            backbone=str(folder), device=args.device, precision=p, backbone_cache=shared
+        ).eval()
     model = models[next(m for m in models if m.startswith("trained/"))]  # the full path for throughput
     if not args.skip_overhead:
         bare = CLIPVisionModel.from_pretrained(folder).eval().to(args.device)

@@ -37,8 +37,20 @@ def main() -> None:
     folder = vit_l_backbone()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "KANOCLIP_DEVICE": "cpu"}
     server = subprocess.Popen(
-        [sys.executable, str(REPO / "app.py"), "--backbone", str(folder), "--host", "127.0.0.1", "--port", str(args.port)],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            str(REPO / "app.py"),
+            "--backbone",
+            str(folder),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(args.port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + args.timeout
@@ -59,13 +71,18 @@ def main() -> None:
         client.predict(handle_file(str(image)), "bottle", api_name="/detect")
         second = time.perf_counter() - start
         peak = peak_rss_bytes(server.pid)
-        print(json.dumps({
-            "machine": machine(),
-            "peak_rss_gb_after_start": round(idle / 1e9, 3),
-            "peak_rss_gb_after_two_detections": round(peak / 1e9, 3),
-            "first_detect_s (model load + detect)": round(first, 2),
-            "second_detect_s": round(second, 2),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "machine": machine(),
+                    "peak_rss_gb_after_start": round(idle / 1e9, 3),
+                    "peak_rss_gb_after_two_detections": round(peak / 1e9, 3),
+                    "first_detect_s (model load + detect)": round(first, 2),
+                    "second_detect_s": round(second, 2),
+                },
+                indent=2,
+            )
+        )
     finally:
         server.terminate()
         server.wait(30)

@@ -54,8 +54,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()
     labels, scores, masks, maps = synthetic(args.images, args.size)
-    print(f"{args.images} maps of {args.size}x{args.size} = {masks.size / 1e6:.1f} M pixels, "
-          f"{masks.mean():.1%} anomalous")
+    print(
+        f"{args.images} maps of {args.size}x{args.size} = {masks.size / 1e6:.1f} M pixels, {masks.mean():.1%} anomalous"
+    )
     for name, function in (("pixel_auroc", pixel_auroc), ("pixel_f1_max", pixel_f1_max), ("aupro", aupro)):
         value, seconds = timed(function, masks, maps)
         print(f"  {name:<14} {value:.4f}  {seconds}")

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import TOKENIZER, machine, vit_l_backbone
-from bench_inference import distinct_images
 
 from kanoclip import KAnoCLIP
 from kanoclip.onnx import OnnxDetector, export_onnx, sidecar_path
+
+from _common import TOKENIZER, machine, vit_l_backbone
+from bench_inference import distinct_images
 
 CLASS = "bottle"
 
@@ -46,7 +47,12 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads of torch and of onnxruntime (default: all cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="threads of torch and of onnxruntime (default: all cores)",
+    )
     parser.add_argument("--fidelity-images", type=int, default=4, help="real images for the int8 fidelity")
     parser.add_argument("--out", type=Path, default=Path("/tmp/kanoclip-onnx-bench"))
     args = parser.parse_args()
@@ -88,9 +94,13 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) for name, t in times.items()}
     results["detect_s"] = medians
-    results["speedup_vs_torch_fp32"] = {name: medians["torch_fp32"] / m for name, m in medians.items() if name != "torch_fp32"}
+    results["speedup_vs_torch_fp32"] = {
+        name: medians["torch_fp32"] / m for name, m in medians.items() if name != "torch_fp32"
+    }
 
-    real = sorted((TOKENIZER.parent / "data" / "mvtec_ad" / "bottle" / "test").rglob("*.png"))[::7][: args.fidelity_images]
+    real = sorted((TOKENIZER.parent / "data" / "mvtec_ad" / "bottle" / "test").rglob("*.png"))[::7][
+        : args.fidelity_images
+    ]
     if real:
         torch_dets = model.detect_batch(real, CLASS)
         fp32_dets = OnnxDetector(fp32_path).detect_batch(real, CLASS)
@@ -101,7 +111,9 @@ def main() -> None:
             "int8_vs_fp32_map_pearson_median": statistics.median(r),
             "int8_vs_fp32_map_pearson_min": min(r),
             "int8_vs_fp32_score_max_abs_diff": max(abs(q.score - f.score) for q, f in zip(int8_dets, fp32_dets)),
-            "fp32_vs_torch_map_max_abs_diff": max(float(np.abs(f.anomaly_map - t.anomaly_map).max()) for f, t in zip(fp32_dets, torch_dets)),
+            "fp32_vs_torch_map_max_abs_diff": max(
+                float(np.abs(f.anomaly_map - t.anomaly_map).max()) for f, t in zip(fp32_dets, torch_dets)
+            ),
             "fp32_vs_torch_score_max_abs_diff": max(abs(f.score - t.score) for f, t in zip(fp32_dets, torch_dets)),
         }
     print(json.dumps(results, indent=2))

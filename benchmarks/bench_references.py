@@ -17,9 +17,10 @@ import time
 
 import numpy as np
 
+from kanoclip import KAnoCLIP
+
 from _common import machine, vit_l_backbone
 from bench_inference import distinct_images
-from kanoclip import KAnoCLIP
 
 
 def rss_mb() -> float:
@@ -68,7 +69,8 @@ def main() -> None:
     medians = {cell: statistics.median(v) for cell, v in times.items()}
     result["detect_s"] = medians
     result["added_time_4_references"] = {
-        mode: medians[f"{mode}/4 references"] / medians[f"{mode}/0 references"] - 1 for mode in ("training-free", "trained")
+        mode: medians[f"{mode}/4 references"] / medians[f"{mode}/0 references"] - 1
+        for mode in ("training-free", "trained")
     }
     print(json.dumps(result, indent=2))
 

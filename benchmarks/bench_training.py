@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from _common import machine, vit_l_backbone
 from kanoclip.training import TrainConfig, TrainProgress, train
+
+from _common import machine, vit_l_backbone
 
 
 def make_dataset(root: Path, n: int, size: int = 400) -> Path:
@@ -46,7 +47,9 @@ def make_dataset(root: Path, n: int, size: int = 400) -> Path:
     return root
 
 
-def epoch_times(data: Path, out: Path, backbone: Path, epochs: int, batch: int, cache: bool, device: str) -> list[float]:
+def epoch_times(
+    data: Path, out: Path, backbone: Path, epochs: int, batch: int, cache: bool, device: str
+) -> list[float]:
     marks: dict[int, float] = {}
 
     def progress(p: TrainProgress) -> None:
@@ -54,8 +57,18 @@ def epoch_times(data: Path, out: Path, backbone: Path, epochs: int, batch: int, 
             marks[p.epoch] = time.perf_counter()  # first step of the epoch done
 
     start = time.perf_counter()
-    train(TrainConfig(data=[f"folder={data}"], out=out, epochs=epochs, batch_size=batch, backbone=str(backbone),
-                      device=device, feature_cache=cache), progress=progress)
+    train(
+        TrainConfig(
+            data=[f"folder={data}"],
+            out=out,
+            epochs=epochs,
+            batch_size=batch,
+            backbone=str(backbone),
+            device=device,
+            feature_cache=cache,
+        ),
+        progress=progress,
+    )
     end = time.perf_counter()
     # epoch e spans from the end of epoch e-1's last step to the end of its own last step;
     # approximate the boundaries by the first-step marks (one step's time moves between epochs)
@@ -68,8 +81,8 @@ def cache_read_ms(images: int, batch: int, folder: Path) -> dict:
     from disk, with ``images`` images cached under the default memory budget (the rest spill)."""
     import torch
 
-    from kanoclip.training.feature_cache import FeatureCache
     from kanoclip.modeling.vv_attention import VisualFeatures
+    from kanoclip.training.feature_cache import FeatureCache
 
     cache = FeatureCache(folder)
     for start in range(0, images, batch):
@@ -88,8 +101,13 @@ def cache_read_ms(images: int, batch: int, folder: Path) -> dict:
             cache.get(chunk)
         return 1e3 * (time.perf_counter() - start) / len(indices)
 
-    result = {"images": images, "in_memory": len(in_memory), "on_disk": len(on_disk),
-              "memory_ms_per_image": per_image(in_memory), "disk_ms_per_image": per_image(on_disk)}
+    result = {
+        "images": images,
+        "in_memory": len(in_memory),
+        "on_disk": len(on_disk),
+        "memory_ms_per_image": per_image(in_memory),
+        "disk_ms_per_image": per_image(on_disk),
+    }
     cache.clear()
     return result
 
@@ -100,7 +118,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--cache-read-images", type=int, default=1725, help="also time reading this many cached images' features (0: skip)")
+    parser.add_argument(
+        "--cache-read-images",
+        type=int,
+        default=1725,
+        help="also time reading this many cached images' features (0: skip)",
+    )
     parser.add_argument("--skip-epochs", action="store_true", help="only the cache-read figures")
     args = parser.parse_args()
     if args.cache_read_images:
@@ -115,18 +138,26 @@ def main() -> None:
         cached = epoch_times(data, Path(tmp) / "cached", backbone, args.epochs, args.batch_size, True, args.device)
         uncached = epoch_times(data, Path(tmp) / "uncached", backbone, 2, args.batch_size, False, args.device)
     later = cached[1:]
-    print(json.dumps({
-        "machine": machine(),
-        "images": args.images,
-        "with_cache_epoch_s": cached,
-        "without_cache_epoch_s": uncached,
-        "speedup_of_cached_epochs": (sum(uncached) / len(uncached)) / (sum(later) / len(later)),
-        "per_image_s": {"uncached": sum(uncached) / len(uncached) / args.images, "cached": sum(later) / len(later) / args.images},
-        "extrapolated_1725_images_epoch_s": {
-            "uncached": sum(uncached) / len(uncached) / args.images * 1725,
-            "cached": sum(later) / len(later) / args.images * 1725,
-        },
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "machine": machine(),
+                "images": args.images,
+                "with_cache_epoch_s": cached,
+                "without_cache_epoch_s": uncached,
+                "speedup_of_cached_epochs": (sum(uncached) / len(uncached)) / (sum(later) / len(later)),
+                "per_image_s": {
+                    "uncached": sum(uncached) / len(uncached) / args.images,
+                    "cached": sum(later) / len(later) / args.images,
+                },
+                "extrapolated_1725_images_epoch_s": {
+                    "uncached": sum(uncached) / len(uncached) / args.images * 1725,
+                    "cached": sum(later) / len(later) / args.images * 1725,
+                },
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

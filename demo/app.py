@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import gradio as gr
 
+from demo.components import dropdown_update
 from demo.detect_tab import build_detect_tab
 from demo.knowledge_tab import build_knowledge_tab
 from demo.prompts_tab import build_prompts_tab
-from demo.components import dropdown_update
 from demo.state import AppConfig, AppContext, model_choices
 from demo.train_tab import TrainFn, build_train_tab
 from demo.uploads import ZipLimits

@@ -95,7 +95,9 @@ def image_input(**kwargs: Any) -> gr.Image:
         try:
             return decode(payload)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is the user's file
-            raise app_error(f"the image cannot be decoded ({type(exc).__name__}); upload a PNG, JPEG, BMP or TIFF image") from None
+            raise app_error(
+                f"the image cannot be decoded ({type(exc).__name__}); upload a PNG, JPEG, BMP or TIFF image"
+            ) from None
 
     component.preprocess = preprocess  # type: ignore[method-assign]
     return component

@@ -26,6 +26,16 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from demo.components import (
+    class_name_text,
+    dropdown_update,
+    gpu,
+    image_input,
+    required_class_name,
+    unknown_class_hint,
+    user_errors,
+)
+from demo.state import AppContext, compute_slot, describe_model, model_choices
 from kanoclip import KAnoCLIP
 from kanoclip.config import ScoringConfig
 from kanoclip.detection import Detection, upsample_maps
@@ -34,9 +44,6 @@ from kanoclip.images import load_image
 from kanoclip.knowledge import SOURCE_LABELS as KNOWLEDGE_LABELS
 from kanoclip.references import References, ReferenceSet
 from kanoclip.viz import colorize, overlay_with_colorbar
-
-from demo.components import class_name_text, dropdown_update, gpu, image_input, required_class_name, unknown_class_hint, user_errors
-from demo.state import AppContext, compute_slot, describe_model, model_choices
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 EXAMPLES = [  # (file, class name); sources and licences in examples/CREDITS.md
@@ -111,7 +118,15 @@ def guidance_table(det: Detection) -> pd.DataFrame:
     by_region = sorted(range(len(det.guidance)), key=lambda i: det.guidance[i].region_similarity, reverse=True)
     region_rank = {index: rank for rank, index in enumerate(by_region, start=1)}
     rows = [
-        [i + 1, SOURCE_LABELS.get(g.source, g.source), g.state, g.text, round(g.image_similarity, 3), round(g.region_similarity, 3), region_rank[i]]
+        [
+            i + 1,
+            SOURCE_LABELS.get(g.source, g.source),
+            g.state,
+            g.text,
+            round(g.image_similarity, 3),
+            round(g.region_similarity, 3),
+            region_rank[i],
+        ]
         for i, g in enumerate(det.guidance)
     ]
     return pd.DataFrame(rows, columns=GUIDANCE_COLUMNS)
@@ -205,7 +220,9 @@ def session_store(stores: dict[ModelKey, References], key: ModelKey, model: KAno
     return store
 
 
-def serving_references(model: KAnoCLIP, session: References, class_name: str) -> tuple[References, ReferenceSet | None, str]:
+def serving_references(
+    model: KAnoCLIP, session: References, class_name: str
+) -> tuple[References, ReferenceSet | None, str]:
     """(store, the class's references or None, whose they are) for a request of ``class_name``.
 
     The session's own references of the class win; without them the model's own store serves
@@ -260,7 +277,12 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
 
     @gpu
     def run_detection(
-        model_choice: str | None, image: Image.Image, class_name: str, threshold: float | None, sigma: float, references: References
+        model_choice: str | None,
+        image: Image.Image,
+        class_name: str,
+        threshold: float | None,
+        sigma: float,
+        references: References,
     ) -> Detection:
         """The model call, the only GPU work of a request (``spaces.GPU`` on ZeroGPU Spaces).
 
@@ -272,7 +294,9 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
             return model.detect(image, class_name, threshold=threshold, sigma=sigma, references=references)
 
     @gpu
-    def run_add_references(model_choice: str | None, class_name: str, images: list[Image.Image], store: References) -> ReferenceSet:
+    def run_add_references(
+        model_choice: str | None, class_name: str, images: list[Image.Image], store: References
+    ) -> ReferenceSet:
         """The reference images' forward passes and calibration, into the session's ``store``."""
         model = registry.get(model_choice)
         with compute_slot(model):
@@ -308,7 +332,11 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
         has_calibration = refs is not None and refs.calibrated
         # None lets the library pick (and name) the threshold: the calibrated one, or the default
         # while the slider is left at it; any other slider value is the user's choice
-        chosen = None if (calibrated and has_calibration) or (not has_calibration and t == model.config.scoring.threshold) else t
+        chosen = (
+            None
+            if (calibrated and has_calibration) or (not has_calibration and t == model.config.scoring.threshold)
+            else t
+        )
         progress(0.3, desc="detecting")
         det = run_detection(model_choice, pil, name, chosen, s, store)
         progress(0.8, desc="drawing")
@@ -316,11 +344,16 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
 
     @user_errors
     def add_references(
-        files: list[str] | None, class_name: str | None, model_choice: str | None, stores: dict[ModelKey, References] | None
+        files: list[str] | None,
+        class_name: str | None,
+        model_choice: str | None,
+        stores: dict[ModelKey, References] | None,
     ) -> tuple[str, None, dict[ModelKey, References]]:
         """Add the uploaded good images to the session's references of the class (cleared from the upload box)."""
         if not files:
-            raise InputError("no reference images: upload one or more good (normal) images of the class, then press 'Add as references'")
+            raise InputError(
+                "no reference images: upload one or more good (normal) images of the class, then press 'Add as references'"
+            )
         name = required_class_name(class_name, "pick the class the reference images show, e.g. 'bottle'")
         stores = {} if stores is None else stores
         model, session = session_for(model_choice, stores)
@@ -329,7 +362,9 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
         count, limit = (have.count if have is not None else 0), model.config.references.max_per_class
         if count + len(files) > limit:  # checked before any image is decoded
             room = f"upload at most {limit - count} more" if count < limit else "clear them first"
-            raise InputError(f"{count + len(files)} reference images of {canonical!r} exceed the limit of {limit} per class; {room}")
+            raise InputError(
+                f"{count + len(files)} reference images of {canonical!r} exceed the limit of {limit} per class; {room}"
+            )
         images = [decode(path) for path in files]  # every file decoded (and named when bad) before any is added
         # kept from the returned set: on ZeroGPU the call runs in a worker, whose changes to its
         # copy of the store would not come back
@@ -347,7 +382,9 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
         model.remove_references(name, store=session)
         return describe_references(model, session, model_choice, name), stores
 
-    def show_references(class_name: str | None, model_choice: str | None, stores: dict[ModelKey, References] | None) -> str:
+    def show_references(
+        class_name: str | None, model_choice: str | None, stores: dict[ModelKey, References] | None
+    ) -> str:
         """The class's references after a class or model change; never loads a model."""
         name = class_name_text(class_name)
         model = registry.peek(model_choice)
@@ -380,13 +417,17 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
                         elem_id="detect-model",
                     )
                     refresh = gr.Button("↻", scale=0, min_width=40, elem_id="detect-refresh")
-                threshold = gr.Slider(0.0, 1.0, value=SCORING.threshold, step=0.01, label="Threshold (verdict and region)")
+                threshold = gr.Slider(
+                    0.0, 1.0, value=SCORING.threshold, step=0.01, label="Threshold (verdict and region)"
+                )
                 calibrated = gr.Checkbox(
                     value=True,
                     label="Use the class's calibrated threshold when it has one (from its references) instead of the slider",
                     elem_id="detect-calibrated",
                 )
-                sigma = gr.Slider(0.0, 16.0, value=SCORING.sigma, step=0.5, label="Smoothing σ (pixels at the model's input size)")
+                sigma = gr.Slider(
+                    0.0, 16.0, value=SCORING.sigma, step=0.5, label="Smoothing σ (pixels at the model's input size)"
+                )
                 stores = gr.State({}, time_to_live=SESSION_TTL)  # this session's References, one per model
                 with gr.Group():
                     reference_files = gr.File(
@@ -398,11 +439,15 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
                     )
                     with gr.Row():
                         add_button = gr.Button("Add as references", size="sm", elem_id="detect-add-references")
-                        clear_button = gr.Button("Clear this class's references", size="sm", elem_id="detect-clear-references")
+                        clear_button = gr.Button(
+                            "Clear this class's references", size="sm", elem_id="detect-clear-references"
+                        )
                     start = registry.peek(config.start_choice)
                     shared = sorted(start.reference_store.sets) if isinstance(start, KAnoCLIP) else []
                     intro = REFERENCES_HELP + (
-                        f" Shared references (`--references`) of {', '.join(f'`{c}`' for c in shared)} serve every visitor without their own." if shared else ""
+                        f" Shared references (`--references`) of {', '.join(f'`{c}`' for c in shared)} serve every visitor without their own."
+                        if shared
+                        else ""
                     )
                     reference_status = gr.Markdown(intro, elem_id="detect-references-status")
                 button = gr.Button("Detect", variant="primary", elem_id="detect-button")
@@ -461,8 +506,15 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
             concurrency_limit=config.concurrency,
             concurrency_id="detect",  # the same forward passes as a detection
         )
-        clear_button.click(clear_references, inputs=[class_name, model, stores], outputs=[reference_status, stores], api_name="clear_references")
+        clear_button.click(
+            clear_references,
+            inputs=[class_name, model, stores],
+            outputs=[reference_status, stores],
+            api_name="clear_references",
+        )
         for trigger in (class_name.change, model.change):
-            trigger(show_references, inputs=[class_name, model, stores], outputs=reference_status, api_visibility="private")
+            trigger(
+                show_references, inputs=[class_name, model, stores], outputs=reference_status, api_visibility="private"
+            )
         refresh.click(lambda: dropdown_update(model_choices(config)), outputs=model, api_visibility="private")
     return DetectTab(model=model, class_name=class_name)

@@ -21,11 +21,6 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from kanoclip.errors import InputError
-from kanoclip.knowledge import LLM_TEMPLATE, SOURCE_LABELS, STORED_SOURCES, VQA_TEMPLATE, KnowledgeBase, Provenance, image_sha256
-from kanoclip.knowledge import classes as catalog
-from kanoclip.knowledge import generate as gen
-
 from demo.components import (
     class_choices,
     class_name_text,
@@ -36,6 +31,18 @@ from demo.components import (
     user_errors,
 )
 from demo.state import AppContext, KnowledgeStore
+from kanoclip.errors import InputError
+from kanoclip.knowledge import (
+    LLM_TEMPLATE,
+    SOURCE_LABELS,
+    STORED_SOURCES,
+    VQA_TEMPLATE,
+    KnowledgeBase,
+    Provenance,
+    image_sha256,
+)
+from kanoclip.knowledge import classes as catalog
+from kanoclip.knowledge import generate as gen
 
 DEFAULT_KEY_ENV = gen.DEFAULT_API_KEY_ENV
 MAX_GENERATED = 20
@@ -61,7 +68,9 @@ def api_key(variable: str | None) -> str | None:
 
 def counts_table(kb: KnowledgeBase) -> pd.DataFrame:
     """One row per class: its name, dataset(s) and how many descriptions of each source it has."""
-    rows = [[name, ", ".join(catalog.datasets_of(name)), *(c[s] for s in STORED_SOURCES)] for name, c in kb.counts().items()]
+    rows = [
+        [name, ", ".join(catalog.datasets_of(name)), *(c[s] for s in STORED_SOURCES)] for name, c in kb.counts().items()
+    ]
     return pd.DataFrame(rows, columns=["class", "dataset", *(SOURCE_LABELS[s] for s in STORED_SOURCES)])
 
 
@@ -76,9 +85,13 @@ def class_view(kb: KnowledgeBase, class_name: str | None) -> tuple[str, pd.DataF
         return "", pd.DataFrame([], columns=columns), "Pick or type a class."
     resolved = kb.resolve(name)
     if resolved is None:
-        return "", pd.DataFrame([], columns=columns), (
-            f"`{name}` is not in the knowledge base (detection would use generic descriptions).{unknown_class_hint(kb, name)} "
-            "Type descriptions, one per line, and press *Apply edits* to add it."
+        return (
+            "",
+            pd.DataFrame([], columns=columns),
+            (
+                f"`{name}` is not in the knowledge base (detection would use generic descriptions).{unknown_class_hint(kb, name)} "
+                "Type descriptions, one per line, and press *Apply edits* to add it."
+            ),
         )
     pairs = kb.provenance(resolved)
     general = "\n".join(d.text for d, _ in pairs if d.source != "vqa")
@@ -143,8 +156,10 @@ def build_knowledge_tab(ctx: AppContext, class_inputs: list[gr.Dropdown]) -> Non
         lines = _lines(text)
         _, kb = store.edit(lambda kb: kb.set_general(name, lines))
         return refreshed(
-            kb, name, f"Applied: `{name}` has {len(set(lines))} general descriptions (new lines are hand-written); "
-            "every loaded model uses them now."
+            kb,
+            name,
+            f"Applied: `{name}` has {len(set(lines))} general descriptions (new lines are hand-written); "
+            "every loaded model uses them now.",
         )
 
     @user_errors
@@ -162,7 +177,13 @@ def build_knowledge_tab(ctx: AppContext, class_inputs: list[gr.Dropdown]) -> Non
 
     @user_errors
     def generate(
-        class_name: str | None, kind: str, url: str, model: str, key_env: str, n: float, image: str | None,
+        class_name: str | None,
+        kind: str,
+        url: str,
+        model: str,
+        key_env: str,
+        n: float,
+        image: str | None,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[Any, ...]:
         progress(0.1, desc=f"asking {model or 'the model'} at {url or '?'}")
@@ -180,24 +201,41 @@ def build_knowledge_tab(ctx: AppContext, class_inputs: list[gr.Dropdown]) -> Non
         with gr.Row():
             with gr.Column(scale=2):
                 counts = gr.Dataframe(
-                    counts_table(snapshot), label="Classes: descriptions per source", interactive=False, max_height=420,
-                    wrap=True, column_widths=["26%", "22%", "13%", "13%", "13%", "13%"],
+                    counts_table(snapshot),
+                    label="Classes: descriptions per source",
+                    interactive=False,
+                    max_height=420,
+                    wrap=True,
+                    column_widths=["26%", "22%", "13%", "13%", "13%", "13%"],
                 )
                 upload = gr.File(label="Load a knowledge-base .json", file_types=[".json"], type="filepath")
             with gr.Column(scale=3):
                 class_name = gr.Dropdown(
-                    choices=class_choices(snapshot), value=None, allow_custom_value=True, label="Class (dataset)", elem_id="kb-class"
+                    choices=class_choices(snapshot),
+                    value=None,
+                    allow_custom_value=True,
+                    label="Class (dataset)",
+                    elem_id="kb-class",
                 )
                 llm_text = gr.Textbox(
-                    label="General descriptions: LLM, built-in, hand-written (one per line; edit, then Apply)", lines=8, elem_id="kb-llm"
+                    label="General descriptions: LLM, built-in, hand-written (one per line; edit, then Apply)",
+                    lines=8,
+                    elem_id="kb-llm",
                 )
                 apply_button = gr.Button("Apply edits", variant="primary")
                 table = gr.Dataframe(
-                    headers=DESCRIPTION_COLUMNS, label="All descriptions of the class, with provenance", wrap=True, interactive=False
+                    headers=DESCRIPTION_COLUMNS,
+                    label="All descriptions of the class, with provenance",
+                    wrap=True,
+                    interactive=False,
                 )
                 note = gr.Markdown(elem_id="kb-note")
                 with gr.Row():
-                    path = gr.Textbox(value=ctx.config.default_kb_path(), label="Save to (.json under the knowledge-base folder, or the --kb file)", scale=3)
+                    path = gr.Textbox(
+                        value=ctx.config.default_kb_path(),
+                        label="Save to (.json under the knowledge-base folder, or the --kb file)",
+                        scale=3,
+                    )
                     save_button = gr.Button("Save", scale=1)
                 saved = gr.Markdown()
         with gr.Accordion("Generate descriptions with an LLM / VQA endpoint (OpenAI-compatible)", open=False):

@@ -12,11 +12,10 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from kanoclip import KAnoCLIP
-from kanoclip.viz_prompts import PromptSet, pca_plot, prompt_set, set_kd_distances, similarity_heatmap
-
 from demo.components import dropdown_update, gpu, required_class_name, user_errors
 from demo.state import AppContext, compute_slot, describe_model, model_choices
+from kanoclip import KAnoCLIP
+from kanoclip.viz_prompts import PromptSet, pca_plot, prompt_set, set_kd_distances, similarity_heatmap
 
 TOP_K = 3
 DEFAULT_CLASS = "bottle"
@@ -44,7 +43,11 @@ def text_table(prompts: PromptSet) -> pd.DataFrame:
 
 def kd_markdown(prompts: PromptSet) -> str:
     d = set_kd_distances(prompts)
-    holds = "the abnormal prompts are at least as close to the knowledge as the normal ones" if d.loss == 0 else "the normal prompts are closer to the knowledge than the abnormal ones"
+    holds = (
+        "the abnormal prompts are at least as close to the knowledge as the normal ones"
+        if d.loss == 0
+        else "the normal prompts are closer to the knowledge than the abnormal ones"
+    )
     return (
         "**KD loss (eq. 2)** on normalised means: "
         f"d(w̄k, w̄a) = **{d.knowledge_abnormal:.4f}**, d(w̄k, w̄n) = **{d.knowledge_normal:.4f}**, "
@@ -62,7 +65,9 @@ def build_prompts_tab(ctx: AppContext, class_choices: list[str]) -> gr.Dropdown:
             return prompt_set(model, class_name)
 
     @user_errors
-    def show(model_choice: str | None, class_name: str | None, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:
+    def show(
+        model_choice: str | None, class_name: str | None, progress: gr.Progress = gr.Progress()
+    ) -> tuple[Any, ...]:
         name = required_class_name(class_name, "type or pick a class, e.g. 'bottle'")
         progress(0.1, desc="loading the model")
         model = registry.get(model_choice)
@@ -88,18 +93,32 @@ def build_prompts_tab(ctx: AppContext, class_choices: list[str]) -> gr.Dropdown:
         )
         with gr.Row():
             model = gr.Dropdown(
-                choices=model_choices(config), value=config.start_choice, allow_custom_value=True, label="Model", scale=3
+                choices=model_choices(config),
+                value=config.start_choice,
+                allow_custom_value=True,
+                label="Model",
+                scale=3,
             )
             class_name = gr.Dropdown(
-                choices=class_choices, value=DEFAULT_CLASS if DEFAULT_CLASS in class_choices else None, allow_custom_value=True, label="Class", scale=2
+                choices=class_choices,
+                value=DEFAULT_CLASS if DEFAULT_CLASS in class_choices else None,
+                allow_custom_value=True,
+                label="Class",
+                scale=2,
             )
             button = gr.Button("Show prompts", variant="primary", scale=1, elem_id="prompts-button")
         header = gr.Markdown(elem_id="prompts-header")
-        tokens = gr.Dataframe(label="Nearest vocabulary tokens of each context vector (cosine similarity)", interactive=False)
+        tokens = gr.Dataframe(
+            label="Nearest vocabulary tokens of each context vector (cosine similarity)", interactive=False
+        )
         kd = gr.Markdown()
         with gr.Row():
             # the figures carry their own titles; a Gradio label would cover them
-            heatmap = gr.Plot(label="Cosine similarity: normal prompts, abnormal prompts, KB descriptions", format="png", show_label=False)
+            heatmap = gr.Plot(
+                label="Cosine similarity: normal prompts, abnormal prompts, KB descriptions",
+                format="png",
+                show_label=False,
+            )
             pca = gr.Plot(label="2-D PCA of the text features", format="png", show_label=False)
         texts = gr.Dataframe(label="What the labels stand for", wrap=True, interactive=False)
         button.click(

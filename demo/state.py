@@ -28,15 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from demo.uploads import confine
 from kanoclip import KAnoCLIP, KnowledgeBase
 from kanoclip.backbone import Backbone
 from kanoclip.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from kanoclip.config import DEFAULT_BACKBONE
-from kanoclip.errors import CheckpointError, InputError, KAnoCLIPError
 from kanoclip.detector import resolve_device
+from kanoclip.errors import CheckpointError, InputError, KAnoCLIPError
 from kanoclip.references import INDEX_NAME, TENSORS_NAME, References
-
-from demo.uploads import confine
 
 log = logging.getLogger("kanoclip.app")
 TRAINING_FREE = "training-free"
@@ -61,7 +60,9 @@ class AppConfig:
     checkpoint: str | None = None  # the model selected at start; None = training-free
     kb: Path | None = None  # knowledge base file; None = the built-in one
     data_root: Path = field(default_factory=lambda: Path(os.environ.get("KANOCLIP_DATA_ROOT", "data")))
-    checkpoints_dir: Path = field(default_factory=lambda: Path(os.environ.get("KANOCLIP_CHECKPOINTS_DIR", "checkpoints")))
+    checkpoints_dir: Path = field(
+        default_factory=lambda: Path(os.environ.get("KANOCLIP_CHECKPOINTS_DIR", "checkpoints"))
+    )
     kb_dir: Path = field(default_factory=lambda: Path(os.environ.get("KANOCLIP_KB_DIR", "kb")))
     references: Path | None = None  # saved normal references shared by every visitor; None = none
     device: str = field(default_factory=lambda: os.environ.get("KANOCLIP_DEVICE", "auto"))
@@ -69,7 +70,9 @@ class AppConfig:
     concurrency: int = field(default_factory=lambda: _env_int("KANOCLIP_CONCURRENCY", 2))
     max_models: int = field(default_factory=lambda: _env_int("KANOCLIP_MAX_MODELS", 2))
     preload: bool = True  # load the start model while building the app (to report its state)
-    training: bool = field(default_factory=lambda: os.environ.get("KANOCLIP_TRAINING", "on").lower() not in ("0", "off", "false", "no"))
+    training: bool = field(
+        default_factory=lambda: os.environ.get("KANOCLIP_TRAINING", "on").lower() not in ("0", "off", "false", "no")
+    )
 
     @classmethod
     def from_env(cls, **overrides) -> AppConfig:
@@ -82,7 +85,11 @@ class AppConfig:
         )
         for key, value in overrides.items():
             if value is not None:
-                setattr(config, key, Path(value) if key in ("kb", "data_root", "checkpoints_dir", "kb_dir", "references") else value)
+                setattr(
+                    config,
+                    key,
+                    Path(value) if key in ("kb", "data_root", "checkpoints_dir", "kb_dir", "references") else value,
+                )
         return config
 
     @property
@@ -167,7 +174,11 @@ RANDOM_WARNING = (
 
 def describe_model(model: KAnoCLIP) -> str:
     """One Markdown paragraph: mode (and checkpoint), backbone, device, and the random warning."""
-    mode = "training-free (no checkpoint)" if model.mode == "training-free" else f"trained — checkpoint `{model.checkpoint_name}`"
+    mode = (
+        "training-free (no checkpoint)"
+        if model.mode == "training-free"
+        else f"trained — checkpoint `{model.checkpoint_name}`"
+    )
     text = (
         f"**Mode:** {mode} · **Backbone:** `{model.backbone_name}` · **Device:** `{model.device}`"
         f" · **Precision:** backbone {model.precision}, maps fp32"
@@ -249,7 +260,9 @@ class ModelRegistry:
         if folder is None:
             return
         try:
-            model.reference_store = References.load(folder, fingerprint=model.reference_fingerprint(), device=model.device)
+            model.reference_store = References.load(
+                folder, fingerprint=model.reference_fingerprint(), device=model.device
+            )
         except CheckpointError as exc:
             log.warning("the shared references in %s do not serve %s: %s", folder, model.backbone_name, exc)
             self.reference_problems[key] = str(exc)
@@ -339,7 +352,9 @@ class KnowledgeStore:
         kb_dir = self.config.kb_dir
         relative = raw[len(str(kb_dir)) + 1 :] if raw.startswith(str(kb_dir) + os.sep) else raw
         kb_dir.mkdir(parents=True, exist_ok=True)
-        target = confine(kb_dir, relative, what="knowledge-base path", must_exist=False, root_name="knowledge-base folder")
+        target = confine(
+            kb_dir, relative, what="knowledge-base path", must_exist=False, root_name="knowledge-base folder"
+        )
         if target.is_dir():
             raise InputError(f"knowledge-base path {raw!r} is a folder; name a .json file")
         return target
@@ -368,7 +383,9 @@ class AppContext:
         when it fails, the same one-line reason the page's header shows. The header alone
         explains a failure; the Detect summary then only points at it.
         """
-        if config.references is not None and not all((config.references / name).is_file() for name in (INDEX_NAME, TENSORS_NAME)):
+        if config.references is not None and not all(
+            (config.references / name).is_file() for name in (INDEX_NAME, TENSORS_NAME)
+        ):
             raise CheckpointError(
                 f"--references / KANOCLIP_REFERENCES {config.references} holds no saved references (expected {INDEX_NAME} and {TENSORS_NAME}); "
                 "save them there with KAnoCLIP.save_references"

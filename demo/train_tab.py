@@ -26,14 +26,13 @@ from typing import Any
 import gradio as gr
 from gradio.utils import get_upload_folder
 
+from demo.components import dropdown_update, user_errors
+from demo.state import CHECKPOINTS_PREFIX, AppContext, list_checkpoints, model_choices
+from demo.uploads import ZipLimits, confine, discard_upload, extract_zip
 from kanoclip.data import KINDS, detect_kind, load_dataset, summarize
 from kanoclip.errors import InputError
 from kanoclip.training import TrainConfig, TrainProgress, TrainResult, train
 from kanoclip.viz import plot_loss_curves
-
-from demo.components import dropdown_update, user_errors
-from demo.state import CHECKPOINTS_PREFIX, AppContext, list_checkpoints, model_choices
-from demo.uploads import ZipLimits, confine, discard_upload, extract_zip
 
 AUTO = "auto-detect"
 SOURCES = ("folder under the data root", "uploaded zip")
@@ -55,7 +54,9 @@ def check_hyper(epochs: Any, batch_size: Any, lr: Any, image_size: Any) -> Hyper
     try:
         e, b, rate, size = int(epochs), int(batch_size), float(lr), int(image_size or 0)
     except (TypeError, ValueError):
-        raise InputError("epochs, batch size and image size must be whole numbers, and the learning rate a number") from None
+        raise InputError(
+            "epochs, batch size and image size must be whole numbers, and the learning rate a number"
+        ) from None
     if not 1 <= e <= 1000:
         raise InputError(f"epochs must be between 1 and 1000, got {e}")
     if not 1 <= b <= 1024:
@@ -84,7 +85,9 @@ def data_folders(root: Path, limit: int = 200) -> list[str]:
     found: list[str] = []
     for first in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         found.append(first.name)
-        found += [f"{first.name}/{p.name}" for p in sorted(first.iterdir()) if p.is_dir() and not p.name.startswith(".")][:20]
+        found += [
+            f"{first.name}/{p.name}" for p in sorted(first.iterdir()) if p.is_dir() and not p.name.startswith(".")
+        ][:20]
         if len(found) >= limit:
             break
     return found[:limit]
@@ -120,7 +123,9 @@ class TrainingManager:
             if self.current is None:
                 self.current = TrainingRun(owner=owner)
                 return self.current
-        raise InputError(f"the app is busy: {self.describe()}; one training runs at a time — wait for it to finish or cancel it")
+        raise InputError(
+            f"the app is busy: {self.describe()}; one training runs at a time — wait for it to finish or cancel it"
+        )
 
     def end(self, run: TrainingRun) -> None:
         with self._guard:
@@ -196,7 +201,10 @@ def source_inputs(source: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def summary_text(kind: str, samples: list) -> str:
     counts = summarize(samples)
-    parts = [f"`{name}`: {c.get('n_normal', 0)} normal, {c.get('n_anomalous', 0)} anomalous" for name, c in list(counts.items())[:8]]
+    parts = [
+        f"`{name}`: {c.get('n_normal', 0)} normal, {c.get('n_anomalous', 0)} anomalous"
+        for name, c in list(counts.items())[:8]
+    ]
     more = f" (+{len(counts) - 8} more classes)" if len(counts) > 8 else ""
     return f"Dataset **{kind}**, {len(samples)} images — " + "; ".join(parts) + more
 
@@ -205,7 +213,10 @@ def history_point(event: TrainProgress) -> dict[str, float] | None:
     """A loss-curve point (fractional epoch + loss terms) from a training step; None for preparation."""
     if event.epoch < 1 or not event.losses:
         return None
-    return {"epoch": (event.epoch - 1) + event.step / max(1, event.steps), **{k: float(v) for k, v in event.losses.items()}}
+    return {
+        "epoch": (event.epoch - 1) + event.step / max(1, event.steps),
+        **{k: float(v) for k, v in event.losses.items()},
+    }
 
 
 def stage(event: TrainProgress) -> str:
@@ -316,7 +327,11 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], train_f
                     progress(fraction(run.last), desc=stage(run.last))
                 if finished or time.time() - last_plot >= PLOT_EVERY_S:
                     last_plot = last_yield = time.time()
-                    yield (f"{described}\n\n{_message(run.last)}", plot_loss_curves(run.history, "Training loss (live)"), *unchanged)
+                    yield (
+                        f"{described}\n\n{_message(run.last)}",
+                        plot_loss_curves(run.history, "Training loss (live)"),
+                        *unchanged,
+                    )
             if run.error is not None:
                 raise run.error
             result = run.result
@@ -328,10 +343,18 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], train_f
                 text = f"{verb}: `{choice}` — it is now in the model lists of Detect and Prompts."
             else:
                 choice = None
-                text = "Cancelled before a checkpoint was written." if cancelled else "The training ended without a checkpoint."
+                text = (
+                    "Cancelled before a checkpoint was written."
+                    if cancelled
+                    else "The training ended without a checkpoint."
+                )
             if result.skipped:
                 text += f" {len(result.skipped)} unreadable samples were skipped."
-            yield (f"{described}\n\n{text}", plot_loss_curves(run.history or result.history, "Training loss"), *model_updates(choice))
+            yield (
+                f"{described}\n\n{text}",
+                plot_loss_curves(run.history or result.history, "Training loss"),
+                *model_updates(choice),
+            )
         finally:
             if not launched:
                 shutil.rmtree(scratch, ignore_errors=True)
@@ -362,11 +385,17 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], train_f
                     elem_id="train-folder",
                 )
                 zip_file = gr.File(
-                    label=f"Dataset zip ({ZipLimits().describe()})", file_types=[".zip"], type="filepath", visible=False, elem_id="train-zip"
+                    label=f"Dataset zip ({ZipLimits().describe()})",
+                    file_types=[".zip"],
+                    type="filepath",
+                    visible=False,
+                    elem_id="train-zip",
                 )
                 kind = gr.Dropdown(choices=[AUTO, *KINDS], value=AUTO, label="Dataset kind")
             with gr.Column():
-                name = gr.Textbox(label="Checkpoint name (→ checkpoints/<name>)", placeholder="empty: run-<date>-<time>")
+                name = gr.Textbox(
+                    label="Checkpoint name (→ checkpoints/<name>)", placeholder="empty: run-<date>-<time>"
+                )
                 with gr.Row():
                     epochs = gr.Number(value=5, precision=0, minimum=1, label="Epochs")
                     batch_size = gr.Number(value=8, precision=0, minimum=1, label="Batch size")

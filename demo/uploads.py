@@ -98,14 +98,18 @@ def check_zip(path: str | os.PathLike[str], limits: ZipLimits = ZipLimits()) -> 
     except OSError:
         raise InputError(f"uploaded file {path.name} cannot be read; upload it again") from None
     if archive_size > limits.max_compressed:
-        raise InputError(f"the zip is {_size(archive_size)}, over the {_size(limits.max_compressed)} limit; upload a smaller archive")
+        raise InputError(
+            f"the zip is {_size(archive_size)}, over the {_size(limits.max_compressed)} limit; upload a smaller archive"
+        )
     try:
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError):
         raise InputError(f"{path.name} is not a valid zip archive; upload a .zip file") from None
     if len(infos) > limits.max_entries:
-        raise InputError(f"the zip has {len(infos)} entries, over the {limits.max_entries} limit; split it or upload fewer files")
+        raise InputError(
+            f"the zip has {len(infos)} entries, over the {limits.max_entries} limit; split it or upload fewer files"
+        )
     seen: set[tuple[str, ...]] = set()
     files = folders = total = compressed = 0
     for info in infos:
@@ -128,9 +132,7 @@ def check_zip(path: str | os.PathLike[str], limits: ZipLimits = ZipLimits()) -> 
         total += info.file_size
         compressed += info.compress_size
         if total > limits.max_uncompressed:
-            raise InputError(
-                f"the zip unpacks to more than {_size(limits.max_uncompressed)}; upload a smaller archive"
-            )
+            raise InputError(f"the zip unpacks to more than {_size(limits.max_uncompressed)}; upload a smaller archive")
         if info.file_size >= limits.ratio_min_size and info.file_size > limits.max_ratio * max(info.compress_size, 1):
             raise InputError(
                 f"zip entry {info.filename!r} expands {info.file_size / max(info.compress_size, 1):.0f}x "
@@ -182,7 +184,9 @@ def extract_zip(path: str | os.PathLike[str], dest: str | os.PathLike[str], limi
         raise
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         _empty(dest)
-        raise InputError(f"{Path(path).name} cannot be extracted ({type(exc).__name__}); the archive may be corrupt") from None
+        raise InputError(
+            f"{Path(path).name} cannot be extracted ({type(exc).__name__}); the archive may be corrupt"
+        ) from None
     return dest
 
 
@@ -213,7 +217,12 @@ def discard_upload(path: str | os.PathLike[str], upload_root: str | os.PathLike[
 
 
 def confine(
-    root: str | os.PathLike[str], user_path: str, *, what: str = "folder", must_exist: bool = True, root_name: str = "data root"
+    root: str | os.PathLike[str],
+    user_path: str,
+    *,
+    what: str = "folder",
+    must_exist: bool = True,
+    root_name: str = "data root",
 ) -> Path:
     """``user_path`` (relative to ``root``, or absolute inside it) resolved and checked to stay under ``root``.
 

@@ -30,9 +30,9 @@ __all__ = ["KAnoCLIP", "KAnoCLIPConfig", "Detection", "Guidance", "KnowledgeBase
 if TYPE_CHECKING:
     from kanoclip.config import KAnoCLIPConfig
     from kanoclip.detection import Detection, Guidance
+    from kanoclip.detector import KAnoCLIP
     from kanoclip.errors import KAnoCLIPError
     from kanoclip.knowledge import KnowledgeBase
-    from kanoclip.detector import KAnoCLIP
 
 
 def __getattr__(name: str) -> Any:

@@ -61,7 +61,9 @@ def resolve_backbone(backbone: str, *, cache_dir: str | os.PathLike[str] | None 
             raise BackboneError(f"backbone folder {local} has no config.json; it must be a Hugging Face CLIP folder")
         return local
     if local.exists():
-        raise BackboneError(f"backbone {backbone!r} is a file; point {ARG} at a CLIP folder or a hub id", argument="backbone")
+        raise BackboneError(
+            f"backbone {backbone!r} is a file; point {ARG} at a CLIP folder or a hub id", argument="backbone"
+        )
     if is_local_path(backbone):
         raise BackboneError(
             f"backbone folder {backbone!r}: no such folder; check the path given as {ARG} (a hub id looks like 'owner/name')",
@@ -69,7 +71,13 @@ def resolve_backbone(backbone: str, *, cache_dir: str | os.PathLike[str] | None 
         )
     fix = _FIX.format(b=backbone)
     return snapshot(
-        backbone, allow_patterns=_ALLOW_PATTERNS, error=BackboneError, what="backbone", fix=fix, argument="backbone", cache_dir=cache_dir
+        backbone,
+        allow_patterns=_ALLOW_PATTERNS,
+        error=BackboneError,
+        what="backbone",
+        fix=fix,
+        argument="backbone",
+        cache_dir=cache_dir,
     )
 
 
@@ -113,19 +121,35 @@ def _image_constants(folder: Path) -> tuple[tuple[float, float, float], tuple[fl
 # (text width, depth, heads, mlp), projection dim.
 ARCHITECTURES: dict[str, dict] = {
     "tiny": {
-        "vision": dict(hidden_size=64, num_hidden_layers=8, num_attention_heads=4, intermediate_size=128, patch_size=14, image_size=112),
+        "vision": dict(
+            hidden_size=64,
+            num_hidden_layers=8,
+            num_attention_heads=4,
+            intermediate_size=128,
+            patch_size=14,
+            image_size=112,
+        ),
         "text": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
         "projection_dim": 32,
     },
     "vit-l-14-336": {
-        "vision": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, patch_size=14, image_size=336),
+        "vision": dict(
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            patch_size=14,
+            image_size=336,
+        ),
         "text": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
         "projection_dim": 768,
     },
 }
 
 
-def make_random_backbone(out_dir: str | os.PathLike[str], tokenizer_dir: str | os.PathLike[str], *, architecture: str = "tiny", seed: int = 0) -> Path:
+def make_random_backbone(
+    out_dir: str | os.PathLike[str], tokenizer_dir: str | os.PathLike[str], *, architecture: str = "tiny", seed: int = 0
+) -> Path:
     """Write a randomly initialised CLIP as a Hugging Face folder (model, tokenizer, preprocessor).
 
     ``tokenizer_dir`` holds a CLIP tokenizer in Hugging Face format (the real BPE vocabulary).

@@ -62,7 +62,9 @@ def resolve_checkpoint(checkpoint: str | os.PathLike[str], *, cache_dir: str | o
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(f"checkpoint {path} is a pickle file; {_PICKLE_WHY}")
     if path.is_file():
-        raise CheckpointError(f"checkpoint {path} is a file; pass the checkpoint folder (holding {CONFIG_NAME} and {WEIGHTS_NAME})")
+        raise CheckpointError(
+            f"checkpoint {path} is a file; pass the checkpoint folder (holding {CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
     if path.is_dir():
         return path
     if is_local_path(str(checkpoint)):
@@ -72,11 +74,19 @@ def resolve_checkpoint(checkpoint: str | os.PathLike[str], *, cache_dir: str | o
         )
     fix = f"check the name, or download it once with `hf download {checkpoint}` and pass the folder as {ARG}"
     return snapshot(
-        str(checkpoint), allow_patterns=_HUB_FILES, error=CheckpointError, what="checkpoint", fix=fix, argument="checkpoint", cache_dir=cache_dir
+        str(checkpoint),
+        allow_patterns=_HUB_FILES,
+        error=CheckpointError,
+        what="checkpoint",
+        fix=fix,
+        argument="checkpoint",
+        cache_dir=cache_dir,
     )
 
 
-def read_checkpoint(checkpoint: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None) -> CheckpointFiles:
+def read_checkpoint(
+    checkpoint: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None
+) -> CheckpointFiles:
     """Read and validate a checkpoint's config and weights (never a pickle; no NaN/Inf)."""
     folder = resolve_checkpoint(checkpoint, cache_dir=cache_dir)
     config_path = folder / CONFIG_NAME
@@ -84,7 +94,9 @@ def read_checkpoint(checkpoint: str | os.PathLike[str], *, cache_dir: str | os.P
     if not weights_path.is_file():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         if pickles:
-            raise CheckpointError(f"checkpoint {folder} holds only pickle weights ({', '.join(pickles)}); {_PICKLE_WHY}")
+            raise CheckpointError(
+                f"checkpoint {folder} holds only pickle weights ({', '.join(pickles)}); {_PICKLE_WHY}"
+            )
         raise CheckpointError(f"checkpoint {folder} has no {WEIGHTS_NAME}; is it a kanoclip checkpoint folder?")
     if not config_path.is_file():
         raise CheckpointError(f"checkpoint {folder} has no {CONFIG_NAME}")
@@ -101,7 +113,9 @@ def read_checkpoint(checkpoint: str | os.PathLike[str], *, cache_dir: str | os.P
         raise CheckpointError(f"{weights_path}: not a valid safetensors file ({exc})") from None
     for name, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{weights_path}: weight {name!r} holds NaN or infinite values; the training diverged")
+            raise CheckpointError(
+                f"{weights_path}: weight {name!r} holds NaN or infinite values; the training diverged"
+            )
     return CheckpointFiles(folder=folder, config=config, metadata=raw.get("metadata", {}), state_dict=state)
 
 
@@ -125,7 +139,9 @@ def model_card(config: KAnoCLIPConfig, metadata: dict[str, Any]) -> str:
     """A Hugging Face model card stating backbone, training data, epochs and metrics."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    data = ModelCardData(library_name="kanoclip", tags=["anomaly-detection", "zero-shot", "clip", "kanoclip"], base_model=config.backbone)
+    data = ModelCardData(
+        library_name="kanoclip", tags=["anomaly-detection", "zero-shot", "clip", "kanoclip"], base_model=config.backbone
+    )
     metrics = metadata.get("metrics") or {}
     lines = [
         "---",
@@ -137,7 +153,8 @@ def model_card(config: KAnoCLIPConfig, metadata: dict[str, Any]) -> str:
         "Trainable parts of a KAnoCLIP model (learned prompts, Bi-CMCI, Conv-Adapter) for the frozen "
         f"backbone `{config.backbone}`. Load it with `KAnoCLIP.from_pretrained(checkpoint=...)`.",
         "",
-        f"- Backbone: `{config.backbone}`" + (" (randomly initialised: results are meaningless)" if metadata.get("random_backbone") else ""),
+        f"- Backbone: `{config.backbone}`"
+        + (" (randomly initialised: results are meaningless)" if metadata.get("random_backbone") else ""),
         f"- Training data: {', '.join(metadata.get('datasets', [])) or 'not recorded'}",
         f"- Epochs: {metadata.get('epochs', 'not recorded')}",
         f"- Image size: {metadata.get('image_size', 'backbone default')}",
@@ -156,7 +173,9 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else str(value)
 
 
-def push_to_hub(folder: str | os.PathLike[str], repo_id: str, *, private: bool = False, token: str | None = None) -> str:
+def push_to_hub(
+    folder: str | os.PathLike[str], repo_id: str, *, private: bool = False, token: str | None = None
+) -> str:
     """Upload a checkpoint folder (with a generated model card) to the Hugging Face Hub."""
     from huggingface_hub import HfApi
 
@@ -165,5 +184,7 @@ def push_to_hub(folder: str | os.PathLike[str], repo_id: str, *, private: bool =
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     # the checkpoint's own files only: a training folder also holds state, logs and caches
-    api.upload_folder(repo_id=repo_id, folder_path=str(files.folder), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, KB_NAME, "README.md"])
+    api.upload_folder(
+        repo_id=repo_id, folder_path=str(files.folder), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, KB_NAME, "README.md"]
+    )
     return f"https://huggingface.co/{repo_id}"

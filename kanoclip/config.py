@@ -27,8 +27,6 @@ CONFIG_VERSION = 2
 _OLD_KEYS = {1: {"prompts": ("normal_template",)}}
 
 
-
-
 def _check_positive(name: str, value: object) -> None:
     """``ValueError`` naming the field unless ``value`` is a positive finite number."""
     if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -73,11 +71,19 @@ class VVConfig:
 
     def __post_init__(self) -> None:
         if self.num_replaced_blocks is not None and self.num_replaced_blocks < 1:
-            raise ValueError(f"VVConfig.num_replaced_blocks must be at least 1 (or None), got {self.num_replaced_blocks}")
+            raise ValueError(
+                f"VVConfig.num_replaced_blocks must be at least 1 (or None), got {self.num_replaced_blocks}"
+            )
         if self.stage_layers is not None:
             self.stage_layers = tuple(self.stage_layers)
-            if not self.stage_layers or list(self.stage_layers) != sorted(set(self.stage_layers)) or self.stage_layers[0] < 1:
-                raise ValueError(f"VVConfig.stage_layers must be increasing layers from 1 on (or None), got {self.stage_layers}")
+            if (
+                not self.stage_layers
+                or list(self.stage_layers) != sorted(set(self.stage_layers))
+                or self.stage_layers[0] < 1
+            ):
+                raise ValueError(
+                    f"VVConfig.stage_layers must be increasing layers from 1 on (or None), got {self.stage_layers}"
+                )
         _check_choice("VVConfig.position_interpolation", self.position_interpolation, ("bicubic", "bilinear"))
 
     def resolve(self, depth: int) -> tuple[int, tuple[int, ...]]:
@@ -114,7 +120,9 @@ class BiCMCIConfig:
         for name in ("dim", "num_heads", "deform_stride", "deform_kernel"):
             _check_positive(f"BiCMCIConfig.{name}", getattr(self, name))
         if self.dim % self.num_heads:
-            raise ValueError(f"BiCMCIConfig.dim must be divisible by num_heads, got dim={self.dim}, num_heads={self.num_heads}")
+            raise ValueError(
+                f"BiCMCIConfig.dim must be divisible by num_heads, got dim={self.dim}, num_heads={self.num_heads}"
+            )
         _check_positive("BiCMCIConfig.offset_range", self.offset_range)
 
 
@@ -130,7 +138,9 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         if self.bottleneck < 0:
-            raise ValueError(f"AdapterConfig.bottleneck must be 0 (feature dim // 4) or positive, got {self.bottleneck}")
+            raise ValueError(
+                f"AdapterConfig.bottleneck must be 0 (feature dim // 4) or positive, got {self.bottleneck}"
+            )
         if not 0.0 <= self.ratio <= 1.0:
             raise ValueError(f"AdapterConfig.ratio must be in [0, 1], got {self.ratio}")
 
@@ -192,7 +202,9 @@ class ReferenceConfig:
         if not 0.0 <= self.margin < 1.0:
             raise ValueError(f"references.margin must be in [0, 1), got {self.margin}")
         if self.max_per_class < 1 or self.chunk < 1:
-            raise ValueError(f"references.max_per_class and references.chunk must be >= 1, got {self.max_per_class}, {self.chunk}")
+            raise ValueError(
+                f"references.max_per_class and references.chunk must be >= 1, got {self.max_per_class}, {self.chunk}"
+            )
 
 
 # The training-free state ensemble, written for kanoclip after WinCLIP's compositional prompt
@@ -261,8 +273,14 @@ class TrainingFreeConfig:
 
     def __post_init__(self) -> None:
         self.stage_weights = tuple(float(w) for w in self.stage_weights)
-        if not self.stage_weights or any(not math.isfinite(w) or w < 0 for w in self.stage_weights) or sum(self.stage_weights) <= 0:
-            raise ValueError(f"training_free.stage_weights must be non-negative numbers with a positive sum, got {self.stage_weights}")
+        if (
+            not self.stage_weights
+            or any(not math.isfinite(w) or w < 0 for w in self.stage_weights)
+            or sum(self.stage_weights) <= 0
+        ):
+            raise ValueError(
+                f"training_free.stage_weights must be non-negative numbers with a positive sum, got {self.stage_weights}"
+            )
         if self.num_replaced_blocks < 1:
             raise ValueError(f"training_free.num_replaced_blocks must be >= 1, got {self.num_replaced_blocks}")
         for name in ("templates", "normal_states", "abnormal_states"):
@@ -270,7 +288,9 @@ class TrainingFreeConfig:
             setattr(self, name, values)
             bad = [v for v in values if not isinstance(v, str) or v.count("{}") != 1]
             if not values or bad:
-                raise ValueError(f"training_free.{name} must be a non-empty list of texts with one '{{}}' each, got {bad or values}")
+                raise ValueError(
+                    f"training_free.{name} must be a non-empty list of texts with one '{{}}' each, got {bad or values}"
+                )
 
 
 @dataclass
@@ -302,9 +322,7 @@ class KAnoCLIPConfig:
         data = dict(data)
         version = data.pop("kanoclip_config_version", None)
         if version not in (*_OLD_KEYS, CONFIG_VERSION):
-            raise CheckpointError(
-                f"{source}: config version {version!r} is not supported (expected {CONFIG_VERSION})"
-            )
+            raise CheckpointError(f"{source}: config version {version!r} is not supported (expected {CONFIG_VERSION})")
         sections = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
@@ -327,7 +345,9 @@ def parse_assignment(text: str) -> tuple[str, str]:
     """``"training_free.stage_weights=0,0,0,1"`` -> ``("training_free.stage_weights", "0,0,0,1")``."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise ValueError(f"expected KEY=VALUE with a dotted KEY such as training_free.stage_weights=0,0,0,1, got {text!r}")
+        raise ValueError(
+            f"expected KEY=VALUE with a dotted KEY such as training_free.stage_weights=0,0,0,1, got {text!r}"
+        )
     return key.strip(), value.strip()
 
 

@@ -38,7 +38,7 @@ from kanoclip.modeling.model import KAnoCLIPModel, KAnoCLIPOutput
 from kanoclip.modeling.prompts import mean_direction
 from kanoclip.modeling.vv_attention import VisualFeatures
 from kanoclip.precision import int8_vision_copy, resolve_precision
-from kanoclip.references import ReferenceSet, References, bank_from_stages, f1_max_threshold, fuse, reference_maps
+from kanoclip.references import References, ReferenceSet, bank_from_stages, f1_max_threshold, fuse, reference_maps
 
 MAX_CLASS_CHARS = 1000  # longer names are cut before tokenising (the tokenizer cuts to 77 tokens anyway)
 _SHARED_PASS_KEYS = {"backbone", "image_size", "vv.stage_layers", "vv.position_interpolation"}
@@ -123,10 +123,14 @@ class KAnoCLIP(nn.Module):
             cache_dir=cache_dir, backbone_cache=backbone_cache, knowledge=_knowledge_from(kb, files.folder if files else None),
         )  # fmt: skip
         if files is not None:
-            model.load_trainable_state_dict(files.state_dict, source=str(files.folder), trained_backbone=files.config.backbone)
+            model.load_trainable_state_dict(
+                files.state_dict, source=str(files.folder), trained_backbone=files.config.backbone
+            )
             model.checkpoint_name = str(checkpoint)
         if references is not None:
-            model.reference_store = References.load(references, fingerprint=model.reference_fingerprint(), device=model.device)
+            model.reference_store = References.load(
+                references, fingerprint=model.reference_fingerprint(), device=model.device
+            )
         return model.eval()  # like transformers' from_pretrained: ready for inference
 
     @classmethod
@@ -215,7 +219,9 @@ class KAnoCLIP(nn.Module):
             try:
                 other.load_trainable_state_dict(self.model.trainable_state_dict(), source="the trained weights")
             except CheckpointError:
-                raise InputError("a sweep variant cannot change the shapes of the trained parts (e.g. bicmci.dim, prompts.n_ctx)") from None
+                raise InputError(
+                    "a sweep variant cannot change the shapes of the trained parts (e.g. bicmci.dim, prompts.n_ctx)"
+                ) from None
         other.checkpoint_name = self.checkpoint_name
         return other.eval()
 
@@ -227,7 +233,9 @@ class KAnoCLIP(nn.Module):
         Only a trained-mode model takes them: a training-free model has no learned parts in use.
         """
         if not self.trained:
-            raise InputError(f"{source}: trained weights need a trained-mode model; load it with from_pretrained(checkpoint=...)")
+            raise InputError(
+                f"{source}: trained weights need a trained-mode model; load it with from_pretrained(checkpoint=...)"
+            )
         expected = self.model.trainable_state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -314,7 +322,12 @@ class KAnoCLIP(nn.Module):
         return self.model.encode_image(pixel_values)
 
     def forward(
-        self, visual: VisualFeatures, class_names: Sequence[str], *, sigma: float | None = None, references: References | None = None
+        self,
+        visual: VisualFeatures,
+        class_names: Sequence[str],
+        *,
+        sigma: float | None = None,
+        references: References | None = None,
     ) -> KAnoCLIPOutput:
         """Maps and scores from CLIP-VV features for each image's (canonical) class.
 
@@ -339,7 +352,9 @@ class KAnoCLIP(nn.Module):
             out = self._with_references(out, visual, sets, sigma)
         return out
 
-    def _with_references(self, out: KAnoCLIPOutput, visual: VisualFeatures, sets: list[ReferenceSet | None], sigma: float | None) -> KAnoCLIPOutput:
+    def _with_references(
+        self, out: KAnoCLIPOutput, visual: VisualFeatures, sets: list[ReferenceSet | None], sigma: float | None
+    ) -> KAnoCLIPOutput:
         """``out`` with each referenced image's map and score fused with its reference map."""
         config, size = self.config, self.image_size
         sigma = config.scoring.sigma if sigma is None else sigma
@@ -439,7 +454,9 @@ class KAnoCLIP(nn.Module):
             "position_interpolation": self.config.vv.position_interpolation,
         }
 
-    def add_references(self, class_name: str, images: Sequence[ImageInput], *, store: References | None = None) -> ReferenceSet:
+    def add_references(
+        self, class_name: str, images: Sequence[ImageInput], *, store: References | None = None
+    ) -> ReferenceSet:
         """Add k >= 1 normal images of ``class_name`` as references; detect then fuses their map.
 
         With k >= 2 in all, the class's threshold is set from them (leave-one-out, see
@@ -498,7 +515,12 @@ class KAnoCLIP(nn.Module):
         return self.reference_store.save(folder)
 
     def calibrate(
-        self, class_name: str, images: Sequence[ImageInput], labels: Sequence[int] | None = None, *, store: References | None = None
+        self,
+        class_name: str,
+        images: Sequence[ImageInput],
+        labels: Sequence[int] | None = None,
+        *,
+        store: References | None = None,
     ) -> float:
         """Set and return the class's threshold from validation images.
 
@@ -525,12 +547,16 @@ class KAnoCLIP(nn.Module):
         return threshold
 
     @torch.inference_mode()
-    def _reference_features(self, class_name: str, images: Sequence[Image.Image], batch: int = 8) -> tuple[list[torch.Tensor], list[float], tuple[int, int]]:
+    def _reference_features(
+        self, class_name: str, images: Sequence[Image.Image], batch: int = 8
+    ) -> tuple[list[torch.Tensor], list[float], tuple[int, int]]:
         """Decoded images -> (their memory bank, n_stages x (k·L, C); each one's own score without references; the grid)."""
         stages, scores = [], []
         for start in range(0, len(images), batch):
             visual = self.encode_image(self.pixel_values(images[start : start + batch]))
-            out = self.forward(visual, [class_name] * visual.stages[0].shape[0], references=References(self.reference_fingerprint()))
+            out = self.forward(
+                visual, [class_name] * visual.stages[0].shape[0], references=References(self.reference_fingerprint())
+            )
             stages.append(visual.stages)
             scores += out.score.tolist()
         return bank_from_stages([torch.cat(parts) for parts in zip(*stages)]), scores, visual.grid
@@ -559,7 +585,12 @@ class KAnoCLIP(nn.Module):
     # ------------------------------------------------------------------ detection API
     @torch.inference_mode()
     def infer(
-        self, images: Sequence[Image.Image], class_names: Sequence[str], *, sigma: float | None = None, references: References | None = None
+        self,
+        images: Sequence[Image.Image],
+        class_names: Sequence[str],
+        *,
+        sigma: float | None = None,
+        references: References | None = None,
     ) -> tuple[KAnoCLIPOutput, VisualFeatures]:
         """Inference on decoded RGB images of canonical classes: eval mode, the backbone at :attr:`precision`.
 
@@ -571,7 +602,13 @@ class KAnoCLIP(nn.Module):
         return self.forward(visual, class_names, sigma=sigma, references=references), visual
 
     def detect(
-        self, image: ImageInput, class_name: str, *, threshold: float | None = None, sigma: float | None = None, references: References | None = None
+        self,
+        image: ImageInput,
+        class_name: str,
+        *,
+        threshold: float | None = None,
+        sigma: float | None = None,
+        references: References | None = None,
     ) -> Detection:
         """Detect anomalies in one image of ``class_name`` (see :class:`~kanoclip.detection.Detection`)."""
         return self.detect_batch([image], [class_name], threshold=threshold, sigma=sigma, references=references)[0]
@@ -595,7 +632,9 @@ class KAnoCLIP(nn.Module):
         if isinstance(class_names, str):
             class_names = [class_names] * len(images)
         if len(class_names) != len(images):
-            raise InputError(f"got {len(images)} images but {len(class_names)} class names; pass one class name or one per image")
+            raise InputError(
+                f"got {len(images)} images but {len(class_names)} class names; pass one class name or one per image"
+            )
         if not images:
             return []
         store = self.reference_store if references is None else references

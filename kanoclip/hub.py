@@ -49,16 +49,26 @@ def snapshot(
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True, allow_patterns=allow_patterns))
+        return Path(
+            snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True, allow_patterns=allow_patterns)
+        )
     except LocalEntryNotFoundError:
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in _OFFLINE_VALUES:
-        raise error(f"{what} {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {fix}", argument=argument)
+        raise error(
+            f"{what} {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {fix}",
+            argument=argument,
+        )
     try:  # one request with a short timeout, instead of the hub client's retries
         HfApi().model_info(repo_id, timeout=5)
     except Exception as exc:  # noqa: BLE001 - any failure here means "not reachable"
-        raise error(f"{what} {repo_id!r} is not cached and the Hugging Face Hub is not reachable ({type(exc).__name__}); {fix}", argument=argument) from None
+        raise error(
+            f"{what} {repo_id!r} is not cached and the Hugging Face Hub is not reachable ({type(exc).__name__}); {fix}",
+            argument=argument,
+        ) from None
     try:
         return Path(snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=allow_patterns))
     except Exception as exc:  # noqa: BLE001 - any download failure is reported the same way
-        raise error(f"{what} {repo_id!r} could not be downloaded ({type(exc).__name__}); {fix}", argument=argument) from None
+        raise error(
+            f"{what} {repo_id!r} could not be downloaded ({type(exc).__name__}); {fix}", argument=argument
+        ) from None

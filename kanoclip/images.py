@@ -60,7 +60,9 @@ def load_image(image: ImageInput) -> Image.Image:
     elif isinstance(image, (str, os.PathLike, bytes)):
         pil = _open(image, name)
     else:
-        raise ImageError(f"{name}: unsupported image type {type(image).__name__}; pass a path, bytes, a PIL image or a numpy array")
+        raise ImageError(
+            f"{name}: unsupported image type {type(image).__name__}; pass a path, bytes, a PIL image or a numpy array"
+        )
     try:
         rgb = _to_rgb(_upright(pil), name)
     except (OSError, ValueError, SyntaxError) as exc:
@@ -87,7 +89,9 @@ def _open(source: str | os.PathLike | bytes, name: str) -> Image.Image:
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{name}: image is larger than {MAX_PIXELS // 1_000_000} megapixels (possible decompression bomb)") from None
+        raise ImageError(
+            f"{name}: image is larger than {MAX_PIXELS // 1_000_000} megapixels (possible decompression bomb)"
+        ) from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file (unrecognised format)") from None
     except (OSError, ValueError, SyntaxError) as exc:
@@ -150,16 +154,24 @@ def _from_array(array: np.ndarray, name: str) -> Image.Image:
         if not np.isfinite(array).all():
             raise ImageError(f"{name}: float array holds NaN or infinite values")
         if array.size and (array.min() < 0.0 or array.max() > 1.0):
-            raise ImageError(f"{name}: float array values must be in [0, 1], got [{array.min():.3g}, {array.max():.3g}]")
+            raise ImageError(
+                f"{name}: float array values must be in [0, 1], got [{array.min():.3g}, {array.max():.3g}]"
+            )
         array = (array * 255.0 + 0.5).astype(np.uint8)
     elif array.dtype != np.uint8:
-        raise ImageError(f"{name}: array dtype {array.dtype} is not supported; use uint8, uint16, bool or float in [0, 1]")
+        raise ImageError(
+            f"{name}: array dtype {array.dtype} is not supported; use uint8, uint16, bool or float in [0, 1]"
+        )
     # uint8 (H, W) / (H, W, 3) / (H, W, 4) arrays map to L / RGB / RGBA
     return _to_rgb(Image.fromarray(np.ascontiguousarray(array)), name)
 
 
 def preprocess(
-    images: list[Image.Image], size: int, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str = "cpu"
+    images: list[Image.Image],
+    size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """RGB images -> ``(B, 3, size, size)`` float32 on ``device``: whole image resized (bicubic), normalised.
 
@@ -168,7 +180,10 @@ def preprocess(
     """
     import torch  # here, not at the top: decoding alone (the kb CLI's VQA images) needs no torch
 
-    arrays = [np.asarray(img if img.size == (size, size) else img.resize((size, size), Image.Resampling.BICUBIC)) for img in images]
+    arrays = [
+        np.asarray(img if img.size == (size, size) else img.resize((size, size), Image.Resampling.BICUBIC))
+        for img in images
+    ]
     batch = torch.from_numpy(np.stack(arrays)).to(device)  # (B, S, S, 3) uint8
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)

@@ -46,7 +46,7 @@ from kanoclip.knowledge.classes import normalize
 if TYPE_CHECKING:
     from kanoclip.detector import KAnoCLIP
     from kanoclip.modeling.model import KAnoCLIPModel
-    from kanoclip.references import ReferenceSet, References
+    from kanoclip.references import References, ReferenceSet
 
 FORMAT = "kanoclip-onnx"
 FORMAT_VERSION = 1
@@ -86,7 +86,9 @@ class ExportGraph(nn.Module):
             their images' maps and scores as :meth:`KAnoCLIP.detect` does; None: none.
     """
 
-    def __init__(self, model: KAnoCLIPModel, tables: Mapping[str, torch.Tensor], references: ReferenceTables | None = None) -> None:
+    def __init__(
+        self, model: KAnoCLIPModel, tables: Mapping[str, torch.Tensor], references: ReferenceTables | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.table_names = tuple(tables)
@@ -124,7 +126,12 @@ class ReferenceTables(nn.Module):
         self.weight, self.chunk, self.sigma = weight, chunk, sigma
 
     def forward(
-        self, model: KAnoCLIPModel, visual: Any, class_index: torch.Tensor, anomaly_map: torch.Tensor, score: torch.Tensor
+        self,
+        model: KAnoCLIPModel,
+        visual: Any,
+        class_index: torch.Tensor,
+        anomaly_map: torch.Tensor,
+        score: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         from kanoclip.references import fuse, reference_maps
 
@@ -205,7 +212,10 @@ def export_onnx(
     )
     graph = ExportGraph(model, class_tables(detector, names), reference_tables).eval()
     size = detector.image_size
-    example = (torch.randn(2, 3, size, size, device=detector.device), torch.zeros(2, dtype=torch.int64, device=detector.device))
+    example = (
+        torch.randn(2, 3, size, size, device=detector.device),
+        torch.zeros(2, dtype=torch.int64, device=detector.device),
+    )
     batch = torch.export.Dim("batch")
     requested = model.requested_precision
     model.requested_precision = "fp32"  # an export is fp32: no autocast region is traced
@@ -230,7 +240,9 @@ def export_onnx(
         "version": FORMAT_VERSION,
         "classes": names,
         "known_classes": [resolved[name] for name in names],
-        "threshold": {name: r.threshold if r is not None and r.calibrated else threshold for name, r in zip(names, sets)},
+        "threshold": {
+            name: r.threshold if r is not None and r.calibrated else threshold for name, r in zip(names, sets)
+        },
         "references": {name: r.count if r is not None else 0 for name, r in zip(names, sets)},
         "image_size": size,
         "image_mean": list(detector.image_mean),
@@ -259,13 +271,19 @@ def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such ONNX file; export one with {HOW}")
     if not side.is_file():
-        raise CheckpointError(f"{path}: not a kanoclip export (its sidecar {side.name} is missing); export it with {HOW}")
+        raise CheckpointError(
+            f"{path}: not a kanoclip export (its sidecar {side.name} is missing); export it with {HOW}"
+        )
     try:
         meta = json.loads(side.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{side}: not a kanoclip export sidecar ({exc}); export the model again with {HOW}") from None
+        raise CheckpointError(
+            f"{side}: not a kanoclip export sidecar ({exc}); export the model again with {HOW}"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{side}: not a kanoclip export sidecar (no format {FORMAT!r}); export the model again with {HOW}")
+        raise CheckpointError(
+            f"{side}: not a kanoclip export sidecar (no format {FORMAT!r}); export the model again with {HOW}"
+        )
     if meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{side}: export format version {meta.get('version')!r}, this kanoclip reads version {FORMAT_VERSION}; "
@@ -306,10 +324,14 @@ class OnnxDetector:
                 str(self.path), sess_options=session_options, providers=list(providers or ["CPUExecutionProvider"])
             )
         except (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail, ort_errors.NoSuchFile) as exc:
-            raise CheckpointError(f"{self.path}: onnxruntime cannot load it as an ONNX graph ({first_line(exc)}); export it again with {HOW}") from None
+            raise CheckpointError(
+                f"{self.path}: onnxruntime cannot load it as an ONNX graph ({first_line(exc)}); export it again with {HOW}"
+            ) from None
         names = [i.name for i in self.session.get_inputs()]
         if names != self.meta["inputs"] or [o.name for o in self.session.get_outputs()] != list(OUTPUTS):
-            raise CheckpointError(f"{self.path}: its inputs {names} are not those of the sidecar's export; export it again with {HOW}")
+            raise CheckpointError(
+                f"{self.path}: its inputs {names} are not those of the sidecar's export; export it again with {HOW}"
+            )
         self.classes: list[str] = list(self.meta["classes"])
         self.mode: str = self.meta["mode"]
         self.image_size = int(self.meta["image_size"])
@@ -335,7 +357,9 @@ class OnnxDetector:
         """Detect anomalies in one image of an exported class (see :meth:`detect_batch`)."""
         return self.detect_batch([image], [class_name], threshold=threshold)[0]
 
-    def detect_batch(self, images: Sequence[ImageInput], class_names: Sequence[str] | str, *, threshold: float | None = None) -> list[Detection]:
+    def detect_batch(
+        self, images: Sequence[ImageInput], class_names: Sequence[str] | str, *, threshold: float | None = None
+    ) -> list[Detection]:
         """Detect anomalies in several images; ``class_names`` is one exported class or one per image.
 
         Args:
@@ -350,13 +374,19 @@ class OnnxDetector:
         if isinstance(class_names, str):
             class_names = [class_names] * len(images)
         if len(class_names) != len(images):
-            raise InputError(f"got {len(images)} images but {len(class_names)} class names; pass one class name or one per image")
+            raise InputError(
+                f"got {len(images)} images but {len(class_names)} class names; pass one class name or one per image"
+            )
         if not images:
             return []
         indices = [self.class_index(name) for name in class_names]
         pil_images = [load_image(image) for image in images]
-        pixels = preprocess(pil_images, self.image_size, tuple(self.meta["image_mean"]), tuple(self.meta["image_std"])).numpy()
-        maps, scores = self.session.run(list(OUTPUTS), {IMAGE_INPUT: pixels, CLASS_INPUT: np.asarray(indices, dtype=np.int64)})
+        pixels = preprocess(
+            pil_images, self.image_size, tuple(self.meta["image_mean"]), tuple(self.meta["image_std"])
+        ).numpy()
+        maps, scores = self.session.run(
+            list(OUTPUTS), {IMAGE_INPUT: pixels, CLASS_INPUT: np.asarray(indices, dtype=np.int64)}
+        )
         results = []
         for i, (pil, k) in enumerate(zip(pil_images, indices)):
             name = self.classes[k]
@@ -369,7 +399,9 @@ class OnnxDetector:
                     known_class=bool(self.meta["known_classes"][k]),
                     mode=self.mode,  # type: ignore[arg-type]
                     image=describe(images[i]),
-                    reference_count=int(self.meta["references"][name]),  # fused in the graph; its own map is not exported
+                    reference_count=int(
+                        self.meta["references"][name]
+                    ),  # fused in the graph; its own map is not exported
                 )
             )
         return results

@@ -122,5 +122,7 @@ def int8_vision_copy(clip: CLIPModel) -> CLIPModel:
         # its deprecation notices (above) are for this function's author, not for a user of int8
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
-        quantize_dynamic(quantized.vision_model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+        quantize_dynamic(
+            quantized.vision_model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True
+        )
     return quantized

@@ -112,7 +112,10 @@ class References:
         tmp = out / (TENSORS_NAME + ".tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, out / TENSORS_NAME)
-        atomic_write_json(out / INDEX_NAME, {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": self.fingerprint, "classes": classes})
+        atomic_write_json(
+            out / INDEX_NAME,
+            {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": self.fingerprint, "classes": classes},
+        )
         return out
 
     @classmethod
@@ -123,17 +126,23 @@ class References:
         path = Path(folder).expanduser()
         index_path = path / INDEX_NAME
         if not index_path.is_file() or not (path / TENSORS_NAME).is_file():
-            raise CheckpointError(f"{path} holds no saved references (expected {INDEX_NAME} and {TENSORS_NAME}); build them with add_references or `kanoclip references build`")
+            raise CheckpointError(
+                f"{path} holds no saved references (expected {INDEX_NAME} and {TENSORS_NAME}); build them with add_references or `kanoclip references build`"
+            )
         try:
             index = json.loads(index_path.read_text(encoding="utf-8"))
             tensors = load_file(str(path / TENSORS_NAME), device=str(device))
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: the saved references cannot be read ({exc})") from None
         if not isinstance(index, dict) or index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
-            raise CheckpointError(f"{index_path} is not a kanoclip references index (format {FORMAT} version {FORMAT_VERSION})")
+            raise CheckpointError(
+                f"{index_path} is not a kanoclip references index (format {FORMAT} version {FORMAT_VERSION})"
+            )
         if index.get("fingerprint") != fingerprint:
             saved = index.get("fingerprint")
-            raise CheckpointError(f"{path} was built for another model ({saved}); this model is {fingerprint}: build the references again with it")
+            raise CheckpointError(
+                f"{path} was built for another model ({saved}); this model is {fingerprint}: build the references again with it"
+            )
         refs = cls(fingerprint=fingerprint)
         for i, entry in enumerate(index["classes"]):
             bank = [tensors[f"class{i}.stage{j}"] for j in range(entry["stages"])]
@@ -149,7 +158,9 @@ def bank_from_stages(stages: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [F.normalize(s.float(), dim=-1).flatten(0, 1).half() for s in stages]
 
 
-def nearest_distance(patches: torch.Tensor, bank: torch.Tensor, chunk: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
+def nearest_distance(
+    patches: torch.Tensor, bank: torch.Tensor, chunk: int, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
     """``1 − max_j cos(patch, bank_j)`` for every patch, clamped to [0, 1]: ``(B, L, C) -> (B, L)``.
 
     Args:

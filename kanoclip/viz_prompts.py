@@ -25,11 +25,17 @@ from matplotlib.figure import Figure
 from kanoclip.knowledge import KNOWLEDGE_SOURCES, SOURCE_LABELS
 
 GROUP_COLORS = {
-    "normal": "#1f77b4", "abnormal": "#d62728",
-    "llm": "#2ca02c", "vqa": "#9467bd", "builtin": "#ff7f0e", "manual": "#8c564b", "generic": "#7f7f7f",
+    "normal": "#1f77b4",
+    "abnormal": "#d62728",
+    "llm": "#2ca02c",
+    "vqa": "#9467bd",
+    "builtin": "#ff7f0e",
+    "manual": "#8c564b",
+    "generic": "#7f7f7f",
 }
 GROUP_NAMES = {
-    "normal": "normal prompts (LNPs)", "abnormal": "abnormal prompts (LAPs)",
+    "normal": "normal prompts (LNPs)",
+    "abnormal": "abnormal prompts (LAPs)",
     **{source: f"KB: {SOURCE_LABELS[source]}" for source in KNOWLEDGE_SOURCES},
 }
 _PREFIX = {"normal": "N", "abnormal": "A", "llm": "LLM", "vqa": "VQA", "builtin": "B", "manual": "H", "generic": "G"}
@@ -73,8 +79,16 @@ def prompt_set(model, class_name: str) -> PromptSet:
         prompts = learner([class_name])
     descriptions = model.knowledge.descriptions(class_name)
     kb = model.description_features(class_name)  # encoded once per class, shared with detection
-    texts = learner.prompt_texts(class_name, False) + learner.prompt_texts(class_name, True) + [d.text for d in descriptions]
-    groups = ["normal"] * prompts.normal.shape[1] + ["abnormal"] * prompts.abnormal.shape[1] + [d.source for d in descriptions]
+    texts = (
+        learner.prompt_texts(class_name, False)
+        + learner.prompt_texts(class_name, True)
+        + [d.text for d in descriptions]
+    )
+    groups = (
+        ["normal"] * prompts.normal.shape[1]
+        + ["abnormal"] * prompts.abnormal.shape[1]
+        + [d.source for d in descriptions]
+    )
     features = torch.cat([prompts.normal[0].float(), prompts.abnormal[0].float(), kb]).cpu().numpy()
     return PromptSet(class_name=class_name, texts=texts, groups=groups, features=features)
 
@@ -105,7 +119,9 @@ class KDDistances:
 def kd_distances(knowledge: np.ndarray, abnormal: np.ndarray, normal: np.ndarray) -> KDDistances:
     """The distances of eq. 2 from raw features ``(n_k, C)``, ``(n_a, C)``, ``(n_n, C)``."""
     wk, wa, wn = (_mean_direction(x) for x in (knowledge, abnormal, normal))
-    return KDDistances(knowledge_abnormal=float(np.linalg.norm(wk - wa)), knowledge_normal=float(np.linalg.norm(wk - wn)))
+    return KDDistances(
+        knowledge_abnormal=float(np.linalg.norm(wk - wa)), knowledge_normal=float(np.linalg.norm(wk - wn))
+    )
 
 
 def set_kd_distances(prompts: PromptSet) -> KDDistances:
@@ -160,7 +176,15 @@ def similarity_heatmap(prompts: PromptSet, title: str | None = None) -> Figure:
     if n <= 16:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, f"{sims[i, j]:.2f}", ha="center", va="center", fontsize=6, color="white" if sims[i, j] < sims.mean() else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{sims[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if sims[i, j] < sims.mean() else "black",
+                )
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="cosine similarity")
     ax.set_title(title or f"Cosine similarity of text features — {prompts.class_name}", fontsize=10)
     fig.tight_layout()
@@ -176,18 +200,24 @@ def pca_plot(prompts: PromptSet, title: str | None = None) -> Figure:
     for group in GROUP_COLORS:
         idx = [i for i, g in enumerate(prompts.groups) if g == group]
         if idx:
-            ax.scatter(points[idx, 0], points[idx, 1], c=GROUP_COLORS[group], label=GROUP_NAMES[group], s=40, alpha=0.85)
+            ax.scatter(
+                points[idx, 0], points[idx, 1], c=GROUP_COLORS[group], label=GROUP_NAMES[group], s=40, alpha=0.85
+            )
     for (x, y), label in zip(points, prompts.labels):
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     assert mean_points is not None
     # w̄k's star takes the colour of the knowledge source with the most descriptions
     knowledge = max(KNOWLEDGE_SOURCES, key=prompts.groups.count)
-    for (x, y), name, color in zip(mean_points, ("w̄n", "w̄a", "w̄k"), (GROUP_COLORS["normal"], GROUP_COLORS["abnormal"], GROUP_COLORS[knowledge])):
+    for (x, y), name, color in zip(
+        mean_points, ("w̄n", "w̄a", "w̄k"), (GROUP_COLORS["normal"], GROUP_COLORS["abnormal"], GROUP_COLORS[knowledge])
+    ):
         ax.scatter([x], [y], marker="*", s=260, c=color, edgecolors="black", linewidths=0.8, zorder=5)
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, -10), fontsize=10, fontweight="bold")
     ax.set_xlabel(f"PC1 ({ratio[0]:.0%} of variance)")
     ax.set_ylabel(f"PC2 ({ratio[1]:.0%} of variance)")
-    ax.set_title(title or f"PCA of text features — {prompts.class_name} (stars: normalised means of eq. 2)", fontsize=10)
+    ax.set_title(
+        title or f"PCA of text features — {prompts.class_name} (stars: normalised means of eq. 2)", fontsize=10
+    )
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()

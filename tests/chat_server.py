@@ -158,9 +158,13 @@ class ChatServer:
         """A well-behaved model's answer: ``asked_n`` numbered descriptions, or one VQA description."""
         label = request.prompt.split("(")[-1].split(")")[0] if request.is_vqa else request.prompt
         if request.is_vqa:
-            return Reply.text(f"The {label} shows anomaly number {next(self._counter)}: a small dark scratch near the centre.")
+            return Reply.text(
+                f"The {label} shows anomaly number {next(self._counter)}: a small dark scratch near the centre."
+            )
         n = request.asked_n or 5
-        lines = [f"{i}. Generated description {next(self._counter)} of a defect seen in: {label}" for i in range(1, n + 1)]
+        lines = [
+            f"{i}. Generated description {next(self._counter)} of a defect seen in: {label}" for i in range(1, n + 1)
+        ]
         return Reply.text("Here are the descriptions:\n" + "\n".join(lines))
 
     def _reply_for(self, request: Request) -> Reply:

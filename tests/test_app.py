@@ -93,7 +93,9 @@ def mini_mvtec(root: Path, bottle_dir: Path) -> Path:
     return root
 
 
-def train_inputs(name: str, folder: str | None = None, *, kind: str = "auto-detect", archive: Path | None = None) -> tuple:
+def train_inputs(
+    name: str, folder: str | None = None, *, kind: str = "auto-detect", archive: Path | None = None
+) -> tuple:
     """The /train endpoint's inputs: 1 epoch, batch size 2, lr 1e-3, the backbone's image size."""
     source = "uploaded zip" if archive else "folder under the data root"
     return (source, folder, kind, handle_file(str(archive)) if archive else None, name, 1, 2, 1e-3, 0)
@@ -135,14 +137,27 @@ class ScriptedTrainer:
         step = self.steps = 0
         while not self.release.wait(0.05):
             step = self.steps = step + 1
-            progress(TrainProgress(epoch=1, epochs=config.epochs, step=step, steps=1000, losses={"total": 1.0 / step}, message=f"step {step}"))
+            progress(
+                TrainProgress(
+                    epoch=1,
+                    epochs=config.epochs,
+                    step=step,
+                    steps=1000,
+                    losses={"total": 1.0 / step},
+                    message=f"step {step}",
+                )
+            )
             if should_stop():
                 self.stops += 1
-                return TrainResult(checkpoint=config.out, history=[], loss_curve=config.out / "loss.png", cancelled=True)
+                return TrainResult(
+                    checkpoint=config.out, history=[], loss_curve=config.out / "loss.png", cancelled=True
+                )
             if step > 2000:
                 raise RuntimeError("never released")
         KAnoCLIP.from_pretrained(backbone=config.backbone, device="cpu").save_pretrained(config.out)
-        return TrainResult(checkpoint=config.out, history=[{"epoch": 1, "total": 0.5}], loss_curve=config.out / "loss.png")
+        return TrainResult(
+            checkpoint=config.out, history=[{"epoch": 1, "total": 0.5}], loss_curve=config.out / "loss.png"
+        )
 
 
 # ---------------------------------------------------------------------------- the shared app
@@ -199,7 +214,9 @@ def test_random_backbone_is_called_meaningless(client: Client) -> None:
 
 
 def test_unknown_class_and_threshold_are_used(client: Client, tiny_model, bottle_image: Path) -> None:
-    summary, score, verdict, *_ = client.predict(handle_file(str(bottle_image)), "space widget", "training-free", 0.0, 0.0, api_name="/detect")
+    summary, score, verdict, *_ = client.predict(
+        handle_file(str(bottle_image)), "space widget", "training-free", 0.0, 0.0, api_name="/detect"
+    )
     direct = tiny_model.detect(bottle_image, "space widget", threshold=0.0, sigma=0.0)
     assert score == pytest.approx(direct.score, abs=1e-5)
     assert "not in the knowledge base" in summary
@@ -230,7 +247,9 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory, bottle_image: Path) -> d
         ("bottle", "   ", "class name is empty"),
     ],
 )
-def test_bad_input_gets_the_apps_message(client: Client, bad_files, bottle_image: Path, image, class_name, expected) -> None:
+def test_bad_input_gets_the_apps_message(
+    client: Client, bad_files, bottle_image: Path, image, class_name, expected
+) -> None:
     path = {"bottle": bottle_image, **bad_files}.get(image)
     with pytest.raises(AppError) as excinfo:
         client.predict(handle_file(str(path)) if path else None, class_name, api_name="/detect")
@@ -248,7 +267,9 @@ def test_bad_controls_and_models_are_refused(client: Client, bottle_image: Path)
     assert "is not 'training-free', a checkpoint under" in error_text(excinfo)
 
 
-def test_concurrent_clients_each_get_their_own_result(app: Running, tiny_model, bottle_dir: Path, shared_data: Path) -> None:
+def test_concurrent_clients_each_get_their_own_result(
+    app: Running, tiny_model, bottle_dir: Path, shared_data: Path
+) -> None:
     jobs = [
         (bottle_dir / "test" / "broken_large" / "000.png", "bottle"),
         (bottle_dir / "test" / "good" / "000.png", "bottle"),
@@ -289,19 +310,25 @@ def direct_with(model: KAnoCLIP, image: Path, references: list[Path], class_name
 
 
 def add_references(client: Client, images: list[Path], class_name: str = "bottle") -> str:
-    status, uploaded = client.predict([handle_file(str(p)) for p in images], class_name, "training-free", api_name="/add_references")
+    status, uploaded = client.predict(
+        [handle_file(str(p)) for p in images], class_name, "training-free", api_name="/add_references"
+    )
     assert uploaded in (None, [])  # the upload box is emptied once they are added
     return status
 
 
-def test_references_give_a_reference_map_and_a_calibrated_verdict_until_cleared(app: Running, tiny_model, bottle_dir: Path, bottle_image: Path) -> None:
+def test_references_give_a_reference_map_and_a_calibrated_verdict_until_cleared(
+    app: Running, tiny_model, bottle_dir: Path, bottle_image: Path
+) -> None:
     client = app.client()  # a session of its own
     refs = good_bottles(bottle_dir)[:3]
     status = add_references(client, refs)
     assert "**Normal references of `bottle`:** 3 (yours: this session only)" in status
     assert "calibrated leave-one-out on its 3 references" in status
 
-    summary, score, verdict, _, _, gallery, _ = client.predict(handle_file(str(bottle_image)), "bottle", api_name="/detect")
+    summary, score, verdict, _, _, gallery, _ = client.predict(
+        handle_file(str(bottle_image)), "bottle", api_name="/detect"
+    )
     direct = direct_with(tiny_model, bottle_image, refs)
     assert direct.reference_count == 3 and direct.reference_map is not None
     assert score == pytest.approx(direct.score, abs=1e-5)
@@ -324,17 +351,23 @@ def test_references_give_a_reference_map_and_a_calibrated_verdict_until_cleared(
     assert len(gallery) == 6
 
 
-def test_the_slider_decides_when_the_calibrated_threshold_is_not_wanted(app: Running, tiny_model, bottle_dir: Path, bottle_image: Path) -> None:
+def test_the_slider_decides_when_the_calibrated_threshold_is_not_wanted(
+    app: Running, tiny_model, bottle_dir: Path, bottle_image: Path
+) -> None:
     client = app.client()
     refs = good_bottles(bottle_dir)[3:5]
     add_references(client, refs)
-    _, score, verdict, *_ = client.predict(handle_file(str(bottle_image)), "bottle", "training-free", 0.3, 4.0, False, api_name="/detect")
+    _, score, verdict, *_ = client.predict(
+        handle_file(str(bottle_image)), "bottle", "training-free", 0.3, 4.0, False, api_name="/detect"
+    )
     assert score == pytest.approx(direct_with(tiny_model, bottle_image, refs).score, abs=1e-5)  # still fused with them
     assert verdict["label"].endswith("threshold 0.300 set with the slider")
     assert verdict["label"].startswith("ANOMALOUS" if score >= 0.3 else "normal")
 
 
-def test_concurrent_clients_with_different_references_get_their_own_results(app: Running, tiny_model, bottle_dir: Path) -> None:
+def test_concurrent_clients_with_different_references_get_their_own_results(
+    app: Running, tiny_model, bottle_dir: Path
+) -> None:
     good = good_bottles(bottle_dir)
     sets = [good[i : i + 2 + i % 2] for i in range(0, 16, 2)]  # 8 disjoint sets of 2 or 3 images
     # one test image per client: Gradio rewrites an output file at its content hash on every
@@ -353,7 +386,9 @@ def test_concurrent_clients_with_different_references_get_their_own_results(app:
     for image, refs, (score, label, summary) in zip(images, sets, results):
         direct = direct_with(tiny_model, image, refs)
         assert score == pytest.approx(direct.score, abs=1e-5), [p.name for p in refs]
-        assert label.endswith(f"threshold {direct.threshold:.3f}, calibrated leave-one-out on its {len(refs)} references")
+        assert label.endswith(
+            f"threshold {direct.threshold:.3f}, calibrated leave-one-out on its {len(refs)} references"
+        )
         assert f"**References:** {len(refs)} normal images" in summary
     assert len({round(score, 6) for score, _, _ in results}) == len(sets)
 
@@ -369,7 +404,9 @@ def many_tiny_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return paths
 
 
-def test_bad_references_get_the_apps_message_and_add_nothing(app: Running, bad_files, bottle_dir: Path, bottle_image: Path, many_tiny_images: list[Path]) -> None:
+def test_bad_references_get_the_apps_message_and_add_nothing(
+    app: Running, bad_files, bottle_dir: Path, bottle_image: Path, many_tiny_images: list[Path]
+) -> None:
     client = app.client()
     good = good_bottles(bottle_dir)[:2]
     with pytest.raises(AppError) as excinfo:
@@ -384,18 +421,24 @@ def test_bad_references_get_the_apps_message_and_add_nothing(app: Running, bad_f
     assert "class name is empty; pick the class the reference images show" in error_text(excinfo)
     with pytest.raises(AppError) as excinfo:
         add_references(client, many_tiny_images)
-    assert "65 reference images of 'bottle' exceed the limit of 64 per class; upload at most 64 more" in error_text(excinfo)
+    assert "65 reference images of 'bottle' exceed the limit of 64 per class; upload at most 64 more" in error_text(
+        excinfo
+    )
     # none of the refused uploads was added: the session still has no references
     _, _, verdict, _, _, gallery, _ = client.predict(handle_file(str(bottle_image)), "bottle", api_name="/detect")
     assert verdict["label"].endswith("default threshold 0.500 (not calibrated)") and len(gallery) == 6
 
 
-def test_saved_references_serve_every_session_without_its_own(tiny_backbone: Path, tiny_model, bottle_dir: Path, bottle_image: Path, tmp_path: Path) -> None:
+def test_saved_references_serve_every_session_without_its_own(
+    tiny_backbone: Path, tiny_model, bottle_dir: Path, bottle_image: Path, tmp_path: Path
+) -> None:
     good = good_bottles(bottle_dir)
     maker = KAnoCLIP.from_pretrained(backbone=str(tiny_backbone), device="cpu")
     maker.add_references("bottle", good[:2])
     folder = maker.save_references(tmp_path / "refs")
-    KAnoCLIP.for_training(backbone=str(tiny_backbone), device="cpu").save_pretrained(tmp_path / "checkpoints" / "trained")
+    KAnoCLIP.for_training(backbone=str(tiny_backbone), device="cpu").save_pretrained(
+        tmp_path / "checkpoints" / "trained"
+    )
     running = launch(app_config(tmp_path, tiny_backbone, references=folder))
     try:
         visitor, other = running.client(), running.client()
@@ -404,7 +447,10 @@ def test_saved_references_serve_every_session_without_its_own(tiny_backbone: Pat
         assert verdict["label"].endswith("calibrated leave-one-out on its 2 references")
         status = add_references(other, good[2:5])  # the other visitor's own win over the shared ones, for them only
         assert "3 (yours: this session only)" in status
-        assert "Shared references (loaded with `--references`) of `bottle` serve every visitor whose session has none" in status
+        assert (
+            "Shared references (loaded with `--references`) of `bottle` serve every visitor whose session has none"
+            in status
+        )
         _, other_score, other_verdict, *_ = other.predict(handle_file(str(bottle_image)), "bottle", api_name="/detect")
         assert other_score == pytest.approx(direct_with(tiny_model, bottle_image, good[2:5]).score, abs=1e-5)
         assert other_verdict["label"].endswith("on its 3 references")
@@ -415,7 +461,10 @@ def test_saved_references_serve_every_session_without_its_own(tiny_backbone: Pat
         # a trained checkpoint extracts other features: the saved references do not serve it, and it still loads
         status = visitor.predict("bottle", "checkpoints/trained", api_name="/clear_references")
         assert "**Normal references of `bottle`:** none" in status
-        assert "The shared references (`--references`) do not serve this model:" in status and "was built for another model" in status
+        assert (
+            "The shared references (`--references`) do not serve this model:" in status
+            and "was built for another model" in status
+        )
     finally:
         running.demo.close()
 
@@ -424,7 +473,9 @@ def test_a_references_folder_without_references_stops_the_app(tiny_backbone: Pat
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError) as excinfo:
         build_app(app_config(tmp_path, tiny_backbone, references=tmp_path / "empty", preload=False))
-    assert str(excinfo.value).startswith(f"--references / KANOCLIP_REFERENCES {tmp_path / 'empty'} holds no saved references (expected references.json")
+    assert str(excinfo.value).startswith(
+        f"--references / KANOCLIP_REFERENCES {tmp_path / 'empty'} holds no saved references (expected references.json"
+    )
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -456,7 +507,9 @@ def test_train_folder_is_confined_to_the_data_root(client: Client, folder: str, 
     assert expected in error_text(excinfo)
 
 
-def test_one_training_at_a_time_and_its_checkpoint_reaches_detect(app: Running, trainer: ScriptedTrainer, bottle_image: Path) -> None:
+def test_one_training_at_a_time_and_its_checkpoint_reaches_detect(
+    app: Running, trainer: ScriptedTrainer, bottle_image: Path
+) -> None:
     first, second = app.client(), app.client()
     trainer.release.clear()
     job = first.submit(*train_inputs("run-a", "mvtec-mini"), api_name="/train")
@@ -477,7 +530,9 @@ def test_one_training_at_a_time_and_its_checkpoint_reaches_detect(app: Running, 
     assert Path(config.out) == app.config.checkpoints_dir / "run-a" and config.epochs == 1 and config.batch_size == 2
     assert "bottle" in trainer.kb_classes  # the app's knowledge base went with it
     assert not Path(config.kb).exists()  # ...and the scratch folder was removed afterwards
-    summary, score, *_ = first.predict(handle_file(str(bottle_image)), "bottle", "checkpoints/run-a", api_name="/detect")
+    summary, score, *_ = first.predict(
+        handle_file(str(bottle_image)), "bottle", "checkpoints/run-a", api_name="/detect"
+    )
     assert "trained — checkpoint" in summary and 0.0 <= score <= 1.0
     with pytest.raises(AppError) as excinfo:  # names are not reused
         first.predict(*train_inputs("run-a", "mvtec-mini"), api_name="/train")
@@ -517,7 +572,9 @@ def test_failed_training_leaves_no_checking_message(client: Client) -> None:
         job.result(timeout=60)
     assert "does not exist" in error_text(excinfo)
     statuses = [out[0] for out in job.outputs()]
-    assert statuses and not any("Checking" in text for text in statuses)  # the status was cleared, not left beside the error
+    assert statuses and not any(
+        "Checking" in text for text in statuses
+    )  # the status was cleared, not left beside the error
 
 
 def test_model_lists_are_reread_on_page_load(app: Running, client: Client) -> None:
@@ -554,9 +611,13 @@ def test_loss_curve_is_drawn_per_step(app: Running, trainer: ScriptedTrainer, mo
     trainer.release.set()
     status, *_ = job.result(timeout=60)
     assert "Finished: `checkpoints/per-step`" in status
-    final = drawn[-1]  # the trainer's own history is one point per epoch ({"epoch": 1, "total": 0.5}); the app keeps every step
+    final = drawn[
+        -1
+    ]  # the trainer's own history is one point per epoch ({"epoch": 1, "total": 0.5}); the app keeps every step
     assert len(final) == trainer.steps >= 4
-    assert [p["epoch"] for p in final] == pytest.approx([i / 1000 for i in range(1, trainer.steps + 1)])  # step i of 1000 in epoch 1
+    assert [p["epoch"] for p in final] == pytest.approx(
+        [i / 1000 for i in range(1, trainer.steps + 1)]
+    )  # step i of 1000 in epoch 1
     assert [p["total"] for p in final] == pytest.approx([1.0 / i for i in range(1, trainer.steps + 1)])
 
 
@@ -567,7 +628,10 @@ def test_train_tab_shows_one_source_and_explains_a_missing_data_root(tiny_backbo
 
         with urllib.request.urlopen(running.url + "config", timeout=30) as answer:
             components = {c["props"].get("elem_id"): c["props"] for c in json.load(answer)["components"]}
-        assert "--data-root" in components["train-folder"]["info"] and "does not exist" in components["train-folder"]["info"]
+        assert (
+            "--data-root" in components["train-folder"]["info"]
+            and "does not exist" in components["train-folder"]["info"]
+        )
         assert components["train-folder"]["visible"] is not False and components["train-zip"]["visible"] is False
         client = running.client()
         folder, archive = client.predict("uploaded zip", api_name="/train_source")
@@ -581,7 +645,9 @@ def test_train_tab_shows_one_source_and_explains_a_missing_data_root(tiny_backbo
         running.demo.close()
 
 
-def make_zip(path: Path, entries: dict[str, bytes], symlinks: dict[str, str] | None = None, compression=zipfile.ZIP_DEFLATED) -> Path:
+def make_zip(
+    path: Path, entries: dict[str, bytes], symlinks: dict[str, str] | None = None, compression=zipfile.ZIP_DEFLATED
+) -> Path:
     with zipfile.ZipFile(path, "w", compression=compression) as archive:
         for name, data in entries.items():
             archive.writestr(name, data)
@@ -593,7 +659,9 @@ def make_zip(path: Path, entries: dict[str, bytes], symlinks: dict[str, str] | N
 
 
 def zip_folder(folder: Path, path: Path) -> Path:
-    entries = {f"dataset/{p.relative_to(folder).as_posix()}": p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    entries = {
+        f"dataset/{p.relative_to(folder).as_posix()}": p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
     return make_zip(path, entries, compression=zipfile.ZIP_STORED)
 
 
@@ -623,20 +691,28 @@ def test_train_from_an_uploaded_zip(app: Running, trainer: ScriptedTrainer, tmp_
     assert uploaded_copies(evil.name) == []  # a refused upload is deleted too
 
 
-def test_real_training_through_the_app(tiny_backbone: Path, bottle_dir: Path, bottle_image: Path, tmp_path: Path) -> None:
+def test_real_training_through_the_app(
+    tiny_backbone: Path, bottle_dir: Path, bottle_image: Path, tmp_path: Path
+) -> None:
     """kanoclip.training itself, 1 epoch on 4 real bottle images with the tiny random CLIP."""
     pytest.importorskip("kanoclip.training", reason="kanoclip.training is not in this checkout")
     mini_mvtec(tmp_path / "data" / "mini", bottle_dir)
     running = launch(app_config(tmp_path, tiny_backbone))
     try:
         client = running.client()
-        status, curves, detect_model, _ = client.predict(*train_inputs("tiny-run", "mini", kind="mvtec"), api_name="/train")
+        status, curves, detect_model, _ = client.predict(
+            *train_inputs("tiny-run", "mini", kind="mvtec"), api_name="/train"
+        )
         assert "Finished: `checkpoints/tiny-run`" in status, status
         assert curves["plot"].startswith("data:image/png;base64,")
         assert detect_model["value"] == "checkpoints/tiny-run"
-        summary, score, *_ = client.predict(handle_file(str(bottle_image)), "bottle", "checkpoints/tiny-run", api_name="/detect")
+        summary, score, *_ = client.predict(
+            handle_file(str(bottle_image)), "bottle", "checkpoints/tiny-run", api_name="/detect"
+        )
         assert "trained — checkpoint" in summary and 0.0 <= score <= 1.0
-        direct = KAnoCLIP.from_pretrained(running.config.checkpoints_dir / "tiny-run", backbone=str(tiny_backbone), device="cpu")
+        direct = KAnoCLIP.from_pretrained(
+            running.config.checkpoints_dir / "tiny-run", backbone=str(tiny_backbone), device="cpu"
+        )
         assert score == pytest.approx(direct.detect(bottle_image, "bottle").score, abs=1e-5)
     finally:
         running.demo.close()
@@ -694,7 +770,9 @@ def test_zip_that_lies_about_its_size_is_stopped_while_extracting(tmp_path: Path
 
 
 def test_safe_zip_is_extracted(tmp_path: Path) -> None:
-    archive = make_zip(tmp_path / "ok.zip", {"ds/a/1.txt": b"one", "ds/b/2.txt": b"two", "__MACOSX/ds/._1.txt": b"junk"})
+    archive = make_zip(
+        tmp_path / "ok.zip", {"ds/a/1.txt": b"one", "ds/b/2.txt": b"two", "__MACOSX/ds/._1.txt": b"junk"}
+    )
     summary = check_zip(archive)
     assert summary.files == 2 and summary.uncompressed == 6
     dest = extract_zip(archive, tmp_path / "out")
@@ -729,7 +807,13 @@ def test_confine_keeps_paths_under_the_root(tmp_path: Path) -> None:
     assert confine(root, "a/b") == (root / "a" / "b").resolve()
     assert confine(root, str(root / "a")) == (root / "a").resolve()  # absolute, but inside
     assert confine(root, "inner/b") == (root / "a" / "b").resolve()  # a symlink that stays inside
-    for bad, message in (("../secret", "'..'"), ("a/../../secret", "'..'"), (str(tmp_path / "secret"), "is outside"), ("link", "through a symlink"), ("a/missing", "does not exist")):
+    for bad, message in (
+        ("../secret", "'..'"),
+        ("a/../../secret", "'..'"),
+        (str(tmp_path / "secret"), "is outside"),
+        ("link", "through a symlink"),
+        ("a/missing", "does not exist"),
+    ):
         with pytest.raises(InputError, match=message):
             confine(root, bad)
 
@@ -770,7 +854,11 @@ def test_knowledge_tab_labels_sources_and_datasets(kb_app: Running) -> None:
     row = table.set_index("class").loc["Class3"]
     assert (row["dataset"], row["LLM"], row["built-in"]) == ("DAGM 2007", 0, 5)
     choices = {value: label for label, value in class_choices(kb)}
-    assert choices["01"] == "01 (BTAD)" and choices["Class3"] == "Class3 (DAGM 2007)" and choices["brain"] == "brain (BrainMRI, Br35H)"
+    assert (
+        choices["01"] == "01 (BTAD)"
+        and choices["Class3"] == "Class3 (DAGM 2007)"
+        and choices["brain"] == "brain (BrainMRI, Br35H)"
+    )
     general, rows, _ = class_view(kb, "bottle")
     assert len(general.splitlines()) == 5 and set(rows["source"]) == {"built-in"}
     _, _, note = class_view(kb, "pcb board")
@@ -839,9 +927,17 @@ def test_app_py_comes_up_without_a_backbone_and_says_why(tmp_path: Path) -> None
         endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
         assert "/detect" in endpoints and "/train" not in endpoints  # --no-training hides the Train tab
         status = client.predict(api_name="/status")
-        assert "could not be loaded" in status and "HF_HUB_OFFLINE" in status and "hf download does-not-exist/model" in status
+        assert (
+            "could not be loaded" in status
+            and "HF_HUB_OFFLINE" in status
+            and "hf download does-not-exist/model" in status
+        )
         with pytest.raises(AppError) as excinfo:
-            client.predict(handle_file(str(REPO / "demo" / "examples" / "bottle_broken_large_000.png")), "bottle", api_name="/detect")
+            client.predict(
+                handle_file(str(REPO / "demo" / "examples" / "bottle_broken_large_000.png")),
+                "bottle",
+                api_name="/detect",
+            )
         assert "does-not-exist/model" in error_text(excinfo)
         assert "--backbone" in str(excinfo.value)  # the app is started with flags: its errors name them
 
@@ -856,14 +952,18 @@ def test_default_app_py_offline_says_on_the_terminal_what_failed_once(tmp_path: 
             page = answer.read().decode()
         status = client.predict(api_name="/status")
         text = output.read_text(errors="replace")
-    reason = next(line.split("could not be loaded: ", 1)[1] for line in text.splitlines() if "could not be loaded: " in line)
+    reason = next(
+        line.split("could not be loaded: ", 1)[1] for line in text.splitlines() if "could not be loaded: " in line
+    )
     assert reason.startswith(f"backbone '{default}' is not in the local Hugging Face cache")
     assert "--backbone / KANOCLIP_BACKBONE" in reason  # app.py's flag, not the API's backbone=
     assert text.count(reason) == 1  # printed once
     assert f"loading the model (training-free, backbone {default}) on device auto (cpu)" in text
     assert f"http://127.0.0.1:{port}" in text  # listening on localhost only
     assert reason in status
-    assert page.count(json.dumps(reason)[1:-1]) == 1  # the page says it once (the header), not in the Detect summary too
+    assert (
+        page.count(json.dumps(reason)[1:-1]) == 1
+    )  # the page says it once (the header), not in the Detect summary too
 
 
 def test_examples_and_their_credits_ship_with_the_app() -> None:

@@ -30,7 +30,9 @@ DOCS_HEIGHT = 1360  # px of the Detect screenshot kept for docs/screenshot.png
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.is_file() or not CHROMEDRIVER.is_file():
-        pytest.skip(f"needs Debian's chromium ({CHROMIUM}) and chromedriver ({CHROMEDRIVER}); install them with apt (no browser is downloaded)")
+        pytest.skip(
+            f"needs Debian's chromium ({CHROMIUM}) and chromedriver ({CHROMEDRIVER}); install them with apt (no browser is downloaded)"
+        )
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
 
@@ -38,9 +40,17 @@ def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--no-first-run", f"--user-data-dir={profile}", "--window-size=1440,2200", "--force-device-scale-factor=1",
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--window-size=1440,2200",
+        "--force-device-scale-factor=1",
     ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
@@ -70,7 +80,9 @@ def _wait(driver, condition, timeout: float = 60, what: str = "condition"):
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(condition, message=f"timed out waiting for {what}")
+    return WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(
+        condition, message=f"timed out waiting for {what}"
+    )
 
 
 def _tab(driver, label: str) -> None:
@@ -88,14 +100,20 @@ def _open_and_fill(driver, url: str, image: Path, class_name: str) -> None:
 
     driver.get(url)
     _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#detect-button"), what="the app to render")
-    upload = _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#detect-image input[type='file']"), what="the image input")
+    upload = _wait(
+        driver, lambda d: d.find_element(By.CSS_SELECTOR, "#detect-image input[type='file']"), what="the image input"
+    )
     upload.send_keys(str(image))
     box = driver.find_element(By.CSS_SELECTOR, "#detect-class input")
     box.click()
     box.send_keys(class_name)
     box.send_keys(Keys.ENTER)
     driver.find_element(By.TAG_NAME, "h1").click()  # blur: the dropdown commits the typed value
-    _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#detect-class input").get_attribute("value") == class_name, what="the class")
+    _wait(
+        driver,
+        lambda d: d.find_element(By.CSS_SELECTOR, "#detect-class input").get_attribute("value") == class_name,
+        what="the class",
+    )
 
 
 def test_detect_in_a_real_browser(browser, app_url: str, bottle_image: Path, bottle_dir: Path) -> None:
@@ -107,33 +125,54 @@ def test_detect_in_a_real_browser(browser, app_url: str, bottle_image: Path, bot
     _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#detect-image img"), what="the uploaded image preview")
 
     references = sorted((bottle_dir / "test" / "good").glob("*.png"))[:3]
-    driver.find_element(By.CSS_SELECTOR, "#detect-references input[type='file']").send_keys("\n".join(str(p) for p in references))
-    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#detect-references tr, #detect-references .file")) >= 3, what="the 3 reference uploads")
+    driver.find_element(By.CSS_SELECTOR, "#detect-references input[type='file']").send_keys(
+        "\n".join(str(p) for p in references)
+    )
+    _wait(
+        driver,
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#detect-references tr, #detect-references .file")) >= 3,
+        what="the 3 reference uploads",
+    )
     driver.find_element(By.ID, "detect-add-references").click()
 
     def status(d) -> str:
         return d.find_element(By.ID, "detect-references-status").text
 
-    _wait(driver, lambda d: "calibrated leave-one-out on its 3 references" in status(d), timeout=90, what="the references to be added")
+    _wait(
+        driver,
+        lambda d: "calibrated leave-one-out on its 3 references" in status(d),
+        timeout=90,
+        what="the references to be added",
+    )
     assert "3 (yours: this session only)" in status(driver)
 
     driver.find_element(By.ID, "detect-button").click()
     score_input = _wait(
         driver,
-        lambda d: next((e for e in d.find_elements(By.CSS_SELECTOR, "#detect-score input") if e.get_attribute("value")), False),
+        lambda d: next(
+            (e for e in d.find_elements(By.CSS_SELECTOR, "#detect-score input") if e.get_attribute("value")), False
+        ),
         timeout=90,
         what="the score",
     )
     score = float(score_input.get_attribute("value"))
     assert 0.0 <= score <= 1.0
     overlay = _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#detect-overlay img"), what="the heat map")[0]
-    _wait(driver, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", overlay), what="the heat map to load")
+    _wait(
+        driver,
+        lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", overlay),
+        what="the heat map to load",
+    )
     natural = driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", overlay)
     assert natural[1] == 900 and natural[0] > 900  # the 900x900 heat map with its colour bar beside it
     verdict = driver.find_element(By.ID, "detect-verdict").text
     assert "ANOMALOUS" in verdict or "normal" in verdict
     assert "calibrated leave-one-out on its 3 references" in verdict
-    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#detect-gallery img")) >= 7, what="the stage maps and the reference map")
+    _wait(
+        driver,
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#detect-gallery img")) >= 7,
+        what="the stage maps and the reference map",
+    )
     assert "reference map (3 normal refs)" in driver.find_element(By.ID, "detect-gallery").text
     _wait(driver, lambda d: "template" in d.find_element(By.ID, "detect-guidance").text, what="the guidance table")
     summary = driver.find_element(By.ID, "detect-summary").text
@@ -144,7 +183,9 @@ def test_detect_in_a_real_browser(browser, app_url: str, bottle_image: Path, bot
         from PIL import Image
 
         with Image.open(shot) as full:  # the top of the page: header, inputs, score and heat map
-            full.crop((0, 0, full.width, min(full.height, DOCS_HEIGHT))).save(REPO / "docs" / "screenshot.png", optimize=True)
+            full.crop((0, 0, full.width, min(full.height, DOCS_HEIGHT))).save(
+                REPO / "docs" / "screenshot.png", optimize=True
+            )
 
     for label in TABS:
         _tab(driver, label)
@@ -166,7 +207,12 @@ def test_bad_upload_shows_the_apps_message(browser, app_url: str, tmp_path: Path
     fake.write_text("not an image")
     _open_and_fill(driver, app_url, fake, "bottle")
     driver.find_element(By.ID, "detect-button").click()
-    _wait(driver, lambda d: "not an image file" in d.find_element(By.TAG_NAME, "body").text, timeout=60, what="the error message")
+    _wait(
+        driver,
+        lambda d: "not an image file" in d.find_element(By.TAG_NAME, "body").text,
+        timeout=60,
+        what="the error message",
+    )
     body = driver.find_element(By.TAG_NAME, "body").text
     assert "Traceback" not in body
     _shot(driver, "bad-upload")

@@ -82,8 +82,9 @@ def test_env_variable_is_read_by_from_pretrained_not_by_the_config(monkeypatch, 
 
 
 def test_random_backbone_is_deterministic(tmp_path, tiny_backbone):
-    from conftest import TOKENIZER
     from kanoclip.backbone import make_random_backbone
+
+    from conftest import TOKENIZER
 
     again = make_random_backbone(tmp_path / "again", TOKENIZER, architecture="tiny", seed=0)
     a = load_backbone(str(tiny_backbone)).model.state_dict()

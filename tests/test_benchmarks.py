@@ -29,8 +29,22 @@ def test_gpu_benchmark_runs_on_cpu_and_reports_every_figure(tmp_path):
     require_shared(TOKENIZER)
     out = tmp_path / "bench.json"
     command = [
-        sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"), "--tokenizer", str(TOKENIZER),
-        "--device", "cpu", "--architecture", "tiny", "--batches", "2,3", "--repeats", "1", "--grid-batch", "2", "--json-out", str(out),
+        sys.executable,
+        str(REPO / "benchmarks" / "bench_gpu.py"),
+        "--tokenizer",
+        str(TOKENIZER),
+        "--device",
+        "cpu",
+        "--architecture",
+        "tiny",
+        "--batches",
+        "2,3",
+        "--repeats",
+        "1",
+        "--grid-batch",
+        "2",
+        "--json-out",
+        str(out),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -48,7 +62,11 @@ def test_gpu_benchmark_runs_on_cpu_and_reports_every_figure(tmp_path):
     assert flops["model"] > flops["bare_vision"]  # plus the V-V path, projections, Bi-CMCI, maps
 
     assert set(result["precisions"]) == {"auto", "fp32", "bf16"}
-    assert [row["in_force"] for row in result["precisions"].values()] == ["fp32", "fp32", "bf16"]  # auto is fp32 on a CPU
+    assert [row["in_force"] for row in result["precisions"].values()] == [
+        "fp32",
+        "fp32",
+        "bf16",
+    ]  # auto is fp32 on a CPU
     assert all(v > 0 for row in result["precisions"].values() for k, v in row.items() if k.startswith("detect_batch"))
 
     summary = done.stdout.split("== summary ==", 1)[1]

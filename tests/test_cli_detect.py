@@ -11,6 +11,7 @@ from PIL import Image
 
 from kanoclip.cli import main
 from kanoclip.viz import colorbar_image
+
 from test_training import corrupt
 
 
@@ -49,7 +50,11 @@ def test_one_line_per_image(capsys, tiny_backbone, image_folder):
     code, out, _ = _detect(capsys, tiny_backbone, str(image_folder))
     assert code == 0
     lines = [line.split("\t") for line in out.splitlines()]
-    assert [Path(p).relative_to(image_folder).as_posix() for p, _, _ in lines] == ["c.png", "good/a.png", "good/nested/b.jpg"]
+    assert [Path(p).relative_to(image_folder).as_posix() for p, _, _ in lines] == [
+        "c.png",
+        "good/a.png",
+        "good/nested/b.jpg",
+    ]
     for _, score, verdict in lines:
         assert 0.0 <= float(score) <= 1.0
         assert verdict == ("anomalous" if float(score) >= 0.5 else "normal")
@@ -90,7 +95,9 @@ def test_out_writes_overlays_of_the_input_size_and_a_csv(capsys, tiny_backbone, 
 
 
 def test_errors_are_one_line(capsys, tiny_backbone, image_folder, tmp_path):
-    code = main(["detect", str(image_folder), "--class", "bottle", "--backbone", str(tmp_path / "missing"), "--device", "cpu"])
+    code = main(
+        ["detect", str(image_folder), "--class", "bottle", "--backbone", str(tmp_path / "missing"), "--device", "cpu"]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("kanoclip detect: error:") and "missing" in err[0]
 

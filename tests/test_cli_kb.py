@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_test_image
 
 from kanoclip.cli import main
 from kanoclip.knowledge import LLM_TEMPLATE, KnowledgeBase, Provenance
+
+from conftest import write_test_image
 
 try:
     from chat_server import Reply, server  # noqa: F401 - server is a fixture
@@ -27,7 +28,9 @@ CANONICAL = (
     + " ".join(f"Class{i}" for i in range(1, 11))
     + " brain liver retina chest head magnetic_tile"
 ).split()
-PROV = Provenance(model="m", endpoint="http://127.0.0.1:9/v1/chat/completions", date="2026-01-02", template=LLM_TEMPLATE)
+PROV = Provenance(
+    model="m", endpoint="http://127.0.0.1:9/v1/chat/completions", date="2026-01-02", template=LLM_TEMPLATE
+)
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -54,7 +57,12 @@ def test_list_json_subprocess():
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     result = subprocess.run(
         [sys.executable, "-m", "kanoclip", "kb", "list", "--json"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     check_listing(json.loads(result.stdout))
@@ -80,7 +88,10 @@ def test_show_json_resolves_alias_and_includes_vqa(capsys, tmp_path):
         "class": "metal_nut",
         "llm": ["a bent lobe on the nut", "a pink paint spot"],
         "vqa": [{"image": "007.png", "text": "a scratch at the top"}, {"image": "d" * 64, "text": "a missing lobe"}],
-        "builtin": [], "manual": [], "generic": [], "suggestions": [],
+        "builtin": [],
+        "manual": [],
+        "generic": [],
+        "suggestions": [],
     }
 
 
@@ -90,7 +101,9 @@ def test_show_builtin_human_and_unknown(capsys):
     assert out.startswith("magnetic_tile (MTD)\nbuilt-in descriptions (5):\n  1. ")
     code, out, err = run_cli(capsys, "kb", "show", "gear wheel", "--json")
     data = json.loads(out)
-    assert code == 0 and data["class"] == "gear wheel" and len(data["generic"]) >= 5 and data["llm"] == data["vqa"] == []
+    assert (
+        code == 0 and data["class"] == "gear wheel" and len(data["generic"]) >= 5 and data["llm"] == data["vqa"] == []
+    )
     assert "generic fallback" in err
     code, out, _ = run_cli(capsys, "kb", "show", "gear wheel")
     assert "not in the knowledge base; the generic fallback" in out and "a gear wheel with a crack" in out
@@ -118,11 +131,17 @@ def test_show_prints_each_true_source(capsys, tmp_path):
     lines = out.splitlines()
     assert lines[0] == "bottle (MVTec-AD)"
     assert lines[1:3] == ["LLM descriptions (1):", "  1. an llm line about the bottle"]
-    assert lines[3] == "built-in descriptions (5):" and lines[9:] == ["hand-written descriptions (1):", "  1. my own line about the bottle"]
+    assert lines[3] == "built-in descriptions (5):" and lines[9:] == [
+        "hand-written descriptions (1):",
+        "  1. my own line about the bottle",
+    ]
     code, out, _ = run_cli(capsys, "kb", "show", "bottle", "--kb", str(tmp_path / "kb.json"), "--json")
     data = json.loads(out)
     assert (data["llm"], data["manual"], len(data["builtin"]), data["generic"]) == (
-        ["an llm line about the bottle"], ["my own line about the bottle"], 5, []
+        ["an llm line about the bottle"],
+        ["my own line about the bottle"],
+        5,
+        [],
     )
 
 
@@ -144,12 +163,32 @@ def test_build_with_images_extends_existing_output(capsys, server, tmp_path):
     existing = KnowledgeBase()
     existing.add_llm("wood", ["an old description kept across builds"], PROV)
     existing.save(out)
-    for seed, (folder, name) in enumerate([("Metal-Nut/test/bent", "000.png"), ("screw", "001.jpg"), ("other", "002.png")]):
+    for seed, (folder, name) in enumerate(
+        [("Metal-Nut/test/bent", "000.png"), ("screw", "001.jpg"), ("other", "002.png")]
+    ):
         write_test_image(tmp_path / "imgs" / folder / name, seed)
     code, stdout, stderr = run_cli(
-        capsys, "kb", "build", "--classes", "metal nut,screw", "--images", str(tmp_path / "imgs"),
-        "--llm-url", server.url, "--llm-model", "text-model", "--vqa-model", "vision-model",
-        "--n", "3", "--m", "1", "--retries", "0", "--out", str(out),
+        capsys,
+        "kb",
+        "build",
+        "--classes",
+        "metal nut,screw",
+        "--images",
+        str(tmp_path / "imgs"),
+        "--llm-url",
+        server.url,
+        "--llm-model",
+        "text-model",
+        "--vqa-model",
+        "vision-model",
+        "--n",
+        "3",
+        "--m",
+        "1",
+        "--retries",
+        "0",
+        "--out",
+        str(out),
     )
     assert code == 0, stderr
     assert "added 6 LLM and 2 VQA descriptions" in stdout
@@ -157,14 +196,33 @@ def test_build_with_images_extends_existing_output(capsys, server, tmp_path):
     models = sorted((r.body["model"], r.is_vqa) for r in server.requests)
     assert models == [("text-model", False), ("text-model", False), ("vision-model", True), ("vision-model", True)]
     kb = KnowledgeBase.load(out)
-    assert kb.counts() == {"metal_nut": {"llm": 3, "builtin": 0, "manual": 0, "vqa": 1}, "screw": {"llm": 3, "builtin": 0, "manual": 0, "vqa": 1}, "wood": {"llm": 1, "builtin": 0, "manual": 0, "vqa": 0}}
+    assert kb.counts() == {
+        "metal_nut": {"llm": 3, "builtin": 0, "manual": 0, "vqa": 1},
+        "screw": {"llm": 3, "builtin": 0, "manual": 0, "vqa": 1},
+        "wood": {"llm": 1, "builtin": 0, "manual": 0, "vqa": 0},
+    }
     vqa_prompts = sorted(r.prompt for r in server.requests if r.is_vqa)
     assert vqa_prompts[0].startswith("Identify anomalies in the input image of the specified class (metal nut).")
     # Rerun: nothing left to ask.
     server.requests.clear()
     code, stdout, _ = run_cli(
-        capsys, "kb", "build", "--classes", "metal_nut,screw", "--images", str(tmp_path / "imgs"),
-        "--llm-url", server.url, "--llm-model", "text-model", "--vqa-model", "vision-model", "--n", "3", "--out", str(out),
+        capsys,
+        "kb",
+        "build",
+        "--classes",
+        "metal_nut,screw",
+        "--images",
+        str(tmp_path / "imgs"),
+        "--llm-url",
+        server.url,
+        "--llm-model",
+        "text-model",
+        "--vqa-model",
+        "vision-model",
+        "--n",
+        "3",
+        "--out",
+        str(out),
     )
     assert code == 0 and server.requests == [] and "(4 classes/images already complete)" in stdout
 
@@ -173,8 +231,21 @@ def test_build_failure_is_one_line_and_keeps_progress(capsys, server, tmp_path):
     server.responder = lambda request: Reply.error(500) if "grid" in request.prompt else None
     out = tmp_path / "kb.json"
     code, _, err = run_cli(
-        capsys, "kb", "build", "--classes", "bottle,grid", "--llm-url", server.url, "--llm-model", "m",
-        "--retries", "1", "--concurrency", "1", "--out", str(out),
+        capsys,
+        "kb",
+        "build",
+        "--classes",
+        "bottle,grid",
+        "--llm-url",
+        server.url,
+        "--llm-model",
+        "m",
+        "--retries",
+        "1",
+        "--concurrency",
+        "1",
+        "--out",
+        str(out),
     )
     assert code == 2
     last = err.strip().splitlines()[-1]

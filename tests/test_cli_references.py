@@ -7,20 +7,45 @@ import json
 import pytest
 
 from kanoclip import KAnoCLIP
+
 from test_training import run_cli
 
 
 def test_build_show_and_detect_with_saved_references(tiny_backbone, bottle_dir, bottle_image, tmp_path):
     good = sorted((bottle_dir / "test" / "good").glob("*.png"))[:3]
     out = tmp_path / "refs"
-    built = run_cli("references", "build", *map(str, good), "--class", "bottle", "--out", str(out), "--backbone", str(tiny_backbone), "--device", "cpu")
+    built = run_cli(
+        "references",
+        "build",
+        *map(str, good),
+        "--class",
+        "bottle",
+        "--out",
+        str(out),
+        "--backbone",
+        str(tiny_backbone),
+        "--device",
+        "cpu",
+    )
     assert built.returncode == 0, built.stderr
     assert "bottle: 3 references saved" in built.stdout and "leave-one-out" in built.stdout
     shown = run_cli("references", "show", str(out), "--json")
     listed = json.loads(shown.stdout)["classes"]
     assert [(c["class"], c["count"]) for c in listed] == [("bottle", 3)] and listed[0]["threshold"] is not None
 
-    detected = run_cli("detect", str(bottle_image), "--class", "bottle", "--references", str(out), "--backbone", str(tiny_backbone), "--device", "cpu", "--json")
+    detected = run_cli(
+        "detect",
+        str(bottle_image),
+        "--class",
+        "bottle",
+        "--references",
+        str(out),
+        "--backbone",
+        str(tiny_backbone),
+        "--device",
+        "cpu",
+        "--json",
+    )
     assert detected.returncode == 0, detected.stderr
     row = json.loads(detected.stdout)[0]
     model = KAnoCLIP.from_pretrained(backbone=str(tiny_backbone), device="cpu")
@@ -29,14 +54,40 @@ def test_build_show_and_detect_with_saved_references(tiny_backbone, bottle_dir, 
     assert row["score"] == pytest.approx(expected.score, abs=1e-5)
     assert row["is_anomalous"] == expected.is_anomalous
 
-    again = run_cli("references", "build", str(good[0]), "--class", "screw", "--out", str(out), "--backbone", str(tiny_backbone), "--device", "cpu")
+    again = run_cli(
+        "references",
+        "build",
+        str(good[0]),
+        "--class",
+        "screw",
+        "--out",
+        str(out),
+        "--backbone",
+        str(tiny_backbone),
+        "--device",
+        "cpu",
+    )
     assert again.returncode == 0, again.stderr  # a second class joins the folder
-    assert {c["class"] for c in json.loads(run_cli("references", "show", str(out), "--json").stdout)["classes"]} == {"bottle", "screw"}
+    assert {c["class"] for c in json.loads(run_cli("references", "show", str(out), "--json").stdout)["classes"]} == {
+        "bottle",
+        "screw",
+    }
 
 
 def test_references_errors_are_one_line(tiny_backbone, bottle_image, tmp_path):
-    missing = run_cli("detect", str(bottle_image), "--class", "bottle", "--references", str(tmp_path / "none"), "--backbone", str(tiny_backbone))
-    assert missing.returncode == 2 and "holds no saved references" in missing.stderr and "Traceback" not in missing.stderr
+    missing = run_cli(
+        "detect",
+        str(bottle_image),
+        "--class",
+        "bottle",
+        "--references",
+        str(tmp_path / "none"),
+        "--backbone",
+        str(tiny_backbone),
+    )
+    assert (
+        missing.returncode == 2 and "holds no saved references" in missing.stderr and "Traceback" not in missing.stderr
+    )
     not_refs = run_cli("references", "show", str(tmp_path))
     assert not_refs.returncode == 2 and "Traceback" not in not_refs.stderr
 

@@ -49,7 +49,11 @@ def test_new_fields_round_trip_through_a_checkpoint_dict():
     )
     again = KAnoCLIPConfig.from_dict(config.to_dict())
     assert again == config
-    assert again.vv.position_interpolation == "bilinear" and again.bicmci.residual_logits and again.loss.local_loss == "per_stage"
+    assert (
+        again.vv.position_interpolation == "bilinear"
+        and again.bicmci.residual_logits
+        and again.loss.local_loss == "per_stage"
+    )
 
 
 def test_a_config_written_before_the_new_fields_loads_with_the_defaults():

@@ -26,6 +26,7 @@ from kanoclip.data import (
 )
 from kanoclip.errors import DatasetError, InputError
 
+
 def image(path: Path, value: int = 0, size: int = 8, mode: str = "L") -> Path:
     """Write a ``size`` x ``size`` image filled with ``value`` (format from the extension)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -471,8 +472,9 @@ def test_real_headct(shared_data: Path) -> None:
 
 def test_train_normals_of_an_mvtec_tree_and_none_elsewhere(tmp_path, shared_data):
     """MVTec-style trees publish train/good (the k-shot references' pool); HeadCT publishes no train split."""
-    from kanoclip.data import load_train_normals
     from PIL import Image
+
+    from kanoclip.data import load_train_normals
 
     root = tmp_path / "mvtec"
     for folder, n in (("train/good", 3), ("test/good", 1), ("test/crack", 1)):

@@ -12,6 +12,7 @@ from kanoclip import KAnoCLIP
 from kanoclip.checkpoint import CONFIG_NAME, KB_NAME, WEIGHTS_NAME, read_checkpoint
 from kanoclip.training import train
 from kanoclip.training.state import STATE_DIR, STATE_JSON
+
 from test_training import REPO, SIZE, cli_env, make_small_mvtec, quick_config
 
 
@@ -33,7 +34,9 @@ def test_two_processes_write_the_single_process_checkpoint_format(tiny_backbone,
         assert (out / name).is_file(), name
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in single.iterdir())
     ddp_weights, single_weights = load_file(out / WEIGHTS_NAME), load_file(single / WEIGHTS_NAME)
-    assert {k: (v.shape, v.dtype) for k, v in ddp_weights.items()} == {k: (v.shape, v.dtype) for k, v in single_weights.items()}
+    assert {k: (v.shape, v.dtype) for k, v in ddp_weights.items()} == {
+        k: (v.shape, v.dtype) for k, v in single_weights.items()
+    }
     ddp_config, single_config = (json.loads((f / CONFIG_NAME).read_text()) for f in (out, single))
     assert ddp_config["model"] == single_config["model"]
     assert set(ddp_config["metadata"]) == set(single_config["metadata"])

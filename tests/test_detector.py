@@ -63,17 +63,23 @@ def test_eq9_maps_are_the_weighted_mean_of_the_upsampled_stage_maps(small_config
     image = Image.open(bottle_image).convert("RGB")
     out, _ = model.infer([image], ["bottle"])
     s = model.image_size
-    per_stage = torch.nn.functional.interpolate(out.stage_maps[0].float(), size=(s, s), mode="bilinear", align_corners=False)
+    per_stage = torch.nn.functional.interpolate(
+        out.stage_maps[0].float(), size=(s, s), mode="bilinear", align_corners=False
+    )
     expected = (weights[:, None, None, None] * per_stage).sum(dim=0)  # (2, S, S)
     torch.testing.assert_close(out.normal[0], expected[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(out.abnormal[0], expected[1], atol=1e-6, rtol=0)
     torch.testing.assert_close(out.stage_maps.sum(dim=2), torch.ones_like(out.stage_maps[:, :, 0]))  # softmax pairs
 
     det = model.detect(image, "bottle")
-    stages = torch.nn.functional.interpolate(out.stage_maps[0, :, 1:2].float(), size=(900, 900), mode="bilinear", align_corners=False)
+    stages = torch.nn.functional.interpolate(
+        out.stage_maps[0, :, 1:2].float(), size=(900, 900), mode="bilinear", align_corners=False
+    )
     np.testing.assert_allclose(np.stack(det.stage_maps), stages[:, 0].clamp(0, 1).numpy(), atol=1e-6)
     grid_abnormal = (weights[:, None, None] * out.stage_maps[0, :, 1]).sum(dim=0)
-    abnormal = torch.nn.functional.interpolate(grid_abnormal[None, None], size=(900, 900), mode="bilinear", align_corners=False)
+    abnormal = torch.nn.functional.interpolate(
+        grid_abnormal[None, None], size=(900, 900), mode="bilinear", align_corners=False
+    )
     np.testing.assert_allclose(det.abnormal_map, abnormal[0, 0].clamp(0, 1).numpy(), atol=1e-6)
 
 
@@ -108,16 +114,24 @@ def test_guidance_of_a_mixed_batch_is_each_images_own(tiny_model, bottle_dir):
     clip, tokenizer = tiny_model.model.clip, tiny_model.model.text_encoder.tokenizer
     for image, name, det in zip(images, ["bottle", "screw"], detections):
         described = [g for g in det.guidance if g.source not in ("learned", "template")]
-        assert [g.text for g in sorted(described, key=lambda g: g.text)] == sorted(d.text for d in tiny_model.knowledge.descriptions(name))
+        assert [g.text for g in sorted(described, key=lambda g: g.text)] == sorted(
+            d.text for d in tiny_model.knowledge.descriptions(name)
+        )
         pixels = preprocess([image], tiny_model.image_size, tiny_model.image_mean, tiny_model.image_std)
-        tokens = tokenizer([g.text for g in described], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        tokens = tokenizer(
+            [g.text for g in described], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        )
         with torch.no_grad():
-            image_feature = torch.nn.functional.normalize(clip.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+            image_feature = torch.nn.functional.normalize(
+                clip.get_image_features(pixel_values=pixels).pooler_output, dim=-1
+            )
             text_features = torch.nn.functional.normalize(clip.get_text_features(**tokens).pooler_output, dim=-1)
         expected = (text_features @ image_feature[0]).tolist()
         assert [g.image_similarity for g in described] == pytest.approx(expected, abs=1e-4)
         single = tiny_model.detect(image, name)
-        assert [g.region_similarity for g in single.guidance] == pytest.approx([g.region_similarity for g in det.guidance], abs=1e-5)
+        assert [g.region_similarity for g in single.guidance] == pytest.approx(
+            [g.region_similarity for g in det.guidance], abs=1e-5
+        )
 
 
 def test_class_names(tiny_model, bottle_image):
@@ -136,7 +150,9 @@ def test_text_features_are_computed_once_per_class(small_config, bottle_image, m
     assert not model.training  # from_pretrained gives a model ready for inference
     calls = []
     original = model.model.text_encoder.encode
-    monkeypatch.setattr(model.model.text_encoder, "encode", lambda texts, **kw: calls.append(len(texts)) or original(texts, **kw))
+    monkeypatch.setattr(
+        model.model.text_encoder, "encode", lambda texts, **kw: calls.append(len(texts)) or original(texts, **kw)
+    )
     model.detect(str(bottle_image), "bottle")
     first = len(calls)
     model.detect(str(bottle_image), "bottle")
@@ -146,7 +162,9 @@ def test_text_features_are_computed_once_per_class(small_config, bottle_image, m
     assert first > 0 and len(calls) == first
 
 
-def test_knowledge_descriptions_are_encoded_once_for_training_inference_and_plots(small_config, bottle_image, monkeypatch):
+def test_knowledge_descriptions_are_encoded_once_for_training_inference_and_plots(
+    small_config, bottle_image, monkeypatch
+):
     """The KD target (eq. 3), the inference text side and the Prompts plots share one encoding."""
     from kanoclip.knowledge import KNOWLEDGE_SOURCES
     from kanoclip.viz_prompts import prompt_set
@@ -155,7 +173,9 @@ def test_knowledge_descriptions_are_encoded_once_for_training_inference_and_plot
     descriptions = [d.text for d in model.knowledge.descriptions("bottle")]
     encoded: list[list[str]] = []
     original = model.model.text_encoder.encode
-    monkeypatch.setattr(model.model.text_encoder, "encode", lambda texts, **kw: encoded.append(list(texts)) or original(texts, **kw))
+    monkeypatch.setattr(
+        model.model.text_encoder, "encode", lambda texts, **kw: encoded.append(list(texts)) or original(texts, **kw)
+    )
     target = model.knowledge_features(["bottle"])
     model.detect(str(bottle_image), "bottle")
     plotted = prompt_set(model, "bottle")
@@ -180,18 +200,35 @@ def test_optimizer_step_touches_only_the_trainable_parts(small_config, bottle_im
     trainable = [p for m in model.model.trainable_modules().values() for p in m.parameters()]
     assert all(p.requires_grad for p in trainable)
     assert all(not p.requires_grad for p in model.model.clip.parameters())
-    assert {id(p) for p in model.parameters()} >= {id(p) for p in trainable} | {id(p) for p in model.model.clip.parameters()}
+    assert {id(p) for p in model.parameters()} >= {id(p) for p in trainable} | {
+        id(p) for p in model.model.clip.parameters()
+    }
 
-    pixels = preprocess([Image.open(bottle_image).convert("RGB")] * 2, model.image_size, model.image_mean, model.image_std)
+    pixels = preprocess(
+        [Image.open(bottle_image).convert("RGB")] * 2, model.image_size, model.image_mean, model.image_std
+    )
     out = model(model.encode_image(pixels), ["bottle", "bottle"])
     mask = torch.zeros_like(out.anomaly_map)
     mask[:, 40:60, 40:60] = 1
     kd = kd_loss(model.knowledge_features(out.classes), out.prompts.abnormal, out.prompts.normal)
-    terms = total_loss(model.config.loss, kd=kd, score=out.score, label=torch.tensor([1.0, 0.0]), normal=out.normal,
-                       abnormal=out.abnormal, mask=mask, has_mask=torch.tensor([True, True]))
+    terms = total_loss(
+        model.config.loss,
+        kd=kd,
+        score=out.score,
+        label=torch.tensor([1.0, 0.0]),
+        normal=out.normal,
+        abnormal=out.abnormal,
+        mask=mask,
+        has_mask=torch.tensor([True, True]),
+    )
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     terms["total"].backward()
-    missing = [n for name, m in model.model.trainable_modules().items() for n, p in m.named_parameters(prefix=name) if p.grad is None or not p.grad.abs().sum() > 0]
+    missing = [
+        n
+        for name, m in model.model.trainable_modules().items()
+        for n, p in m.named_parameters(prefix=name)
+        if p.grad is None or not p.grad.abs().sum() > 0
+    ]
     assert missing == []
     optimizer.step()
     assert all(p.grad is None for p in model.model.clip.parameters())
@@ -223,7 +260,9 @@ def test_hub_id_checkpoint_loads_from_the_cache_offline(small_config, monkeypatc
     model = fresh_model(small_config, seed=2, trained=True)
     cache = put_in_hub_cache(model.save_pretrained(tmp_path / "ck"), "someone/kanoclip-test", tmp_path / "hub")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    loaded = KAnoCLIP.from_pretrained("someone/kanoclip-test", backbone=small_config.backbone, device="cpu", cache_dir=str(cache))
+    loaded = KAnoCLIP.from_pretrained(
+        "someone/kanoclip-test", backbone=small_config.backbone, device="cpu", cache_dir=str(cache)
+    )
     assert loaded.mode == "trained"
     assert loaded.checkpoint_name == "someone/kanoclip-test"
     for name, tensor in model.model.trainable_state_dict().items():
@@ -306,8 +345,16 @@ def test_short_training_overfits_painted_defects(small_config, bottle_dir):
     for _ in range(25):
         out = model(visual, ["bottle"] * 4)
         kd = kd_loss(model.knowledge_features(out.classes), out.prompts.abnormal, out.prompts.normal)
-        terms = total_loss(model.config.loss, kd=kd, score=out.score, label=labels, normal=out.normal,
-                           abnormal=out.abnormal, mask=masks, has_mask=torch.ones(4, dtype=torch.bool))
+        terms = total_loss(
+            model.config.loss,
+            kd=kd,
+            score=out.score,
+            label=labels,
+            normal=out.normal,
+            abnormal=out.abnormal,
+            mask=masks,
+            has_mask=torch.ones(4, dtype=torch.bool),
+        )
         optimizer.zero_grad()
         terms["total"].backward()
         optimizer.step()
@@ -336,7 +383,11 @@ def test_from_pretrained_names_its_own_arguments(missing, tiny_backbone, tmp_pat
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError) as info:
         KAnoCLIP.from_pretrained(missing, backbone=str(tiny_backbone), device="cpu")
-    assert "no such folder" in str(info.value) and "checkpoint=" in str(info.value) and "--checkpoint" not in str(info.value)
+    assert (
+        "no such folder" in str(info.value)
+        and "checkpoint=" in str(info.value)
+        and "--checkpoint" not in str(info.value)
+    )
     with pytest.raises(BackboneError) as info:
         KAnoCLIP.from_pretrained(backbone="./no-such-clip", device="cpu")
     assert "no such folder" in str(info.value) and "backbone=" in str(info.value) and "--" not in str(info.value)

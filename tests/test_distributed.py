@@ -22,13 +22,24 @@ from PIL import Image
 
 from kanoclip.cli import main
 from kanoclip.distributed import Processes
+
 from test_training import REPO, SIZE, cli_env, corrupt, make_small_mvtec
 
 TOLERANCE = 1e-6
 
 
 def launch(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "-m", "kanoclip", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "-m",
+        "kanoclip",
+        *args,
+    ]
     done = subprocess.run(command, env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=180)
     assert done.returncode in (0, 1), done.stderr[-3000:]
     return done
@@ -59,7 +70,9 @@ def test_a_process_alone_ignores_the_launcher_and_shards_nothing(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as a launcher sets it
     alone = Processes("cpu", alone=True)
     assert (alone.rank, alone.world, alone.is_main, alone.model_device) == (0, 1, True, "cpu")
-    assert alone.shard([3, 1, 2]) == [3, 1, 2] and alone.gather([3, 1]) == [3, 1] and alone.broadcast({"a": 1}) == {"a": 1}
+    assert (
+        alone.shard([3, 1, 2]) == [3, 1, 2] and alone.gather([3, 1]) == [3, 1] and alone.broadcast({"a": 1}) == {"a": 1}
+    )
     monkeypatch.delenv("WORLD_SIZE")
     assert Processes("auto").model_device == "auto"  # one process: the loader resolves the option itself
 
@@ -95,8 +108,12 @@ def test_two_processes_detect_like_one(tiny_backbone, bottle_dir, tmp_path, caps
     assert_close(ours, single)
     with open(tmp_path / "one" / "results.csv") as a, open(tmp_path / "two" / "results.csv") as b:
         rows_one, rows_two = list(csv.DictReader(a)), list(csv.DictReader(b))
-    assert [{k: v for k, v in r.items() if k != "score"} for r in rows_two] == [{k: v for k, v in r.items() if k != "score"} for r in rows_one]
-    assert all(abs(float(x["score"] or 0) - float(y["score"] or 0)) <= TOLERANCE + 5e-7 for x, y in zip(rows_two, rows_one))  # 6 decimals
+    assert [{k: v for k, v in r.items() if k != "score"} for r in rows_two] == [
+        {k: v for k, v in r.items() if k != "score"} for r in rows_one
+    ]
+    assert all(
+        abs(float(x["score"] or 0) - float(y["score"] or 0)) <= TOLERANCE + 5e-7 for x, y in zip(rows_two, rows_one)
+    )  # 6 decimals
     overlays = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == overlays and len(overlays) == 6  # 5 overlays + CSV
 
@@ -110,7 +127,9 @@ def test_two_processes_evaluate_like_one(sweep, tiny_backbone, bottle_dir, tmp_p
         (tmp_path / "sweep.json").write_text(json.dumps(variants))
         flags += ["--sweep", str(tmp_path / "sweep.json")]
 
-    done = launch("eval", *flags, "--batch-size", "2", "--json", str(tmp_path / "two.json"), "--report", str(tmp_path / "two.md"))
+    done = launch(
+        "eval", *flags, "--batch-size", "2", "--json", str(tmp_path / "two.json"), "--report", str(tmp_path / "two.md")
+    )
     assert main(["eval", *flags, "--json", str(tmp_path / "one.json")]) == 0
     single_report = capsys.readouterr().out
 

@@ -17,11 +17,12 @@ import torch
 from PIL import Image
 
 from kanoclip import KAnoCLIP
-from kanoclip.data import group_by_class, load_dataset, load_mask
 from kanoclip.config import flatten_overrides
+from kanoclip.data import group_by_class, load_dataset, load_mask
 from kanoclip.evaluation.evaluate import RANDOM_WARNING, evaluate, format_report, sweep
 from kanoclip.evaluation.metrics import METRIC_KEYS, compute_metrics
 from kanoclip.images import load_image, preprocess
+
 from test_training import make_small_mvtec, run_cli
 
 CLASS_KEYS = {"n_normal", "n_anomalous", *METRIC_KEYS}
@@ -178,7 +179,9 @@ def test_sweep_makes_one_backbone_pass_per_image_and_equals_separate_runs(tiny_b
     assert sum(images) == sum(per_class) and len(images) == sum(math.ceil(n / 4) for n in per_class)
     assert list(results["variants"]) == list(SWEEP)
     for name, overrides in SWEEP.items():
-        alone = KAnoCLIP.from_pretrained(backbone=str(tiny_backbone), device="cpu", overrides=flatten_overrides(overrides))
+        alone = KAnoCLIP.from_pretrained(
+            backbone=str(tiny_backbone), device="cpu", overrides=flatten_overrides(overrides)
+        )
         expected = evaluate(alone, small_sets, batch_size=4)
         for kind, dataset in expected["datasets"].items():
             got = results["variants"][name]["datasets"][kind]["mean"]
@@ -193,8 +196,19 @@ def test_sweep_cli_on_the_real_bottle_data_prints_one_row_per_variant(tiny_backb
     sweep_file.write_text(json.dumps(SWEEP))
     out_json = tmp_path / "sweep-results.json"
     result = run_cli(
-        "eval", "--backbone", str(tiny_backbone), "--device", "cpu", "--data", f"mvtec={shared_data / 'mvtec_ad'}",
-        "--sweep", str(sweep_file), "--json", str(out_json), "--set", "scoring.sigma=2",
+        "eval",
+        "--backbone",
+        str(tiny_backbone),
+        "--device",
+        "cpu",
+        "--data",
+        f"mvtec={shared_data / 'mvtec_ad'}",
+        "--sweep",
+        str(sweep_file),
+        "--json",
+        str(out_json),
+        "--set",
+        "scoring.sigma=2",
     )
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "| mvtec |" in line]
@@ -219,7 +233,17 @@ def test_sweep_and_set_errors_are_one_line(tiny_backbone, small_sets, tmp_path, 
     sweep_file = tmp_path / "bad.json"
     sweep_file.write_text(content)
     kind, root = small_sets[0]
-    result = run_cli("eval", "--backbone", str(tiny_backbone), "--device", "cpu", "--data", f"{kind}={root}", "--sweep", str(sweep_file))
+    result = run_cli(
+        "eval",
+        "--backbone",
+        str(tiny_backbone),
+        "--device",
+        "cpu",
+        "--data",
+        f"{kind}={root}",
+        "--sweep",
+        str(sweep_file),
+    )
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()[-1:]) == 1
 
@@ -231,14 +255,29 @@ def test_set_and_config_flags_reach_the_model(tiny_backbone, small_sets, tmp_pat
     kind, root = small_sets[0]
     out_json = tmp_path / "r.json"
     result = run_cli(
-        "eval", "--backbone", str(tiny_backbone), "--device", "cpu", "--data", f"{kind}={root}",
-        "--config", str(config_file), "--set", "scoring.sigma=3", "--json", str(out_json),
+        "eval",
+        "--backbone",
+        str(tiny_backbone),
+        "--device",
+        "cpu",
+        "--data",
+        f"{kind}={root}",
+        "--config",
+        str(config_file),
+        "--set",
+        "scoring.sigma=3",
+        "--json",
+        str(out_json),
     )
     assert result.returncode == 0, result.stderr
     alone = KAnoCLIP.from_pretrained(
-        backbone=str(tiny_backbone), device="cpu", overrides={"training_free.stage_weights": (1, 0, 0, 0), "scoring.sigma": 3.0}
+        backbone=str(tiny_backbone),
+        device="cpu",
+        overrides={"training_free.stage_weights": (1, 0, 0, 0), "scoring.sigma": 3.0},
     )
     expected = evaluate(alone, [(kind, root)])
-    assert json.loads(out_json.read_text())["datasets"][kind]["mean"] == pytest.approx(expected["datasets"][kind]["mean"], abs=1e-6)
+    assert json.loads(out_json.read_text())["datasets"][kind]["mean"] == pytest.approx(
+        expected["datasets"][kind]["mean"], abs=1e-6
+    )
     bad = run_cli("eval", "--backbone", str(tiny_backbone), "--data", f"{kind}={root}", "--set", "nonsense")
     assert bad.returncode == 2 and "--set: expected KEY=VALUE" in bad.stderr

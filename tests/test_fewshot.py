@@ -15,6 +15,7 @@ from kanoclip.data import load_dataset
 from kanoclip.evaluation.fewshot import draw_references, few_shot
 from kanoclip.evaluation.metrics import compute_metrics
 from kanoclip.references import References
+
 from test_training import make_small_mvtec, run_cli
 
 
@@ -40,9 +41,13 @@ def test_a_run_equals_detecting_the_rest_with_the_drawn_references(tiny_backbone
         rest = [s for s in samples if s.image not in chosen]
         scores = np.array([model.detect(str(s.image), "bottle", references=store).score for s in rest])
         expected = compute_metrics(np.array([s.label for s in rest]), scores, None, None)["image_auroc"]
-        assert result["shots"][2]["datasets"]["mvtec"]["classes"]["bottle"]["image_auroc"]["runs"][seed] == pytest.approx(expected, abs=1e-6)
+        assert result["shots"][2]["datasets"]["mvtec"]["classes"]["bottle"]["image_auroc"]["runs"][
+            seed
+        ] == pytest.approx(expected, abs=1e-6)
     spread = result["shots"][2]["datasets"]["mvtec"]["mean"]["image_auroc"]
-    assert spread["mean"] == pytest.approx(np.mean(spread["runs"])) and spread["std"] == pytest.approx(np.std(spread["runs"]))
+    assert spread["mean"] == pytest.approx(np.mean(spread["runs"])) and spread["std"] == pytest.approx(
+        np.std(spread["runs"])
+    )
     assert result["shots"][2]["datasets"]["mvtec"]["classes"]["bottle"]["n_normal"] == 3  # 5 - 2 left out
     assert result["protocol"]["pools"] == {"mvtec/bottle": "test"}
 
@@ -61,5 +66,7 @@ def test_eval_shots_on_the_real_bottle_data_reports_each_k_with_mean_and_std(tin
     for k in ("1", "2"):
         bottle = saved["shots"][k]["datasets"]["mvtec"]["classes"]["bottle"]
         assert len(bottle["pixel_auroc"]["runs"]) == 2 and bottle["n_normal"] == 20 - int(k)
-    bad = run_cli("eval", "--backbone", str(tiny_backbone), "--data", f"mvtec={shared_data / 'mvtec_ad'}", "--shots", "0,x")
+    bad = run_cli(
+        "eval", "--backbone", str(tiny_backbone), "--data", f"mvtec={shared_data / 'mvtec_ad'}", "--shots", "0,x"
+    )
     assert bad.returncode == 2 and "--shots" in bad.stderr

@@ -36,7 +36,18 @@ def test_owner_name_is_local_when_the_owner_folder_exists(tmp_path: Path, monkey
 def test_offline_snapshot_error_carries_its_argument(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError) as info:
-        snapshot("someone/x", allow_patterns=["*.json"], error=CheckpointError, what="checkpoint", fix=f"set {ARG}", argument="checkpoint", cache_dir=tmp_path)
+        snapshot(
+            "someone/x",
+            allow_patterns=["*.json"],
+            error=CheckpointError,
+            what="checkpoint",
+            fix=f"set {ARG}",
+            argument="checkpoint",
+            cache_dir=tmp_path,
+        )
     assert info.value.argument == "checkpoint"
-    assert str(info.value) == "checkpoint 'someone/x' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; set checkpoint="
+    assert (
+        str(info.value)
+        == "checkpoint 'someone/x' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; set checkpoint="
+    )
     assert info.value.message(flags=True).endswith("; set --checkpoint")

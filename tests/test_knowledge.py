@@ -34,7 +34,9 @@ PAPER_CLASSES = {
     "MTD": "magnetic_tile",
 }
 ALL_CLASSES = sorted(name for names in PAPER_CLASSES.values() for name in names.split())
-PROV = Provenance(model="test-model", endpoint="http://127.0.0.1:1/v1/chat/completions", date="2026-01-02", template=LLM_TEMPLATE)
+PROV = Provenance(
+    model="test-model", endpoint="http://127.0.0.1:1/v1/chat/completions", date="2026-01-02", template=LLM_TEMPLATE
+)
 HASH = "ab" * 32
 
 
@@ -68,16 +70,37 @@ def test_builtin_provenance_and_copy_semantics():
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("metal nut", "metal_nut"), ("Metal-Nut", "metal_nut"), ("METAL_NUT", "metal_nut"),
-        ("01", "01"), ("btad 01", "01"), ("BTAD_02", "02"), ("btad3", "03"),
-        ("pcb", "pcb1"), ("printed circuit board", "pcb1"), ("PCB3", "pcb3"),
-        ("magnetic tile", "magnetic_tile"), ("tile", "tile"),
-        ("brain mri", "brain"), ("Br35H", "brain"), ("head ct", "head"), ("chest x-ray", "chest"),
-        ("covid", "chest"), ("COVID-19", "chest"), ("commutator", "electrical_commutator"),
-        ("kolektor", "electrical_commutator"), ("retinal oct", "retina"), ("oct", "retina"),
-        ("liver ct", "liver"), ("class 7", "Class7"), ("class10", "Class10"), ("pipe fryum", "pipe_fryum"),
-        ("chewing gum", "chewinggum"), ("  Bracket White ", "bracket_white"),
-        ("widget", None), ("", None), ("nut butter", None),
+        ("metal nut", "metal_nut"),
+        ("Metal-Nut", "metal_nut"),
+        ("METAL_NUT", "metal_nut"),
+        ("01", "01"),
+        ("btad 01", "01"),
+        ("BTAD_02", "02"),
+        ("btad3", "03"),
+        ("pcb", "pcb1"),
+        ("printed circuit board", "pcb1"),
+        ("PCB3", "pcb3"),
+        ("magnetic tile", "magnetic_tile"),
+        ("tile", "tile"),
+        ("brain mri", "brain"),
+        ("Br35H", "brain"),
+        ("head ct", "head"),
+        ("chest x-ray", "chest"),
+        ("covid", "chest"),
+        ("COVID-19", "chest"),
+        ("commutator", "electrical_commutator"),
+        ("kolektor", "electrical_commutator"),
+        ("retinal oct", "retina"),
+        ("oct", "retina"),
+        ("liver ct", "liver"),
+        ("class 7", "Class7"),
+        ("class10", "Class10"),
+        ("pipe fryum", "pipe_fryum"),
+        ("chewing gum", "chewinggum"),
+        ("  Bracket White ", "bracket_white"),
+        ("widget", None),
+        ("", None),
+        ("nut butter", None),
     ],
 )
 def test_resolve_aliases(text, expected):
@@ -95,7 +118,11 @@ def test_classes_matching_returns_whole_families():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.sampled_from(ALL_CLASSES), st.lists(st.sampled_from([" ", "_", "-", "  ", " - "]), min_size=4, max_size=4), st.randoms())
+@given(
+    st.sampled_from(ALL_CLASSES),
+    st.lists(st.sampled_from([" ", "_", "-", "  ", " - "]), min_size=4, max_size=4),
+    st.randoms(),
+)
 def test_resolve_ignores_case_and_separators(name, seps, rnd):
     mangled = name.replace("_", seps[0])
     mangled = "".join(c.upper() if rnd.random() < 0.5 else c.lower() for c in mangled)
@@ -130,7 +157,11 @@ def test_set_general_keeps_provenance_of_kept_texts():
     by_text = {d.text: p for d, p in kb.provenance("wood")}
     assert set(by_text) == {"kept text", "new text", "vqa text"}
     assert by_text["kept text"] == PROV and by_text["new text"].model == "edited by the user"
-    assert {d.text: d.source for d in kb.descriptions("wood")} == {"kept text": "llm", "new text": "manual", "vqa text": "vqa"}
+    assert {d.text: d.source for d in kb.descriptions("wood")} == {
+        "kept text": "llm",
+        "new text": "manual",
+        "vqa text": "vqa",
+    }
     kb.set_general("wood", [])
     assert kb.counts() == {"wood": {"llm": 0, "builtin": 0, "manual": 0, "vqa": 1}}
     kb2 = KnowledgeBase()
@@ -191,22 +222,32 @@ def mutate(path_keys, value):
         else:
             target[path_keys[-1]] = value
         return doc
+
     return apply
 
 
 PID = PROV.key
 BAD_DOCS = {
-    "wrong version": (mutate(["schema_version"], 7), "schema_version 7 is not supported (expected 1 or 2); rebuild it with 'kanoclip kb build'"),
+    "wrong version": (
+        mutate(["schema_version"], 7),
+        "schema_version 7 is not supported (expected 1 or 2); rebuild it with 'kanoclip kb build'",
+    ),
     "version as string": (mutate(["schema_version"], "1"), "schema_version '1' is not supported"),
     "version as bool": (mutate(["schema_version"], True), "schema_version True is not supported"),
     "no version": (mutate(["schema_version"], KeyError), "lacks required key 'schema_version'"),
     "classes is a list": (mutate(["classes"], []), "'classes' must be dict, got list"),
-    "text is a number": (mutate(["classes", "bottle", "llm", 0, "text"], 3), "class 'bottle'.llm[0].text must be str, got int"),
+    "text is a number": (
+        mutate(["classes", "bottle", "llm", 0, "text"], 3),
+        "class 'bottle'.llm[0].text must be str, got int",
+    ),
     "empty text": (mutate(["classes", "bottle", "llm", 0, "text"], " "), "must not be empty"),
     "unknown source": (mutate(["classes", "bottle", "gpt"], []), "class 'bottle' has unknown key 'gpt'"),
     "vqa without image": (mutate(["classes", "bottle", "vqa", 0, "image"], KeyError), "lacks required key 'image'"),
     "bad image hash": (mutate(["classes", "bottle", "vqa", 0, "image"], "xyz"), "sha256"),
-    "dangling provenance": (mutate(["classes", "bottle", "llm", 0, "provenance"], "nope"), "'nope' is not in the 'provenance' table"),
+    "dangling provenance": (
+        mutate(["classes", "bottle", "llm", 0, "provenance"], "nope"),
+        "'nope' is not in the 'provenance' table",
+    ),
     "provenance without model": (mutate(["provenance", PID, "model"], KeyError), "lacks required key 'model'"),
     "top level list": (lambda doc: [doc], "the document must be dict, got list"),
 }
@@ -284,7 +325,14 @@ def test_schema_version_1_file_still_loads_with_its_sources(tmp_path):
     """A file written before the hand-written sources existed: its llm/vqa entries stay llm/vqa."""
     old = {
         "schema_version": 1,
-        "provenance": {"p": {"model": "llama3.1", "endpoint": "http://h/v1/chat/completions", "date": "2025-01-01", "template": LLM_TEMPLATE}},
+        "provenance": {
+            "p": {
+                "model": "llama3.1",
+                "endpoint": "http://h/v1/chat/completions",
+                "date": "2025-01-01",
+                "template": LLM_TEMPLATE,
+            }
+        },
         "classes": {
             "bottle": {
                 "llm": [{"text": "a crack in the glass", "provenance": "p"}],
@@ -296,12 +344,17 @@ def test_schema_version_1_file_still_loads_with_its_sources(tmp_path):
     path = tmp_path / "old.json"
     path.write_text(json.dumps(old))
     kb = KnowledgeBase.load(path)
-    assert [(d.text, d.source) for d in kb.descriptions("bottle")] == [("a crack in the glass", "llm"), ("a chip at the rim", "vqa")]
+    assert [(d.text, d.source) for d in kb.descriptions("bottle")] == [
+        ("a crack in the glass", "llm"),
+        ("a chip at the rim", "vqa"),
+    ]
     assert [d.source for d in kb.descriptions("widget")] == ["llm"]
     kb.save(path)  # saving writes the current version, with the same sources
     new = json.loads(path.read_text())
     assert new["schema_version"] == 2
-    assert new["classes"]["widget"] == {"llm": [{"text": "a bent widget arm", "provenance": next(iter(new["provenance"]))}]}
+    assert new["classes"]["widget"] == {
+        "llm": [{"text": "a bent widget arm", "provenance": next(iter(new["provenance"]))}]
+    }
     old["classes"]["bottle"]["builtin"] = []  # version 1 had no hand-written sources
     path.write_text(json.dumps(old))
     with pytest.raises(KnowledgeBaseError, match="class 'bottle' has unknown key 'builtin'"):
@@ -326,7 +379,10 @@ def test_hand_written_descriptions_are_manual_and_round_trip(tmp_path):
     # the editor keeps built-in texts built-in and marks its own lines manual
     builtin_text = kb.descriptions("bottle")[1].text
     kb.set_general("bottle", [builtin_text, "typed in the editor"])
-    assert [(d.text, d.source) for d in kb.descriptions("bottle")] == [(builtin_text, "builtin"), ("typed in the editor", "manual")]
+    assert [(d.text, d.source) for d in kb.descriptions("bottle")] == [
+        (builtin_text, "builtin"),
+        ("typed in the editor", "manual"),
+    ]
 
 
 # ----------------------------------------------------------------------------- suggestions

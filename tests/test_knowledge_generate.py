@@ -11,12 +11,13 @@ import time
 
 import numpy as np
 import pytest
-from conftest import write_test_image
 from PIL import Image
 
 from kanoclip.errors import GenerationError, ImageError, InputError
 from kanoclip.knowledge import LLM_TEMPLATE, VQA_TEMPLATE, KnowledgeBase
 from kanoclip.knowledge import generate as gen
+
+from conftest import write_test_image
 
 try:
     from chat_server import ChatServer, Reply, server  # noqa: F401 - server is a fixture
@@ -41,7 +42,10 @@ def test_llm_sends_paper_template_verbatim_and_keeps_n(server, tmp_path):
     ]
     assert all(r.body["model"] == "test-model" and r.asked_n == 5 for r in server.requests)
     kb = KnowledgeBase.load(out)
-    assert kb.counts() == {"bottle": {"llm": 5, "builtin": 0, "manual": 0, "vqa": 0}, "metal_nut": {"llm": 5, "builtin": 0, "manual": 0, "vqa": 0}}
+    assert kb.counts() == {
+        "bottle": {"llm": 5, "builtin": 0, "manual": 0, "vqa": 0},
+        "metal_nut": {"llm": 5, "builtin": 0, "manual": 0, "vqa": 0},
+    }
     assert report.llm_added == 10 and report.short == []
     (desc, prov), *_ = kb.provenance("metal_nut")
     assert "metal nut" in desc.text
@@ -76,14 +80,22 @@ def test_llm_takes_only_n_and_bounds_follow_ups(server):
 @pytest.mark.parametrize(
     ("answer", "expected"),
     [
-        ("Sure! Here they are:\n1. A crack on the rim.\n2) A chipped\n   neck edge.\n3: Dirt inside it.\n\nHope it helps.",
-         ["A crack on the rim.", "A chipped neck edge.", "Dirt inside it."]),
-        ("- **Colour:** faded patchy areas\n* torn threads at edges\n• a hole in the middle", 
-         ["Colour: faded patchy areas", "torn threads at edges", "a hole in the middle"]),
-        ("It may show a crack across it. It could also have stains on top. Holes are possible too.",
-         ["It may show a crack across it.", "It could also have stains on top.", "Holes are possible too."]),
-        ("First paragraph about cracks\nspanning two lines.\n\nSecond paragraph about stains.",
-         ["First paragraph about cracks spanning two lines.", "Second paragraph about stains."]),
+        (
+            "Sure! Here they are:\n1. A crack on the rim.\n2) A chipped\n   neck edge.\n3: Dirt inside it.\n\nHope it helps.",
+            ["A crack on the rim.", "A chipped neck edge.", "Dirt inside it."],
+        ),
+        (
+            "- **Colour:** faded patchy areas\n* torn threads at edges\n• a hole in the middle",
+            ["Colour: faded patchy areas", "torn threads at edges", "a hole in the middle"],
+        ),
+        (
+            "It may show a crack across it. It could also have stains on top. Holes are possible too.",
+            ["It may show a crack across it.", "It could also have stains on top.", "Holes are possible too."],
+        ),
+        (
+            "First paragraph about cracks\nspanning two lines.\n\nSecond paragraph about stains.",
+            ["First paragraph about cracks spanning two lines.", "Second paragraph about stains."],
+        ),
         ("1. Same thing here.\n2. same thing here.\n3. Categories:\n4. ok", ["Same thing here."]),
     ],
 )
@@ -136,8 +148,10 @@ def test_vqa_converts_formats_chat_apis_do_not_take_to_png(server, tmp_path):
     (request,) = server.requests
     prefix = "data:image/png;base64,"
     assert request.image_url.startswith(prefix)
-    sent = Image.open(io.BytesIO(base64.b64decode(request.image_url[len(prefix):])))
-    assert sent.format == "PNG" and np.array_equal(np.asarray(sent.convert("RGB")), np.asarray(Image.open(image).convert("RGB")))
+    sent = Image.open(io.BytesIO(base64.b64decode(request.image_url[len(prefix) :])))
+    assert sent.format == "PNG" and np.array_equal(
+        np.asarray(sent.convert("RGB")), np.asarray(Image.open(image).convert("RGB"))
+    )
 
 
 def test_assign_classes_by_folder(tmp_path):
@@ -228,9 +242,14 @@ def test_rerun_asks_only_for_what_is_missing(server, tmp_path):
         # Two more LLM descriptions per class, and one new image.
         gen.build(out, ["bottle", "grid"], llm=c, vqa=c, images=[*pairs, ("bottle", images[2])], n=7, m=1)
     assert sorted(r.asked_n for r in server.requests if not r.is_vqa) == [2, 2]
-    assert [r.image_url.endswith(base64.b64encode(images[2].read_bytes()).decode()) for r in server.requests if r.is_vqa] == [True]
+    assert [
+        r.image_url.endswith(base64.b64encode(images[2].read_bytes()).decode()) for r in server.requests if r.is_vqa
+    ] == [True]
     counts = KnowledgeBase.load(out).counts()
-    assert counts == {"bottle": {"llm": 7, "builtin": 0, "manual": 0, "vqa": 3}, "grid": {"llm": 7, "builtin": 0, "manual": 0, "vqa": 0}}
+    assert counts == {
+        "bottle": {"llm": 7, "builtin": 0, "manual": 0, "vqa": 3},
+        "grid": {"llm": 7, "builtin": 0, "manual": 0, "vqa": 0},
+    }
 
 
 def test_build_extends_existing_file_and_reports_progress(server, tmp_path):

@@ -56,4 +56,9 @@ def test_no_import_climbs_back_up():
 
 
 def test_the_check_sees_a_climbing_import():
-    assert layer_of("kanoclip.modeling.model") < layer_of("kanoclip.detector") < layer_of("kanoclip.training.trainer") < layer_of("demo.app")
+    assert (
+        layer_of("kanoclip.modeling.model")
+        < layer_of("kanoclip.detector")
+        < layer_of("kanoclip.training.trainer")
+        < layer_of("demo.app")
+    )

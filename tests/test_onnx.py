@@ -90,7 +90,12 @@ def test_detect_equals_the_torch_detect(exported, bottle_image):
     assert got.anomaly_map.shape == (900, 900) == expected.anomaly_map.shape
     assert got.score == pytest.approx(expected.score, abs=TOL)
     np.testing.assert_allclose(got.anomaly_map, expected.anomaly_map, atol=TOL, rtol=0)
-    assert (got.class_name, got.known_class, got.mode, got.threshold) == (expected.class_name, expected.known_class, expected.mode, 0.5)
+    assert (got.class_name, got.known_class, got.mode, got.threshold) == (
+        expected.class_name,
+        expected.known_class,
+        expected.mode,
+        0.5,
+    )
     assert got.guidance == [] and got.image == str(bottle_image)
 
 
@@ -194,7 +199,9 @@ def test_a_bf16_model_is_exported_in_fp32(tiny_backbone, tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["training-free", "trained"])
-def test_an_export_with_references_equals_the_torch_model_with_them(mode, tiny_backbone, bottle_dir, two_images, tmp_path):
+def test_an_export_with_references_equals_the_torch_model_with_them(
+    mode, tiny_backbone, bottle_dir, two_images, tmp_path
+):
     """References of one of two classes, baked in: the referenced class's maps and scores are
     fused as the torch model fuses them (1e-4), the other class's are the model's own, and the
     sidecar carries the references' calibrated threshold."""

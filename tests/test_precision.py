@@ -98,14 +98,22 @@ def test_a_training_step_under_bf16_autocast_has_finite_losses_and_fp32_gradient
         out = model(visual, ["bottle", "bottle"])
         kd = kd_loss(model.knowledge_features(out.classes), out.prompts.abnormal, out.prompts.normal)
         terms = total_loss(
-            model.config.loss, kd=kd, score=out.score, label=torch.tensor([1, 0]), normal=out.normal,
-            abnormal=out.abnormal, mask=mask, has_mask=torch.tensor([True, True]),
+            model.config.loss,
+            kd=kd,
+            score=out.score,
+            label=torch.tensor([1, 0]),
+            normal=out.normal,
+            abnormal=out.abnormal,
+            mask=mask,
+            has_mask=torch.tensor([True, True]),
         )
     assert all(torch.isfinite(t) for t in terms.values())
     terms["total"].backward()
     for name, module in model.model.trainable_modules().items():
         grads = [p.grad for p in module.parameters() if p.requires_grad]
-        assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads), name
+        assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads), (
+            name
+        )
 
 
 def vision_modules(model: KAnoCLIP, kind: type) -> list[nn.Module]:

@@ -6,7 +6,6 @@ calibration, saving), never accuracy.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import replace
 
 import numpy as np
@@ -26,7 +25,9 @@ def good(bottle_dir) -> list[Image.Image]:
 
 
 def fresh(tiny_backbone, **sections) -> KAnoCLIP:
-    return KAnoCLIP.from_pretrained(config=replace(KAnoCLIPConfig(backbone=str(tiny_backbone)), **sections), device="cpu")
+    return KAnoCLIP.from_pretrained(
+        config=replace(KAnoCLIPConfig(backbone=str(tiny_backbone)), **sections), device="cpu"
+    )
 
 
 def painted(image: Image.Image, seed: int, side: int = 90) -> tuple[Image.Image, tuple[int, int]]:
@@ -75,7 +76,9 @@ def test_nearest_distance_is_one_minus_the_best_cosine_by_hand():
     got = nearest_distance(patches, bank.half(), chunk=3)
     q = torch.nn.functional.normalize(patches, dim=-1)
     stored = torch.nn.functional.normalize(bank.half().float(), dim=-1)
-    best = torch.stack([torch.tensor([max(float(q[b, i] @ stored[j]) for j in range(7)) for i in range(5)]) for b in range(2)])
+    best = torch.stack(
+        [torch.tensor([max(float(q[b, i] @ stored[j]) for j in range(7)) for i in range(5)]) for b in range(2)]
+    )
     torch.testing.assert_close(got, (1 - best).clamp(0, 1), atol=1e-5, rtol=0)
 
 
@@ -86,14 +89,22 @@ def test_saved_references_reload_to_identical_detections(tiny_backbone, good, tm
     folder = model.save_references(tmp_path / "refs")
     again = KAnoCLIP.from_pretrained(backbone=str(tiny_backbone), device="cpu", references=folder)
     after = again.detect(good[0], "bottle")
-    assert after.score == pytest.approx(before.score, abs=1e-6) and after.threshold == pytest.approx(before.threshold, abs=1e-6)
+    assert after.score == pytest.approx(before.score, abs=1e-6) and after.threshold == pytest.approx(
+        before.threshold, abs=1e-6
+    )
     np.testing.assert_allclose(after.anomaly_map, before.anomaly_map, atol=1e-6)
     np.testing.assert_allclose(after.reference_map, before.reference_map, atol=1e-6)
     loaded = again.references("bottle")
     assert loaded.count == 3 and loaded.calibrated and loaded.image_names == model.references("bottle").image_names
     trained = KAnoCLIP.for_training(backbone=str(tiny_backbone), device="cpu")  # another V-V path: other features
     with pytest.raises(CheckpointError, match="built for another model"):
-        KAnoCLIP.from_pretrained(backbone=str(tiny_backbone), device="cpu", references=folder, config=trained.config, overrides={"training_free.num_replaced_blocks": 3})
+        KAnoCLIP.from_pretrained(
+            backbone=str(tiny_backbone),
+            device="cpu",
+            references=folder,
+            config=trained.config,
+            overrides={"training_free.num_replaced_blocks": 3},
+        )
 
 
 def test_leave_one_out_threshold_and_k1(tiny_backbone, good):
@@ -141,7 +152,9 @@ def test_f1_max_threshold_by_brute_force_on_random_scores():
     for _ in range(20):
         scores, labels = rng.random(30), rng.integers(0, 2, 30)
         labels[:2] = (0, 1)
-        best = max(((2 * ((scores >= t) & (labels == 1)).sum() / ((scores >= t).sum() + labels.sum()), -t) for t in scores))
+        best = max(
+            ((2 * ((scores >= t) & (labels == 1)).sum() / ((scores >= t).sum() + labels.sum()), -t) for t in scores)
+        )
         assert f1_max_threshold(scores, labels) == pytest.approx(-best[1])
 
 

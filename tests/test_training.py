@@ -23,10 +23,10 @@ from safetensors.torch import load_file
 from kanoclip import KAnoCLIP
 from kanoclip.checkpoint import CONFIG_NAME, KB_NAME, WEIGHTS_NAME, model_card, read_checkpoint
 from kanoclip.errors import DatasetError, InputError
+from kanoclip.modeling.vv_attention import VisualFeatures
 from kanoclip.training import TrainConfig, TrainProgress, train
 from kanoclip.training.feature_cache import MEMORY_ENV, FeatureCache, memory_limit_from_env
 from kanoclip.training.state import STATE_DIR, STATE_JSON
-from kanoclip.modeling.vv_attention import VisualFeatures
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 56  # model input size for quick runs: a 4x4 patch grid on the tiny backbone
@@ -48,7 +48,12 @@ def cli_env() -> dict[str, str]:
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "kanoclip", *args], env=cli_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "kanoclip", *args],
+        env=cli_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -152,7 +157,9 @@ def test_feature_cache_encodes_each_image_once(small_mvtec, tiny_backbone, tmp_p
 def test_feature_cache_spills_to_disk_in_float16(tmp_path, monkeypatch):
     def features(batch: int, seed: int) -> VisualFeatures:
         g = torch.Generator().manual_seed(seed)
-        return VisualFeatures(torch.randn(batch, 8, generator=g), [torch.randn(batch, 4, 8, generator=g) for _ in range(4)], (2, 2))
+        return VisualFeatures(
+            torch.randn(batch, 8, generator=g), [torch.randn(batch, 4, 8, generator=g) for _ in range(4)], (2, 2)
+        )
 
     first, second = features(3, 0), features(2, 1)
     per_image = (8 + 4 * 4 * 8) * 2  # float16 bytes
@@ -199,7 +206,10 @@ def test_bad_sample_is_skipped_and_listed(mvtec_with_bad_image, tiny_backbone, t
     root, bad = mvtec_with_bad_image
     messages: list[str] = []
     out = tmp_path / "out"
-    result = train(quick_config(root, out, tiny_backbone, epochs=1, on_bad_sample="skip"), progress=lambda p: messages.append(p.message))
+    result = train(
+        quick_config(root, out, tiny_backbone, epochs=1, on_bad_sample="skip"),
+        progress=lambda p: messages.append(p.message),
+    )
     assert [path for path, _ in result.skipped] == [str(bad)]
     assert "truncated" in result.skipped[0][1] or "corrupt" in result.skipped[0][1]
     assert any(str(bad) in m for m in messages)
@@ -218,7 +228,9 @@ def test_should_stop_cancels_between_steps(small_mvtec, tiny_backbone, tmp_path)
     assert result.cancelled and result.history == []
     assert not (tmp_path / "out" / WEIGHTS_NAME).exists()
 
-    resumed = train(quick_config(small_mvtec, tmp_path / "out", tiny_backbone, epochs=1, resume=True))  # nothing to resume: starts over
+    resumed = train(
+        quick_config(small_mvtec, tmp_path / "out", tiny_backbone, epochs=1, resume=True)
+    )  # nothing to resume: starts over
     assert not resumed.cancelled and [h["epoch"] for h in resumed.history] == [1]
     assert (tmp_path / "out" / WEIGHTS_NAME).is_file()
 
@@ -240,7 +252,9 @@ def test_push_uploads_only_the_checkpoint_files(small_mvtec, tiny_backbone, tmp_
 # ----------------------------------------------------------------------------- options
 
 
-def test_adam_with_anomalyclips_betas_is_used_recorded_and_kept_on_resume(small_mvtec, tiny_backbone, tmp_path, monkeypatch):
+def test_adam_with_anomalyclips_betas_is_used_recorded_and_kept_on_resume(
+    small_mvtec, tiny_backbone, tmp_path, monkeypatch
+):
     built: list[tuple[str, dict]] = []
     for name in ("Adam", "AdamW"):
         original = getattr(torch.optim, name)
@@ -261,7 +275,9 @@ def test_adam_with_anomalyclips_betas_is_used_recorded_and_kept_on_resume(small_
     with pytest.raises(InputError, match=r"betas differs .*was \[0.5, 0.999\], now \[0.9, 0.999\]"):
         train(quick_config(small_mvtec, out, tiny_backbone, epochs=2, optimizer="adam", resume=True))
     built.clear()
-    result = train(quick_config(small_mvtec, out, tiny_backbone, epochs=2, optimizer="adam", betas=(0.5, 0.999), resume=True))
+    result = train(
+        quick_config(small_mvtec, out, tiny_backbone, epochs=2, optimizer="adam", betas=(0.5, 0.999), resume=True)
+    )
     assert [h["epoch"] for h in result.history] == [1, 2] and built[0][0] == "Adam"
 
 
@@ -270,7 +286,11 @@ def test_a_state_written_before_the_optimizer_options_resumes_with_the_defaults(
     train(quick_config(small_mvtec, out, tiny_backbone, epochs=1))
     path = out / STATE_DIR / STATE_JSON
     state = json.loads(path.read_text())
-    del state["run"]["optimizer"], state["run"]["betas"], state["run"]["model"]  # as written before these options existed
+    del (
+        state["run"]["optimizer"],
+        state["run"]["betas"],
+        state["run"]["model"],
+    )  # as written before these options existed
     path.write_text(json.dumps(state))
     result = train(quick_config(small_mvtec, out, tiny_backbone, epochs=2, resume=True))
     assert [h["epoch"] for h in result.history] == [1, 2]
@@ -300,7 +320,9 @@ def test_library_messages_name_fields_and_the_cli_names_flags():
     from kanoclip.training.trainer import OPTIMIZERS, OptionError, api_name
 
     assert CLI_OPTIMIZERS == OPTIMIZERS
-    error = OptionError(lambda name: f"pass {name('resume', True)} or {name('on_bad_sample', 'skip')}; check {name('max_samples')}")
+    error = OptionError(
+        lambda name: f"pass {name('resume', True)} or {name('on_bad_sample', 'skip')}; check {name('max_samples')}"
+    )
     assert str(error) == "pass resume=True or on_bad_sample='skip'; check max_samples"
     again = error.reworded(flag)
     assert isinstance(again, InputError) and str(again) == "pass --resume or --on-bad-sample skip; check --max-samples"
@@ -329,7 +351,12 @@ def test_cli_set_and_precision_reach_the_trained_checkpoint(small_mvtec, tiny_ba
     out = tmp_path / "run"
     args = ["train", "--data", f"mvtec={small_mvtec}", "--out", str(out), "--epochs", "1", "--batch-size", "4",
             "--image-size", str(SIZE), "--backbone", str(tiny_backbone), "--device", "cpu"]  # fmt: skip
-    assert main([*args, "--set", "loss.local_loss=per_stage", "--set", "bicmci.residual_logits=true", "--precision", "bf16"]) == 0
+    assert (
+        main(
+            [*args, "--set", "loss.local_loss=per_stage", "--set", "bicmci.residual_logits=true", "--precision", "bf16"]
+        )
+        == 0
+    )
     saved = read_checkpoint(out).config
     assert saved.loss.local_loss == "per_stage" and saved.bicmci.residual_logits is True
     assert main([*args, "--set", "loss.local_loss=sometimes"]) == 2
@@ -401,7 +428,9 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tiny_backbone, bottle_di
     np.testing.assert_allclose([h["total"] for h in got_log], [h["total"] for h in ref_log], atol=1e-6)
 
 
-def test_model_settings_reach_the_loss_and_the_checkpoint_and_are_kept_on_resume(small_mvtec, tiny_backbone, tmp_path, monkeypatch):
+def test_model_settings_reach_the_loss_and_the_checkpoint_and_are_kept_on_resume(
+    small_mvtec, tiny_backbone, tmp_path, monkeypatch
+):
     import kanoclip.modeling.model as modeling
     from kanoclip.config import KAnoCLIPConfig, LossConfig
 

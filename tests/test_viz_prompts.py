@@ -74,7 +74,9 @@ def test_prompt_set_from_the_tiny_model(tiny_model) -> None:
     assert prompts.groups.count("normal") == n_adj and prompts.groups.count("abnormal") == n_adj
     assert len(prompts.texts) == prompts.features.shape[0] == 2 * n_adj + n_kb
     assert prompts.labels[:2] == ["N1", "N2"] and prompts.labels[n_adj] == "A1"
-    assert prompts.groups[2 * n_adj :] == ["builtin"] * n_kb and "B1" in prompts.labels  # the shipped KB is hand-written
+    assert (
+        prompts.groups[2 * n_adj :] == ["builtin"] * n_kb and "B1" in prompts.labels
+    )  # the shipped KB is hand-written
     # the KB features are CLIP text features of the descriptions, in order
     first_kb = tiny_model.model.text_encoder.encode([prompts.texts[2 * n_adj]]).detach().float().numpy()[0]
     assert np.allclose(prompts.features[2 * n_adj], first_kb, atol=1e-5)
@@ -109,7 +111,9 @@ def test_every_knowledge_source_is_knowledge_and_labelled_by_source() -> None:
     assert prompts.labels == ["N1", "N2", "A1", "B1", "H1", "G1", "VQA1"]
     d = set_kd_distances(prompts)
     by_hand = kd_distances(features[3:], features[2:3], features[:2])  # rows 3.. are all knowledge
-    assert (d.knowledge_abnormal, d.knowledge_normal) == pytest.approx((by_hand.knowledge_abnormal, by_hand.knowledge_normal))
+    assert (d.knowledge_abnormal, d.knowledge_normal) == pytest.approx(
+        (by_hand.knowledge_abnormal, by_hand.knowledge_normal)
+    )
 
 
 def test_pca_legend_names_the_true_sources(tiny_model) -> None:

@@ -35,19 +35,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Detect anomalies in images of one class; folders are searched recursively for images.",
     )
     parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS", help="image files and/or folders")
-    parser.add_argument("--class", dest="class_name", required=True, metavar="NAME", help="what the images show, e.g. bottle")
+    parser.add_argument(
+        "--class", dest="class_name", required=True, metavar="NAME", help="what the images show, e.g. bottle"
+    )
     add_model_options(parser)
-    parser.add_argument("--threshold", type=float, metavar="T", help="score at or above which an image is anomalous (default: the model's, 0.5)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        metavar="T",
+        help="score at or above which an image is anomalous (default: the model's, 0.5)",
+    )
     parser.add_argument("--out", type=Path, metavar="DIR", help="write an overlay PNG per image and results.csv here")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of one line per image")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images per batch (default 8)")
     parser.add_argument(
-        "--reference", action="append", default=[], metavar="GOOD",
+        "--reference",
+        action="append",
+        default=[],
+        metavar="GOOD",
         help="normal images of the class (files or folders, repeatable): their map is fused with the model's, "
         "and with 2 or more the threshold is calibrated on them (leave-one-out)",
     )
     parser.add_argument(
-        "--calibrate", metavar="VAL_DIR",
+        "--calibrate",
+        metavar="VAL_DIR",
         help="set the threshold on validation images: with good/ (or ok/, normal/) and defect sub-folders, the F1-max "
         "threshold; with images only, all taken as normal (their largest score + a margin)",
     )
@@ -74,8 +85,8 @@ def find_images(inputs: list[str]) -> list[tuple[Path, str]]:
     A missing path is kept (it is reported as that image's error). Overlay names are the
     path below the given folder joined with ``__``, made unique.
     """
-    from kanoclip.data.sample import IMAGE_EXTENSIONS, is_image
     from kanoclip.data.layouts import natural_key
+    from kanoclip.data.sample import IMAGE_EXTENSIONS, is_image
     from kanoclip.errors import InputError
 
     found: list[tuple[Path, str]] = []
@@ -100,7 +111,9 @@ def find_images(inputs: list[str]) -> list[tuple[Path, str]]:
     return unique
 
 
-def _detect_all(model: Any, images: list[tuple[Path, str]], args: argparse.Namespace, emit, *, show_progress: bool = True) -> list[dict[str, Any]]:
+def _detect_all(
+    model: Any, images: list[tuple[Path, str]], args: argparse.Namespace, emit, *, show_progress: bool = True
+) -> list[dict[str, Any]]:
     from kanoclip.errors import ImageError
     from kanoclip.images import load_image
     from kanoclip.viz import overlay_with_colorbar, save_png
@@ -118,7 +131,9 @@ def _detect_all(model: Any, images: list[tuple[Path, str]], args: argparse.Names
                     rows.append({"image": str(path), "error": str(exc)})
                     emit(rows[-1])
             if decoded:
-                detections = model.detect_batch([pil for _, _, pil in decoded], args.class_name, threshold=args.threshold)
+                detections = model.detect_batch(
+                    [pil for _, _, pil in decoded], args.class_name, threshold=args.threshold
+                )
                 for (path, name, pil), det in zip(decoded, detections):
                     row = {"image": str(path), "score": det.score, "is_anomalous": det.is_anomalous}
                     if args.out is not None:
@@ -143,7 +158,16 @@ def _write_csv(rows: list[dict[str, Any]], folder: Path) -> Path:
     writer.writerow(["image", "score", "is_anomalous", "threshold", "overlay", "error"])
     for row in rows:
         score = f"{row['score']:.6f}" if "score" in row else ""
-        writer.writerow([row["image"], score, row.get("is_anomalous", ""), row.get("threshold", ""), row.get("overlay", ""), row.get("error", "")])
+        writer.writerow(
+            [
+                row["image"],
+                score,
+                row.get("is_anomalous", ""),
+                row.get("threshold", ""),
+                row.get("overlay", ""),
+                row.get("error", ""),
+            ]
+        )
     return atomic_write_text(folder / RESULTS_CSV, buffer.getvalue())
 
 
@@ -189,7 +213,10 @@ def run(args: argparse.Namespace) -> int:
         _write_csv(rows, args.out)
     refs = model.references(class_name)
     if procs.is_main and refs is not None:
-        print(f"kanoclip detect: {refs.count} references of {class_name!r}; {refs.describe(model.config.scoring.threshold)}", file=sys.stderr)
+        print(
+            f"kanoclip detect: {refs.count} references of {class_name!r}; {refs.describe(model.config.scoring.threshold)}",
+            file=sys.stderr,
+        )
     if args.json:
         keep = ("image", "score", "is_anomalous", "error")
         print(json.dumps([{k: row[k] for k in keep if k in row} for row in rows], indent=2))

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import argparse
 
-from kanoclip.cli.options import add_data_option, add_model_options, load_model, positive_int, progress_bar, read_json_file
+from kanoclip.cli.options import (
+    add_data_option,
+    add_model_options,
+    load_model,
+    positive_int,
+    progress_bar,
+    read_json_file,
+)
 
 DESCRIPTION = (
     "Run the model over each dataset's test images and print, per class and as each dataset's mean, "
@@ -27,16 +34,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--report", metavar="FILE.md", help="also write the markdown report to FILE.md")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default 16)")
     parser.add_argument(
-        "--sweep", metavar="FILE.json",
-        help='evaluate named config variants on one backbone pass per image: a JSON object '
+        "--sweep",
+        metavar="FILE.json",
+        help="evaluate named config variants on one backbone pass per image: a JSON object "
         '{"variant": {"dotted.path": value, ...}, ...}; prints one row per variant and dataset',
     )
     parser.add_argument(
-        "--shots", type=shot_list, metavar="K,K,...",
+        "--shots",
+        type=shot_list,
+        metavar="K,K,...",
         help="the few-shot protocol: also evaluate with k normal references per class for each k (e.g. 1,2,4), "
         "drawn from the train split's good images, else from the test split's (left out); mean ± std over --seeds",
     )
-    parser.add_argument("--seeds", type=positive_int, default=3, help="draws of the references per k, with --shots (default 3)")
+    parser.add_argument(
+        "--seeds", type=positive_int, default=3, help="draws of the references per k, with --shots (default 3)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -62,12 +74,16 @@ def run(args: argparse.Namespace) -> int:
     datasets = [parse_data_arg(spec) for spec in args.data]
     variants = read_json_file(args.sweep, "--sweep") if args.sweep else None
     if variants is not None and not (isinstance(variants, dict) and variants):
-        raise InputError(f'--sweep {args.sweep}: expected a non-empty JSON object {{"variant name": {{"dotted.path": value}}}}')
+        raise InputError(
+            f'--sweep {args.sweep}: expected a non-empty JSON object {{"variant name": {{"dotted.path": value}}}}'
+        )
     if variants is not None and args.shots:
         raise InputError("--sweep and --shots are separate evaluations; run them one at a time")
     procs = Processes(args.device)
     if args.shots and procs.world > 1:
-        raise InputError("--shots runs in one process (each run adds its own references); start it without accelerate launch")
+        raise InputError(
+            "--shots runs in one process (each run adds its own references); start it without accelerate launch"
+        )
     args.device = procs.model_device  # with several processes, each loads the model on its own device
     model = load_model(args)
     bar = progress_bar(0, "evaluating", disable=not procs.is_main)

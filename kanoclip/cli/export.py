@@ -27,7 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a class whose text features are baked in, e.g. bottle (repeatable)",
     )  # fmt: skip
     parser.add_argument("--format", default="onnx", choices=FORMATS, help="the export format (default: onnx)")
-    parser.add_argument("--out", type=Path, required=True, metavar="FILE", help="the graph to write, e.g. model.onnx (the sidecar goes beside it)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the graph to write, e.g. model.onnx (the sidecar goes beside it)",
+    )
     parser.add_argument("--opset", type=int, metavar="N", help="the ONNX opset (default: the exporter's)")
     add_model_options(parser)
     parser.set_defaults(func=run)

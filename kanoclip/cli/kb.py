@@ -15,9 +15,8 @@ import sys
 from typing import Any
 
 from kanoclip.errors import InputError
-from kanoclip.knowledge import KNOWLEDGE_SOURCES, SOURCE_LABELS, STORED_SOURCES, KnowledgeBase
+from kanoclip.knowledge import KNOWLEDGE_SOURCES, SOURCE_LABELS, STORED_SOURCES, KnowledgeBase, generate
 from kanoclip.knowledge import classes as catalog
-from kanoclip.knowledge import generate
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,14 +39,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     build.add_argument("--classes", required=True, help="comma-separated class names, e.g. bottle,screw")
-    build.add_argument("--images", metavar="DIR", help="folder searched recursively for images to describe with the VQA model")
+    build.add_argument(
+        "--images", metavar="DIR", help="folder searched recursively for images to describe with the VQA model"
+    )
     build.add_argument("--llm-url", required=True, help="base URL of the LLM server, e.g. https://api.openai.com/v1")
     build.add_argument("--llm-model", required=True, help="LLM model name, e.g. gpt-4o-mini or llama3.1")
     build.add_argument("--vqa-url", help="base URL of the VQA server (default: --llm-url)")
     build.add_argument("--vqa-model", help="VQA model name, e.g. gpt-4o-mini or llama3.2-vision")
     build.add_argument("--n", type=int, default=5, help="LLM descriptions per class (default 5)")
     build.add_argument("--m", type=int, default=1, help="VQA descriptions per image (default 1)")
-    build.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key (default OPENAI_API_KEY, may be unset for local servers)")
+    build.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="environment variable holding the API key (default OPENAI_API_KEY, may be unset for local servers)",
+    )
     build.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one answer (default 120)")
     build.add_argument("--retries", type=int, default=3, help="retries after a failed request (default 3)")
     build.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
@@ -80,7 +85,9 @@ def run_show(args: argparse.Namespace) -> int:
     if args.json:
         by_source: dict[str, list[Any]] = {source: [] for source in KNOWLEDGE_SOURCES}
         for d in descriptions:
-            by_source[d.source].append({"image": d.image_name or d.image, "text": d.text} if d.source == "vqa" else d.text)
+            by_source[d.source].append(
+                {"image": d.image_name or d.image, "text": d.text} if d.source == "vqa" else d.text
+            )
         _print_json({"class": name, **by_source, "suggestions": suggestions})
         if not known:
             print(
@@ -139,7 +146,9 @@ def run_build(args: argparse.Namespace) -> int:
     if args.images:
         pairs, skipped = generate.assign_classes(args.images, classes)
         if not pairs:
-            raise InputError(f"no image under {args.images} belongs to --classes {','.join(classes)}; check --images and --classes")
+            raise InputError(
+                f"no image under {args.images} belongs to --classes {','.join(classes)}; check --images and --classes"
+            )
     llm = generate.ChatClient(args.llm_url, args.llm_model, **options)
     vqa = generate.ChatClient(args.vqa_url or args.llm_url, args.vqa_model, **options) if args.images else None
     bar: tqdm | None = None
@@ -155,8 +164,15 @@ def run_build(args: argparse.Namespace) -> int:
 
     try:
         report = generate.build(
-            args.out, classes, llm=llm, vqa=vqa, images=pairs, n=args.n, m=args.m,
-            concurrency=args.concurrency, progress=progress,
+            args.out,
+            classes,
+            llm=llm,
+            vqa=vqa,
+            images=pairs,
+            n=args.n,
+            m=args.m,
+            concurrency=args.concurrency,
+            progress=progress,
         )
     finally:
         if bar is not None:

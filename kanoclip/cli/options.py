@@ -15,7 +15,10 @@ from kanoclip.errors import InputError
 def add_data_option(parser: argparse.ArgumentParser, purpose: str) -> None:
     """The repeatable ``--data KIND=PATH``."""
     parser.add_argument(
-        "--data", action="append", required=True, metavar="KIND=PATH",
+        "--data",
+        action="append",
+        required=True,
+        metavar="KIND=PATH",
         help=f"dataset to {purpose} (repeatable; a bare PATH has its kind detected)",
     )
 
@@ -25,32 +28,45 @@ def add_model_options(parser: argparse.ArgumentParser, *, checkpoint: bool = Tru
     loaded = "the checkpoint's, else " if checkpoint else ""
     if checkpoint:
         parser.add_argument(
-            "--checkpoint", metavar="C",
+            "--checkpoint",
+            metavar="C",
             help="trained checkpoint folder or hub repo id (default: none, the training-free model)",
         )
     parser.add_argument(
-        "--backbone", metavar="B",
+        "--backbone",
+        metavar="B",
         help=f"CLIP backbone: hub id or local folder (default: ${BACKBONE_ENV}, else {loaded}ViT-L/14@336px)",
     )
     parser.add_argument("--kb", metavar="FILE", help=f"knowledge-base JSON (default: {loaded}the built-in one)")
     if checkpoint:
         parser.add_argument(
-            "--references", metavar="DIR",
+            "--references",
+            metavar="DIR",
             help="saved normal references (kanoclip references build): their map is fused with the model's, their thresholds used",
         )
     per_process = "" if checkpoint else "; under torchrun each process takes its own GPU"
     parser.add_argument(
-        "--device", default="auto", metavar="D", help=f"cpu, cuda, cuda:1, ... (default: auto = cuda when available{per_process})"
+        "--device",
+        default="auto",
+        metavar="D",
+        help=f"cpu, cuda, cuda:1, ... (default: auto = cuda when available{per_process})",
     )
     parser.add_argument(
-        "--precision", default="auto", choices=PRECISIONS,
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
         help="the backbone's precision (int8: the CPU only); maps and scores are always fp32 (default: auto = bf16 on a GPU, fp32 on the CPU)",
     )
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value by its dotted path, e.g. training_free.stage_weights=0,0,0,1 (repeatable; after --config)",
     )
-    parser.add_argument("--config", metavar="FILE.json", help="config overrides: a JSON object of dotted keys or sections")
+    parser.add_argument(
+        "--config", metavar="FILE.json", help="config overrides: a JSON object of dotted keys or sections"
+    )
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -60,7 +76,9 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     if args.config:
         try:
-            overrides.update(flatten_overrides(read_json_file(args.config, "--config"), where=f"--config {args.config}"))
+            overrides.update(
+                flatten_overrides(read_json_file(args.config, "--config"), where=f"--config {args.config}")
+            )
         except ValueError as exc:
             raise InputError(str(exc)) from None
     for text in args.set:
@@ -91,8 +109,13 @@ def load_model(args: argparse.Namespace):
     hf_logging.disable_progress_bar()  # the command shows its own progress; no per-shard bars
     # from_pretrained applies the precedence: --backbone, $KANOCLIP_BACKBONE, the checkpoint's
     return KAnoCLIP.from_pretrained(
-        args.checkpoint, backbone=args.backbone, device=args.device, kb=args.kb,
-        precision=args.precision, overrides=config_overrides(args), references=args.references,
+        args.checkpoint,
+        backbone=args.backbone,
+        device=args.device,
+        kb=args.kb,
+        precision=args.precision,
+        overrides=config_overrides(args),
+        references=args.references,
     )
 
 

@@ -20,10 +20,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Normal reference images per class: a memory bank that detect, eval and the app fuse with the model's map.",
     )  # fmt: skip
     commands = parser.add_subparsers(dest="references_command", metavar="ACTION", required=True)
-    build = commands.add_parser("build", help="encode good images of one class and save them", description=__doc__.splitlines()[0])
-    build.add_argument("inputs", nargs="+", metavar="IMAGES_OR_FOLDERS", help="normal (good) images of the class, files and/or folders")
-    build.add_argument("--class", dest="class_name", required=True, metavar="NAME", help="what the images show, e.g. bottle")
-    build.add_argument("--out", required=True, metavar="DIR", help="folder to save the references in (others' classes there are kept)")
+    build = commands.add_parser(
+        "build", help="encode good images of one class and save them", description=__doc__.splitlines()[0]
+    )
+    build.add_argument(
+        "inputs", nargs="+", metavar="IMAGES_OR_FOLDERS", help="normal (good) images of the class, files and/or folders"
+    )
+    build.add_argument(
+        "--class", dest="class_name", required=True, metavar="NAME", help="what the images show, e.g. bottle"
+    )
+    build.add_argument(
+        "--out", required=True, metavar="DIR", help="folder to save the references in (others' classes there are kept)"
+    )
     add_model_options(build)
     build.set_defaults(func=run_build)
     show = commands.add_parser("show", help="list the classes, counts and thresholds a references folder holds")
@@ -61,7 +69,12 @@ def run_show(args: argparse.Namespace) -> int:
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise InputError(f"{args.folder} is not a kanoclip references folder")
     rows = [
-        {"class": c["class"], "count": len(c["image_names"]), "threshold": c["threshold"], "calibration": c["calibration"]}
+        {
+            "class": c["class"],
+            "count": len(c["image_names"]),
+            "threshold": c["threshold"],
+            "calibration": c["calibration"],
+        }
         for c in index["classes"]
     ]
     if args.json:

@@ -36,7 +36,9 @@ def betas(text: str) -> tuple[float, float]:
     except ValueError:
         values = ()
     if len(values) != 2 or not all(0 <= v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected two numbers in [0, 1) separated by a comma, e.g. 0.5,0.999; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected two numbers in [0, 1) separated by a comma, e.g. 0.5,0.999; got {text!r}"
+        )
     return values  # type: ignore[return-value]
 
 
@@ -59,19 +61,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="adamw (default) or adam (AnomalyCLIP trains with adam and --betas 0.5,0.999)",
     )  # fmt: skip
     parser.add_argument(
-        "--betas", type=betas, default=(0.9, 0.999), metavar="B1,B2", help="the optimizer's betas, each in [0, 1) (default 0.9,0.999)"
+        "--betas",
+        type=betas,
+        default=(0.9, 0.999),
+        metavar="B1,B2",
+        help="the optimizer's betas, each in [0, 1) (default 0.9,0.999)",
     )
-    parser.add_argument("--image-size", type=positive_int, help="model input size (default: the backbone's, 336 for ViT-L/14@336px)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed: initialisation and each epoch's order (default 0)")
+    parser.add_argument(
+        "--image-size", type=positive_int, help="model input size (default: the backbone's, 336 for ViT-L/14@336px)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed: initialisation and each epoch's order (default 0)"
+    )
     add_model_options(parser, checkpoint=False)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
-    parser.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", help="encode the images again at every epoch")
     parser.add_argument(
-        "--on-bad-sample", choices=("stop", "skip"), default="stop",
+        "--no-feature-cache", dest="feature_cache", action="store_false", help="encode the images again at every epoch"
+    )
+    parser.add_argument(
+        "--on-bad-sample",
+        choices=("stop", "skip"),
+        default="stop",
         help="an unreadable image or mask: stop with an error naming it (default), or skip it (it is listed)",
     )
-    parser.add_argument("--max-samples", type=positive_int, metavar="N", help="train on N evenly spaced samples only (quick runs)")
-    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the final checkpoint to this Hugging Face repo id")
+    parser.add_argument(
+        "--max-samples", type=positive_int, metavar="N", help="train on N evenly spaced samples only (quick runs)"
+    )
+    parser.add_argument(
+        "--push-to-hub", metavar="REPO", help="upload the final checkpoint to this Hugging Face repo id"
+    )
     parser.set_defaults(func=run)
 
 

@@ -158,7 +158,7 @@ def sweep(
         ``{"variants": {name: {"overrides": {...}, "datasets": ...}}}``, each like :func:`evaluate`'s.
     """
     if not variants:
-        raise InputError("the sweep has no variants; give at least one, e.g. {\"base\": {}}")
+        raise InputError('the sweep has no variants; give at least one, e.g. {"base": {}}')
     models = {}
     for name, overrides in variants.items():
         try:
@@ -198,7 +198,9 @@ def _evaluate_models(
                 if progress is not None:  # the parts differ by one image at most
                     progress(before + min(size, counted * procs.world), total)
 
-            predictions = _gathered(procs, predict(models, procs.shard(group), batch_size=batch_size, on_batch=on_batch))
+            predictions = _gathered(
+                procs, predict(models, procs.shard(group), batch_size=batch_size, on_batch=on_batch)
+            )
             done += len(group)
             if progress is not None and procs.world > 1:  # one process reported it exactly already
                 progress(done, total)
@@ -207,7 +209,10 @@ def _evaluate_models(
             labels, masks = class_ground_truth(group, first.image_size)
             counts = {"n_normal": int((labels == 0).sum()), "n_anomalous": int((labels == 1).sum())}
             for name, (scores, maps) in predictions.items():
-                classes[name][class_name] = {**counts, **compute_metrics(labels, scores, masks, maps if masks is not None else None)}
+                classes[name][class_name] = {
+                    **counts,
+                    **compute_metrics(labels, scores, masks, maps if masks is not None else None),
+                }
             del predictions, masks
         if procs.is_main:
             for name in models:
@@ -215,7 +220,9 @@ def _evaluate_models(
     return procs.broadcast(results)
 
 
-def _gathered(procs: Processes, predictions: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _gathered(
+    procs: Processes, predictions: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Every process's :func:`predict` results of its part, concatenated in rank order."""
     if procs.world == 1:
         return predictions
@@ -255,7 +262,9 @@ def format_report(results: dict[str, Any], model: Any) -> str:
         n_normal = sum(row["n_normal"] for row in classes.values())
         n_anomalous = sum(row["n_anomalous"] for row in classes.values())
         cells = [_cell(entry["mean"][k]) for k in METRIC_KEYS]
-        lines.append(f"| {kind} | **mean** | {n_normal} | {n_anomalous} | " + " | ".join(f"**{c}**" for c in cells) + " |")
+        lines.append(
+            f"| {kind} | **mean** | {n_normal} | {n_anomalous} | " + " | ".join(f"**{c}**" for c in cells) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -87,7 +87,9 @@ def few_shot(
         if progress is not None:
             progress(done, total)
 
-    zero = evaluate(model, datasets, batch_size=batch_size, progress=lambda d, _t: progress(d, total) if progress else None)
+    zero = evaluate(
+        model, datasets, batch_size=batch_size, progress=lambda d, _t: progress(d, total) if progress else None
+    )
     done = sum(len(samples) for *_, samples in listed)
     out: dict[str, Any] = {"zero_shot": zero, "shots": {}, "protocol": {"shots": shots, "seeds": seeds, "pools": {}}}
     for k in shots:
@@ -113,13 +115,22 @@ def few_shot(
 
 
 def _run(
-    model: Any, class_name: str, group: list[Sample], pool: list[Path] | None, k: int, seed: int, batch_size: int, on_batch: Callable[[int], None]
+    model: Any,
+    class_name: str,
+    group: list[Sample],
+    pool: list[Path] | None,
+    k: int,
+    seed: int,
+    batch_size: int,
+    on_batch: Callable[[int], None],
 ) -> dict[str, Any]:
     """One (k, seed) run on one class: draw, add the references to a fresh store, detect, score."""
     if pool is None:  # no train split: draw from the test normals and leave them out of this run's test set
         normals = [s.image for s in group if s.label == 0]
         if k >= len(normals):
-            raise InputError(f"class {class_name!r} has {len(normals)} normal test images and no train split: k={k} would leave none to test")
+            raise InputError(
+                f"class {class_name!r} has {len(normals)} normal test images and no train split: k={k} would leave none to test"
+            )
         chosen = draw_references(normals, k, seed, class_name)
         test = [s for s in group if s.image not in set(chosen)]
     else:
@@ -139,7 +150,9 @@ def _spread(rows: list[dict[str, Any]]) -> dict[str, Any]:
     spread: dict[str, Any] = {}
     for key in METRIC_KEYS:
         values = [row[key] for row in rows if row.get(key) is not None]
-        spread[key] = None if not values else {"mean": float(np.mean(values)), "std": float(np.std(values)), "runs": values}
+        spread[key] = (
+            None if not values else {"mean": float(np.mean(values)), "std": float(np.std(values)), "runs": values}
+        )
     for key in ("n_normal", "n_anomalous"):
         if key in rows[0]:
             spread[key] = rows[0][key]
@@ -169,4 +182,3 @@ def format_few_shot_report(results: dict[str, Any], model: Any) -> str:
             mean = entry["datasets"][key]["mean"]
             lines.append(f"| {key} | {k}-shot | " + " | ".join(_pm(mean[m]) for m in METRIC_KEYS) + " |")
     return "\n".join(lines) + "\n"
-

@@ -86,7 +86,11 @@ STORED_SOURCES: tuple[str, ...] = ("llm", "builtin", "manual", "vqa")
 KNOWLEDGE_SOURCES: tuple[str, ...] = (*STORED_SOURCES, "generic")
 #: How the app and the CLI name each source.
 SOURCE_LABELS: dict[str, str] = {
-    "llm": "LLM", "vqa": "VQA", "builtin": "built-in", "manual": "hand-written", "generic": "generic",
+    "llm": "LLM",
+    "vqa": "VQA",
+    "builtin": "built-in",
+    "manual": "hand-written",
+    "generic": "generic",
 }
 
 _BUILTIN_RESOURCE = "builtin.json"

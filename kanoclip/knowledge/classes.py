@@ -19,23 +19,49 @@ DATASETS: dict[str, tuple[str, ...]] = {
     **{
         name: ("MVTec-AD",)
         for name in (
-            "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather",
-            "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood",
+            "bottle",
+            "cable",
+            "capsule",
+            "carpet",
+            "grid",
+            "hazelnut",
+            "leather",
+            "metal_nut",
+            "pill",
+            "screw",
+            "tile",
+            "toothbrush",
+            "transistor",
+            "wood",
             "zipper",
         )
     },
     **{
         name: ("VisA",)
         for name in (
-            "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1",
-            "macaroni2", "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum",
+            "candle",
+            "capsules",
+            "cashew",
+            "chewinggum",
+            "fryum",
+            "macaroni1",
+            "macaroni2",
+            "pcb1",
+            "pcb2",
+            "pcb3",
+            "pcb4",
+            "pipe_fryum",
         )
     },
     **{
         name: ("MPDD",)
         for name in (
-            "bracket_black", "bracket_brown", "bracket_white", "connector",
-            "metal_plate", "tubes",
+            "bracket_black",
+            "bracket_brown",
+            "bracket_white",
+            "connector",
+            "metal_plate",
+            "tubes",
         )
     },
     **{name: ("BTAD",) for name in ("01", "02", "03")},

@@ -235,7 +235,9 @@ def parse_descriptions(answer: str) -> list[str]:
     return result
 
 
-def _collect(ask: Callable[[int, list[str]], Iterable[str]], want: int, max_requests: int, avoid: Sequence[str]) -> list[str]:
+def _collect(
+    ask: Callable[[int, list[str]], Iterable[str]], want: int, max_requests: int, avoid: Sequence[str]
+) -> list[str]:
     """Call ``ask(missing, known)`` until ``want`` new distinct texts are gathered or ``max_requests`` is spent."""
     known = {t.lower() for t in avoid}
     got: list[str] = []
@@ -250,7 +252,9 @@ def _collect(ask: Callable[[int, list[str]], Iterable[str]], want: int, max_requ
     return got
 
 
-def generate_llm(client: ChatClient, class_name: str, n: int = 5, *, avoid: Sequence[str] = (), extra_requests: int = 2) -> list[str]:
+def generate_llm(
+    client: ChatClient, class_name: str, n: int = 5, *, avoid: Sequence[str] = (), extra_requests: int = 2
+) -> list[str]:
     """Up to ``n`` new LLM descriptions of a class: one request for all, then at most ``extra_requests`` for the missing ones."""
     return _collect(
         lambda missing, known: parse_descriptions(client.complete(llm_messages(class_name, missing, known))),
@@ -261,7 +265,13 @@ def generate_llm(client: ChatClient, class_name: str, n: int = 5, *, avoid: Sequ
 
 
 def generate_vqa(
-    client: ChatClient, class_name: str, image: str | os.PathLike[str], m: int = 1, *, avoid: Sequence[str] = (), extra_requests: int = 2
+    client: ChatClient,
+    class_name: str,
+    image: str | os.PathLike[str],
+    m: int = 1,
+    *,
+    avoid: Sequence[str] = (),
+    extra_requests: int = 2,
 ) -> list[str]:
     """Up to ``m`` new VQA descriptions of one image: one request per description (each answer is one description)."""
     data, mime = _image_payload(Path(image))
@@ -312,7 +322,9 @@ def assign_classes(folder: str | os.PathLike[str], classes: Sequence[str]) -> tu
     pairs: list[tuple[str, Path]] = []
     skipped: list[Path] = []
     for path in images:
-        owner = next((by_key[k] for k in map(_catalog.class_key, path.relative_to(root).parts[:-1]) if k in by_key), None)
+        owner = next(
+            (by_key[k] for k in map(_catalog.class_key, path.relative_to(root).parts[:-1]) if k in by_key), None
+        )
         if owner is None:
             skipped.append(path)
         else:
@@ -378,7 +390,9 @@ def build(
     are still saved before it is raised.
     """
     if n < 1 or m < 1 or concurrency < 1:
-        raise InputError(f"n, m and concurrency must be >= 1 (got n={n}, m={m}, concurrency={concurrency}); fix --n/--m/--concurrency")
+        raise InputError(
+            f"n, m and concurrency must be >= 1 (got n={n}, m={m}, concurrency={concurrency}); fix --n/--m/--concurrency"
+        )
     if images and vqa is None:
         raise InputError("images were given but no VQA endpoint; pass --vqa-url and --vqa-model")
     path = Path(out)
@@ -471,7 +485,8 @@ def _run_pool(
                 results.put((task, [], exc))
 
     threads = [
-        threading.Thread(target=worker, name=f"kanoclip-kb-{i}", daemon=True) for i in range(min(concurrency, len(tasks)))
+        threading.Thread(target=worker, name=f"kanoclip-kb-{i}", daemon=True)
+        for i in range(min(concurrency, len(tasks)))
     ]
     for thread in threads:
         thread.start()
@@ -507,4 +522,3 @@ def api_key_from_env(variable: str | None) -> str | None:
     if not value:
         raise InputError(f"environment variable {variable} is not set; export it or drop --api-key-env")
     return value
-

@@ -108,7 +108,9 @@ class BiCMCIStage(nn.Module):
         self.in_visual = nn.Linear(feature_dim, d)
         self.in_text = nn.Linear(feature_dim, d)
         self.norm_deform = nn.LayerNorm(d)
-        self.deform = DeformableSelfAttention(d, config.num_heads, config.deform_stride, config.deform_kernel, config.offset_range)
+        self.deform = DeformableSelfAttention(
+            d, config.num_heads, config.deform_stride, config.deform_kernel, config.offset_range
+        )
         self.text_self = _Attention(d, config.num_heads, cross=False)
         self.text_to_visual = _Attention(d, config.num_heads, cross=True)
         self.visual_to_text = _Attention(d, config.num_heads, cross=True)

@@ -41,7 +41,9 @@ def global_loss(score: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy(score.float().clamp(1e-6, 1 - 1e-6), label.float())
 
 
-def local_loss(normal: torch.Tensor, abnormal: torch.Tensor, mask: torch.Tensor, focal_gamma: float = 2.0) -> torch.Tensor:
+def local_loss(
+    normal: torch.Tensor, abnormal: torch.Tensor, mask: torch.Tensor, focal_gamma: float = 2.0
+) -> torch.Tensor:
     """Eq. 15: ``Focal(M^a, G) + Dice(M^n, 1 − G) + Dice(M^a, G)`` on (B, H, W) maps."""
     return focal_loss(abnormal, mask, focal_gamma) + dice_loss(normal, 1 - mask) + dice_loss(abnormal, mask)
 

@@ -66,7 +66,9 @@ def combine_maps(normal: torch.Tensor, abnormal: torch.Tensor, sigma: float) -> 
     return gaussian_blur(abnormal + 1.0 - normal, sigma) / 2.0
 
 
-def global_score(global_feature: torch.Tensor, text: torch.Tensor, anomaly_map: torch.Tensor, temperature: float) -> torch.Tensor:
+def global_score(
+    global_feature: torch.Tensor, text: torch.Tensor, anomaly_map: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Eq. 12, reported in [0, 1]: ``(softmax(Î_G · F_textᵀ / τ)[abnormal] + max(M)) / 2``.
 
     ``global_feature``: (B, C); ``text``: (B, 2, C); ``anomaly_map``: (B, H, W). Returns (B,).

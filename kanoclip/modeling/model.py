@@ -91,7 +91,14 @@ class KAnoCLIPModel(nn.Module):
     """
 
     def __init__(
-        self, clip: CLIPModel, tokenizer: CLIPTokenizer, config: KAnoCLIPConfig, *, trained: bool, image_size: int, precision: str = "auto"
+        self,
+        clip: CLIPModel,
+        tokenizer: CLIPTokenizer,
+        config: KAnoCLIPConfig,
+        *,
+        trained: bool,
+        image_size: int,
+        precision: str = "auto",
     ) -> None:
         super().__init__()
         self.config = config
@@ -138,7 +145,11 @@ class KAnoCLIPModel(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable weights only, keyed ``<module>.<param>`` (what a checkpoint stores)."""
-        return {f"{name}.{k}": v for name, module in self.trainable_modules().items() for k, v in module.state_dict().items()}
+        return {
+            f"{name}.{k}": v
+            for name, module in self.trainable_modules().items()
+            for k, v in module.state_dict().items()
+        }
 
     def num_replaced_blocks(self) -> int:
         """The V-V path's length in this mode: ``config.vv``'s when trained, else ``config.training_free``'s."""
@@ -184,7 +195,9 @@ class KAnoCLIPModel(nn.Module):
         with torch.no_grad(), backbone_autocast(self.precision, self.device):
             paths = self.visual.features(pixel_values.to(self.device), replaced)
         return {
-            n: VisualFeatures(global_feature=f.global_feature.float(), stages=[s.float() for s in f.stages], grid=f.grid)
+            n: VisualFeatures(
+                global_feature=f.global_feature.float(), stages=[s.float() for s in f.stages], grid=f.grid
+            )
             for n, f in paths.items()
         }
 

@@ -73,7 +73,9 @@ class CLIPVV:
         if num_replaced_blocks is None:
             return self.first_replaced
         if not 1 <= num_replaced_blocks <= self.depth:
-            raise ValueError(f"num_replaced_blocks must be in [1, {self.depth}] for this backbone, got {num_replaced_blocks}")
+            raise ValueError(
+                f"num_replaced_blocks must be in [1, {self.depth}] for this backbone, got {num_replaced_blocks}"
+            )
         return self.depth - num_replaced_blocks + 1
 
     @contextmanager
@@ -188,9 +190,19 @@ class CLIPVV:
         global_feature = self.visual_projection(vision.post_layernorm(last[:, 0]))  # = get_image_features
         return {n: self._path(captured, first, global_feature, grid) for n, first in firsts.items()}
 
-    def _path(self, captured: dict[str, dict[int, torch.Tensor]], first: int, global_feature: torch.Tensor, grid: tuple[int, int]) -> VisualFeatures:
+    def _path(
+        self,
+        captured: dict[str, dict[int, torch.Tensor]],
+        first: int,
+        global_feature: torch.Tensor,
+        grid: tuple[int, int],
+    ) -> VisualFeatures:
         """One V-V path, starting at block ``first``, from the captured original forward."""
-        stages = {layer: captured["outputs"][layer][:, 1:] for layer in self.stage_layers if not self.vv_enabled or layer < first}
+        stages = {
+            layer: captured["outputs"][layer][:, 1:]
+            for layer in self.stage_layers
+            if not self.vv_enabled or layer < first
+        }
         if self.vv_enabled:
             # Out-of-place additions only: each stored stage is its own tensor, so later
             # blocks cannot overwrite it (the bug that made public implementations' 4
@@ -202,4 +214,6 @@ class CLIPVV:
                     stages[layer] = state[:, 1:]
         # One LN + projection over all stages' tokens (per-token ops, so the same as one each).
         projected = self.project(torch.cat([stages[layer] for layer in self.stage_layers], dim=1))
-        return VisualFeatures(global_feature=global_feature, stages=list(projected.chunk(len(self.stage_layers), dim=1)), grid=grid)
+        return VisualFeatures(
+            global_feature=global_feature, stages=list(projected.chunk(len(self.stage_layers), dim=1)), grid=grid
+        )

@@ -72,11 +72,15 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> dic
     return {names[i]: {k: v for k, v in entry.items() if isinstance(v, torch.Tensor)} for i, entry in state.items()}
 
 
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str], tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+def load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, names: list[str], tensors: dict[str, dict[str, torch.Tensor]]
+) -> None:
     """Put saved per-parameter state back into a freshly built optimizer over the same parameters."""
     unknown = sorted(set(tensors) - set(names))
     if unknown:
-        raise CheckpointError(f"training state holds optimizer state for unknown parameters ({', '.join(unknown[:3])}); it belongs to another model")
+        raise CheckpointError(
+            f"training state holds optimizer state for unknown parameters ({', '.join(unknown[:3])}); it belongs to another model"
+        )
     current = optimizer.state_dict()
     current["state"] = {i: tensors[name] for i, name in enumerate(names) if name in tensors}
     optimizer.load_state_dict(current)
@@ -86,7 +90,9 @@ def save_state(out: Path, state: TrainingState) -> Path:
     """Write one epoch's state (weights, optimizer, RNG, then the JSON that points at them)."""
     folder = state_folder(out)
     name = f"state-epoch-{state.epoch:04d}.safetensors"
-    tensors: dict[str, torch.Tensor] = {f"model.{k}": v.detach().to("cpu").contiguous() for k, v in state.weights.items()}
+    tensors: dict[str, torch.Tensor] = {
+        f"model.{k}": v.detach().to("cpu").contiguous() for k, v in state.weights.items()
+    }
     for param, entry in state.optimizer.items():
         tensors.update({f"optimizer.{param}.{k}": v.detach().to("cpu").contiguous() for k, v in entry.items()})
     tensors.update({f"rng.{k}": v.contiguous() for k, v in state.rng.items()})
@@ -107,12 +113,16 @@ def load_state(out: Path) -> TrainingState | None:
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
         if info.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"{path}: training state format {info.get('format')!r} is not supported (expected {STATE_FORMAT})")
+            raise CheckpointError(
+                f"{path}: training state format {info.get('format')!r} is not supported (expected {STATE_FORMAT})"
+            )
         epoch, name = int(info.pop("epoch")), str(info.pop("file"))
         info.pop("format")
         raw = load_safetensors((folder / name).read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, ValueError, TypeError, OSError, SafetensorError) as exc:
-        raise CheckpointError(f"{path}: training state cannot be read ({type(exc).__name__}: {exc}); start a new run without --resume") from None
+        raise CheckpointError(
+            f"{path}: training state cannot be read ({type(exc).__name__}: {exc}); start a new run without --resume"
+        ) from None
     weights = {k[len("model.") :]: v for k, v in raw.items() if k.startswith("model.")}
     rng = {k[len("rng.") :]: v for k, v in raw.items() if k.startswith("rng.")}
     optimizer: dict[str, dict[str, torch.Tensor]] = {}

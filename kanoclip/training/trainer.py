@@ -37,11 +37,11 @@ import torch
 
 from kanoclip.config import KAnoCLIPConfig
 from kanoclip.data import Sample, load_dataset, load_mask, parse_data_arg
+from kanoclip.detector import KAnoCLIP
+from kanoclip.distributed import Processes
 from kanoclip.errors import CheckpointError, DatasetError, ImageError, InputError, KAnoCLIPError
 from kanoclip.fileio import atomic_write_json
 from kanoclip.images import load_image
-from kanoclip.detector import KAnoCLIP
-from kanoclip.distributed import Processes
 from kanoclip.training.feature_cache import CACHE_DIR, FeatureCache
 from kanoclip.training.state import (
     STATE_DIR,
@@ -192,7 +192,9 @@ def _spread(count: int, keep: int) -> list[int]:
 def load_training_set(data: list[str], model: KAnoCLIP, max_samples: int | None = None) -> _TrainSet:
     """List the samples of every ``data`` spec, with their classes and pixel-GT flags."""
     if not data:
-        raise OptionError(lambda name: f"no training data; pass {name('data', ['mvtec=/data/mvtec_ad'])} (KIND=PATH specs)")
+        raise OptionError(
+            lambda name: f"no training data; pass {name('data', ['mvtec=/data/mvtec_ad'])} (KIND=PATH specs)"
+        )
     if max_samples is not None and max_samples < 1:
         raise OptionError(lambda name: f"{name('max_samples')} must be at least 1, got {max_samples}")
     samples: list[Sample] = []
@@ -224,8 +226,10 @@ def _bad_sample_error(bad: list[tuple[str, str]]) -> DataError:
     path, reason = bad[0]
     more = f" (and {len(bad) - 1} more unreadable samples)" if len(bad) > 1 else ""
     return DataError(
-        lambda name: f"unreadable training sample {path}: {reason}{more}; fix or remove it, "
-        f"or train without it with {name('on_bad_sample', 'skip')}"
+        lambda name: (
+            f"unreadable training sample {path}: {reason}{more}; fix or remove it, "
+            f"or train without it with {name('on_bad_sample', 'skip')}"
+        )
     )
 
 
@@ -293,7 +297,9 @@ class _Batches:
 # ----------------------------------------------------------------------------- training
 
 
-def _loss_terms(model: KAnoCLIP, net: torch.nn.Module, batches: _Batches, indices: list[int]) -> dict[str, torch.Tensor]:
+def _loss_terms(
+    model: KAnoCLIP, net: torch.nn.Module, batches: _Batches, indices: list[int]
+) -> dict[str, torch.Tensor]:
     visual, classes, labels, masks, has_mask = batches.batch(indices)
     out = net(visual, classes)
     return model.model.losses(out, model.knowledge_features(out.classes), label=labels, mask=masks, has_mask=has_mask)
@@ -317,9 +323,11 @@ def _check_resumable(saved: dict[str, Any], run: dict[str, Any], out: Path) -> N
             where = f" {path}"
         was, now = (str(v)[:12] + "..." if key == "kb_sha256" else repr(v) for v in (before, now))
         raise OptionError(
-            lambda name, label=label, where=where, was=was, now=now: f"cannot resume {out}: {label(name)}{where} differs from "
-            f"the interrupted run's (was {was}, now {now}); rerun with the original options, or start a new run in another "
-            f"{name('out')} folder"
+            lambda name, label=label, where=where, was=was, now=now: (
+                f"cannot resume {out}: {label(name)}{where} differs from "
+                f"the interrupted run's (was {was}, now {now}); rerun with the original options, or start a new run in another "
+                f"{name('out')} folder"
+            )
         )
 
 
@@ -335,10 +343,14 @@ def _first_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") ->
 
 
 def _build_model(config: TrainConfig, device: torch.device) -> KAnoCLIP:
-    model_config = copy.deepcopy(config.model) if config.model is not None else KAnoCLIPConfig()  # the caller's stays as given
+    model_config = (
+        copy.deepcopy(config.model) if config.model is not None else KAnoCLIPConfig()
+    )  # the caller's stays as given
     if config.image_size is not None:
         model_config.image_size = config.image_size
-    return KAnoCLIP.for_training(backbone=config.backbone, device=device, kb=config.kb, config=model_config, precision=config.precision)
+    return KAnoCLIP.for_training(
+        backbone=config.backbone, device=device, kb=config.kb, config=model_config, precision=config.precision
+    )
 
 
 def _model_settings(model: KAnoCLIP) -> dict[str, Any]:
@@ -349,24 +361,32 @@ def _model_settings(model: KAnoCLIP) -> dict[str, Any]:
 def _validate(config: TrainConfig) -> Path:
     if config.epochs < 1 or config.batch_size < 1:
         raise OptionError(
-            lambda name: f"{name('epochs')} and {name('batch_size')} must be at least 1, got {config.epochs} and {config.batch_size}"
+            lambda name: (
+                f"{name('epochs')} and {name('batch_size')} must be at least 1, got {config.epochs} and {config.batch_size}"
+            )
         )
     if not (config.lr > 0 and math.isfinite(config.lr)):
         raise OptionError(lambda name: f"{name('lr')} (the learning rate) must be a positive number, got {config.lr}")
     if config.on_bad_sample not in ("stop", "skip"):
-        raise OptionError(lambda name: f"{name('on_bad_sample')} must be 'stop' or 'skip', got {config.on_bad_sample!r}")
+        raise OptionError(
+            lambda name: f"{name('on_bad_sample')} must be 'stop' or 'skip', got {config.on_bad_sample!r}"
+        )
     if config.optimizer not in OPTIMIZERS:
         raise OptionError(lambda name: f"{name('optimizer')} must be 'adamw' or 'adam', got {config.optimizer!r}")
     betas = tuple(config.betas) if isinstance(config.betas, (tuple, list)) else ()
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-        raise OptionError(lambda name: f"{name('betas')} must be two numbers in [0, 1), e.g. (0.9, 0.999), got {config.betas!r}")
+        raise OptionError(
+            lambda name: f"{name('betas')} must be two numbers in [0, 1), e.g. (0.9, 0.999), got {config.betas!r}"
+        )
     out = Path(config.out).expanduser()
     if out.exists() and not out.is_dir():
         raise OptionError(lambda name: f"{name('out')} {out} is a file; pass a folder for the checkpoint")
     if has_state(out) and not config.resume:
         raise OptionError(
-            lambda name: f"{out} already holds a training run; pass {name('resume', True)} to continue it, "
-            f"or choose another {name('out')} folder"
+            lambda name: (
+                f"{out} already holds a training run; pass {name('resume', True)} to continue it, "
+                f"or choose another {name('out')} folder"
+            )
         )
     return out
 
@@ -397,7 +417,9 @@ class _Run:
     def result(self, *, cancelled: bool) -> TrainResult:
         return TrainResult(self.out, self.history, self.loss_curve, self.skipped, cancelled=cancelled)
 
-    def progress(self, epoch: int, step: int = 0, steps: int = 0, losses: dict[str, float] | None = None, message: str = "") -> None:
+    def progress(
+        self, epoch: int, step: int = 0, steps: int = 0, losses: dict[str, float] | None = None, message: str = ""
+    ) -> None:
         self.report(TrainProgress(epoch, self.config.epochs, step, steps, losses or {}, message))
 
 
@@ -461,7 +483,12 @@ def _run_info(config: TrainConfig, model: KAnoCLIP, trainset: _TrainSet) -> dict
 def _train(run: _Run) -> TrainResult:
     """Resume, prepare the samples, then train epoch by epoch, each ending with a checkpoint."""
     model, procs = run.model, run.procs
-    params = [(f"{m}.{n}", p) for m, module in model.model.trainable_modules().items() for n, p in module.named_parameters() if p.requires_grad]
+    params = [
+        (f"{m}.{n}", p)
+        for m, module in model.model.trainable_modules().items()
+        for n, p in module.named_parameters()
+        if p.requires_grad
+    ]
     names = [n for n, _ in params]
     optimizer = _optimizer(run.config, [p for _, p in params])
     start = _resume(run, optimizer, names)
@@ -541,7 +568,9 @@ def _check_samples(run: _Run, batches: _Batches) -> list[tuple[int, str, str]] |
     count = len(run.trainset.samples)
     chunks = [list(range(k, min(k + size, count))) for k in range(0, count, size)]
     mine = chunks[procs.rank :: procs.world]
-    what = "encoding the frozen features of the training images" if cache is not None else "checking the training images"
+    what = (
+        "encoding the frozen features of the training images" if cache is not None else "checking the training images"
+    )
     bad_local: list[tuple[int, str, str]] = []
     run.model.eval()
     for j, chunk in enumerate(mine):
@@ -556,7 +585,9 @@ def _check_samples(run: _Run, batches: _Batches) -> list[tuple[int, str, str]] |
     return bad
 
 
-def _train_epoch(run: _Run, net: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: _Batches, epoch: int) -> int | None:
+def _train_epoch(
+    run: _Run, net: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: _Batches, epoch: int
+) -> int | None:
     """One epoch over the usable samples, its mean loss terms (over processes) added to the
     history; the number of steps, or None if cancelled."""
     procs = run.procs
@@ -619,6 +650,8 @@ def push_checkpoint(out: Path, repo_id: str) -> str:
         except Exception as exc:  # noqa: BLE001 - any hub failure is reported in one line
             failure = f"{type(exc).__name__}: {first_line(exc)}"
             raise PushError(
-                lambda name: f"pushing {out} to the hub repo {repo_id!r} failed ({failure}); the checkpoint is saved, push it "
-                f"later with `hf upload {repo_id} {out}` or rerun with {name('resume', True)} {name('push_to_hub', repo_id)}"
+                lambda name: (
+                    f"pushing {out} to the hub repo {repo_id!r} failed ({failure}); the checkpoint is saved, push it "
+                    f"later with `hf upload {repo_id} {out}` or rerun with {name('resume', True)} {name('push_to_hub', repo_id)}"
+                )
             ) from None

@@ -12,7 +12,9 @@ def test_adapter_is_eq_11_at_ratio_1():
     torch.manual_seed(0)
     adapter = ConvAdapter(16, AdapterConfig(bottleneck=4, ratio=1.0))
     x = torch.randn(5, 16)
-    expected = adapter.up(torch.relu(adapter.down(torch.nn.functional.layer_norm(x, (16,), adapter.norm.weight, adapter.norm.bias))))
+    expected = adapter.up(
+        torch.relu(adapter.down(torch.nn.functional.layer_norm(x, (16,), adapter.norm.weight, adapter.norm.bias)))
+    )
     torch.testing.assert_close(adapter(x), expected)
     assert adapter.down.out_features == 4
 

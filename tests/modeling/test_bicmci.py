@@ -58,7 +58,9 @@ def test_residual_logits_add_clips_own_logits_before_the_softmax():
     residual = module(stages, text, (4, 4))
     for stage, p_plain, p_residual in zip(stages, plain, residual):
         # softmax(A + B) = softmax(A) * exp(B) / Σ, with B CLIP's cosine logits computed by hand
-        clip_logits = torch.nn.functional.cosine_similarity(text[:, :, None, :], stage[:, None, :, :], dim=-1) / 0.07  # (B, 2, L)
+        clip_logits = (
+            torch.nn.functional.cosine_similarity(text[:, :, None, :], stage[:, None, :, :], dim=-1) / 0.07
+        )  # (B, 2, L)
         expected = p_plain * clip_logits.exp()
         torch.testing.assert_close(p_residual, expected / expected.sum(dim=1, keepdim=True), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(plain[0], residual[0])

@@ -72,12 +72,23 @@ def test_total_loss_weights_and_mask_selection():
     label = torch.tensor([1.0, 0.0])
     kd = torch.tensor(0.25)
     has_mask = torch.tensor([True, False])
-    terms = total_loss(config, kd=kd, score=score, label=label, normal=normal, abnormal=abnormal, mask=mask, has_mask=has_mask)
+    terms = total_loss(
+        config, kd=kd, score=score, label=label, normal=normal, abnormal=abnormal, mask=mask, has_mask=has_mask
+    )
     local = local_loss(normal[:1], abnormal[:1], mask[:1])  # only the sample with a mask
     expected = 2.0 * 0.25 + 3.0 * global_loss(score, label) + 5.0 * local
     torch.testing.assert_close(terms["total"], expected)
     torch.testing.assert_close(terms["local"], local)
-    none = total_loss(config, kd=kd, score=score, label=label, normal=normal, abnormal=abnormal, mask=mask, has_mask=torch.tensor([False, False]))
+    none = total_loss(
+        config,
+        kd=kd,
+        score=score,
+        label=label,
+        normal=normal,
+        abnormal=abnormal,
+        mask=mask,
+        has_mask=torch.tensor([False, False]),
+    )
     assert float(none["local"]) == 0.0
 
 
@@ -114,11 +125,19 @@ def test_per_stage_local_loss_sums_eq_15_over_the_stages():
     mask[0, :2, :2] = 1  # 4 of 16 pixels abnormal
     mean_a = (0.8 + 0.3 + 0.6 + 0.1) / 4
     config = LossConfig(alpha=0.0, beta=0.0, gamma=1.0)
-    common = dict(kd=torch.tensor(0.0), score=torch.tensor([0.5]), label=torch.tensor([1.0]), mask=mask, has_mask=torch.tensor([True]))
+    common = dict(
+        kd=torch.tensor(0.0),
+        score=torch.tensor([0.5]),
+        label=torch.tensor([1.0]),
+        mask=mask,
+        has_mask=torch.tensor([True]),
+    )
     normal = torch.full((1, 4, 4), 1 - mean_a)
     abnormal = torch.full((1, 4, 4), mean_a)
 
-    per_stage = total_loss(LossConfig(local_loss="per_stage"), normal=normal, abnormal=abnormal, stage_maps=stage_maps, **common)
+    per_stage = total_loss(
+        LossConfig(local_loss="per_stage"), normal=normal, abnormal=abnormal, stage_maps=stage_maps, **common
+    )
     expected = sum(_eq15_by_hand(a, 4, 16) for a in (0.8, 0.3, 0.6, 0.1))
     assert float(per_stage["local"]) == pytest.approx(expected, rel=1e-5)
 

@@ -19,7 +19,9 @@ def backbone(tiny_backbone):
 def build(backbone, trained: bool, **sections) -> KAnoCLIPModel:
     torch.manual_seed(0)
     config = KAnoCLIPConfig(backbone=backbone.name, bicmci=BiCMCIConfig(dim=32, num_heads=2), **sections)
-    return KAnoCLIPModel(backbone.model, backbone.tokenizer, config, trained=trained, image_size=backbone.image_size).eval()
+    return KAnoCLIPModel(
+        backbone.model, backbone.tokenizer, config, trained=trained, image_size=backbone.image_size
+    ).eval()
 
 
 def test_training_free_forward_is_eq_9_10_12_on_given_text(backbone):
@@ -60,7 +62,13 @@ def test_losses_need_a_training_forward(backbone):
     visual = model.encode_image(torch.randn(1, 3, model.image_size, model.image_size))
     out = model(visual, torch.randn(1, 2, visual.stages[0].shape[-1]))
     with pytest.raises(ValueError, match="learned prompts"):
-        model.losses(out, torch.randn(1, 1, 32), label=torch.ones(1), mask=torch.zeros(1, 112, 112), has_mask=torch.ones(1, dtype=torch.bool))
+        model.losses(
+            out,
+            torch.randn(1, 1, 32),
+            label=torch.ones(1),
+            mask=torch.zeros(1, 112, 112),
+            has_mask=torch.ones(1, dtype=torch.bool),
+        )
 
 
 def test_a_config_that_does_not_fit_the_backbone_is_refused(backbone):

@@ -7,7 +7,7 @@ import torch
 
 from kanoclip.backbone import load_backbone
 from kanoclip.config import VVConfig
-from kanoclip.modeling.vv_attention import POSITION_CACHE_SIZE, CLIPVV
+from kanoclip.modeling.vv_attention import CLIPVV, POSITION_CACHE_SIZE
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,9 @@ def test_stages_before_the_vv_path_are_the_original_tokens(clip, pixels):
     assert (stages[1] - view.project(hidden[4][:, 1:])).abs().max() > 1e-3  # V-V by layer 4
 
 
-def library_features(clip, pixels: torch.Tensor, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def library_features(
+    clip, pixels: torch.Tensor, positions: torch.Tensor | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """transformers' own global feature and hidden states, with ``interpolate_pos_encoding=True``
     at other sizes; ``positions`` (1, T, width), when given, replaces the library's resized table."""
     embeddings = clip.vision_model.embeddings
@@ -132,7 +134,9 @@ def library_features(clip, pixels: torch.Tensor, positions: torch.Tensor | None 
     return global_feature, states
 
 
-def assert_features_equal(view: CLIPVV, pixels: torch.Tensor, global_feature: torch.Tensor, states: list[torch.Tensor]) -> None:
+def assert_features_equal(
+    view: CLIPVV, pixels: torch.Tensor, global_feature: torch.Tensor, states: list[torch.Tensor]
+) -> None:
     with torch.no_grad():
         features = view(pixels)
     torch.testing.assert_close(features.global_feature, global_feature, atol=1e-6, rtol=1e-6)
@@ -143,7 +147,9 @@ def assert_features_equal(view: CLIPVV, pixels: torch.Tensor, global_feature: to
 @pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
 def test_native_size_features_equal_the_librarys(clip, pixels, mode):
     global_feature, states = library_features(clip, pixels)  # 112: the library's table as is
-    assert_features_equal(CLIPVV(clip, VVConfig(position_interpolation=mode), vv_enabled=False), pixels, global_feature, states)
+    assert_features_equal(
+        CLIPVV(clip, VVConfig(position_interpolation=mode), vv_enabled=False), pixels, global_feature, states
+    )
 
 
 def test_bicubic_at_another_size_equals_transformers_interpolation(clip):
