@@ -6,8 +6,8 @@
     python app.py --references refs/                # saved normal references, shared by every visitor
 
 Every flag has an environment variable (flags win): ``KANOCLIP_BACKBONE``,
-``KANOCLIP_CHECKPOINT``, ``KANOCLIP_KB``, ``KANOCLIP_REFERENCES``, ``KANOCLIP_DATA_ROOT``, ``KANOCLIP_PRECISION``, ``KANOCLIP_HOST``,
-``KANOCLIP_PORT``. On a Space (``SPACE_ID`` is set) the host and port are Gradio's defaults
+``KANOCLIP_CHECKPOINT``, ``KANOCLIP_KB``, ``KANOCLIP_REFERENCES``, ``KANOCLIP_DATA_ROOT``, ``KANOCLIP_PRECISION``,
+``KANOCLIP_HOST``, ``KANOCLIP_PORT``. On a Space (``SPACE_ID`` is set) the host and port are Gradio's defaults
 (the platform's ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``). See docs/app.md.
 """
 
@@ -37,7 +37,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kb", help="knowledge-base JSON file (env KANOCLIP_KB; default the built-in one)")
     parser.add_argument(
         "--references",
-        help="folder of saved normal references (KAnoCLIP.save_references); they serve every visitor whose session has none of that class (env KANOCLIP_REFERENCES; default none)",
+        help=(
+            "folder of saved normal references (KAnoCLIP.save_references); they serve every visitor whose session "
+            "has none of that class (env KANOCLIP_REFERENCES; default none)"
+        ),
     )
     parser.add_argument(
         "--data-root", help="folder the Train tab may read datasets from (env KANOCLIP_DATA_ROOT; default ./data)"
@@ -51,13 +54,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
-        help="the backbone's precision; maps and scores are fp32 (env KANOCLIP_PRECISION; default auto: bf16 on a GPU, fp32 on the CPU; "
-        "int8, CPU only: the vision tower's linear layers quantised, for a machine with no GPU)",
+        help=(
+            "the backbone's precision; maps and scores are fp32 (env KANOCLIP_PRECISION; default auto: bf16 on a GPU, "
+            "fp32 on the CPU; int8, CPU only: the vision tower's linear layers quantised, for a machine with no GPU)"
+        ),
     )
     parser.add_argument(
         "--host",
         default=os.environ.get("KANOCLIP_HOST") or (None if on_space else "127.0.0.1"),
-        help="address to listen on (env KANOCLIP_HOST; default 127.0.0.1, Gradio's default on a Space); 0.0.0.0 exposes it to the network",
+        help=(
+            "address to listen on (env KANOCLIP_HOST; default 127.0.0.1, Gradio's default on a Space); "
+            "0.0.0.0 exposes it to the network"
+        ),
     )
     parser.add_argument(
         "--port",

@@ -49,5 +49,6 @@ def machine() -> str:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (
         f"{platform.node()} | {platform.processor() or platform.machine()} | {os.cpu_count()} CPUs | "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads) | {device} | {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads) | {device} | "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )

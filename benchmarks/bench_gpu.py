@@ -75,7 +75,8 @@ def flops_per_image(fn: Callable[[torch.Tensor], None], pixels: torch.Tensor) ->
 
 
 def precision_grid(models: dict[str, object], batch: int, size: int, repeats: int, device: torch.device) -> dict:
-    """``detect_batch`` images/s of each precision's model (trained mode), without references and with 4 of the class."""
+    """``detect_batch`` images/s of each precision's model (trained mode), without references and with 4 of the
+    class."""
     images = [
         np.random.default_rng(1000 + i).integers(0, 256, (size, size, 3), dtype=np.uint8) for i in range(batch + 4)
     ]
@@ -129,12 +130,14 @@ def summary(result: dict) -> str:
         )
     for precision, row in result["precisions"].items():
         lines.append(
-            f"precision {precision} ({row['in_force']}): detect_batch {row['detect_batch_images_per_s_0_references']:.1f}/s, "
+            f"precision {precision} ({row['in_force']}): "
+            f"detect_batch {row['detect_batch_images_per_s_0_references']:.1f}/s, "
             f"with 4 references {row['detect_batch_images_per_s_4_references']:.1f}/s"
         )
     onnx = result["onnx_cuda"]
     lines.append(f"onnx (CUDA provider): {onnx['skipped']}" if "skipped" in onnx else
-                 f"onnx (CUDA provider): {onnx['images_per_s']:.1f}/s at batch, export {onnx['export_s']:.0f} s")  # fmt: skip
+                 f"onnx (CUDA provider): {onnx['images_per_s']:.1f}/s at batch, "
+                 f"export {onnx['export_s']:.0f} s")  # fmt: skip
     return "\n".join(lines)
 
 

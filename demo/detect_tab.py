@@ -150,14 +150,20 @@ def result_summary(model: KAnoCLIP, det: Detection, region_fraction: float, note
         cls = f"**Class:** `{det.class_name}` (in the knowledge base)"
     else:
         hint = unknown_class_hint(model.knowledge, det.class_name)
-        cls = f"**Class:** `{det.class_name}` — not in the knowledge base, so generic anomaly descriptions were used.{hint}"
+        cls = (
+            f"**Class:** `{det.class_name}` — not in the knowledge base, "
+            f"so generic anomaly descriptions were used.{hint}"
+        )
     region = (
         f"{region_fraction:.1%} of the pixels reach the threshold {det.threshold:.2f}"
         if region_fraction > 0
         else f"no pixel reaches the threshold {det.threshold:.2f}"
     )
     refs = f" · **References:** {det.reference_count} normal images ({references})" if det.reference_count else ""
-    return f"{describe_model(model)}\n\n{cls} · **Score:** {det.score:.4f} → {verdict(det, note)} · **Region:** {region}{refs}"
+    return (
+        f"{describe_model(model)}\n\n{cls} · **Score:** {det.score:.4f} → {verdict(det, note)} "
+        f"· **Region:** {region}{refs}"
+    )
 
 
 @dataclass
@@ -244,7 +250,10 @@ def references_markdown(model: KAnoCLIP, session: References, class_name: str, p
     _, refs, whose = serving_references(model, session, name)
     default = model.config.scoring.threshold
     if refs is None:
-        text = f"**Normal references of `{name}`:** none · default threshold {default:.3f} (not calibrated); add 2 or more good images to calibrate it."
+        text = (
+            f"**Normal references of `{name}`:** none · default threshold {default:.3f} (not calibrated); "
+            "add 2 or more good images to calibrate it."
+        )
     else:
         text = f"**Normal references of `{name}`:** {refs.count} ({whose}) · {refs.describe(default)}"
     shared = sorted(model.reference_store.sets)
@@ -352,7 +361,8 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
         """Add the uploaded good images to the session's references of the class (cleared from the upload box)."""
         if not files:
             raise InputError(
-                "no reference images: upload one or more good (normal) images of the class, then press 'Add as references'"
+                "no reference images: upload one or more good (normal) images of the class, "
+                "then press 'Add as references'"
             )
         name = required_class_name(class_name, "pick the class the reference images show, e.g. 'bottle'")
         stores = {} if stores is None else stores
@@ -422,7 +432,10 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
                 )
                 calibrated = gr.Checkbox(
                     value=True,
-                    label="Use the class's calibrated threshold when it has one (from its references) instead of the slider",
+                    label=(
+                        "Use the class's calibrated threshold when it has one (from its references) "
+                        "instead of the slider"
+                    ),
                     elem_id="detect-calibrated",
                 )
                 sigma = gr.Slider(
@@ -445,7 +458,8 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
                     start = registry.peek(config.start_choice)
                     shared = sorted(start.reference_store.sets) if isinstance(start, KAnoCLIP) else []
                     intro = REFERENCES_HELP + (
-                        f" Shared references (`--references`) of {', '.join(f'`{c}`' for c in shared)} serve every visitor without their own."
+                        f" Shared references (`--references`) of {', '.join(f'`{c}`' for c in shared)} "
+                        "serve every visitor without their own."
                         if shared
                         else ""
                     )
@@ -475,7 +489,8 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
                 )
                 gallery = gr.Gallery(
                     label=(
-                        "Stage maps M₁ᵃ..M₄ᵃ (abnormal probability per stage), normal map Mⁿ, abnormal map Mᵃ (means over stages), "
+                        "Stage maps M₁ᵃ..M₄ᵃ (abnormal probability per stage), normal map Mⁿ, "
+                        "abnormal map Mᵃ (means over stages), "
                         "and with references the reference map (distance to the nearest normal patch)"
                     ),
                     columns=3,
@@ -484,7 +499,10 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
                 )
                 guidance = gr.Dataframe(
                     headers=GUIDANCE_COLUMNS,
-                    label="Prompts that guided this result (knowledge descriptions by source, learned or template prompts)",
+                    label=(
+                        "Prompts that guided this result "
+                        "(knowledge descriptions by source, learned or template prompts)"
+                    ),
                     wrap=True,
                     column_widths=GUIDANCE_WIDTHS,
                     interactive=False,

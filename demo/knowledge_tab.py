@@ -89,7 +89,8 @@ def class_view(kb: KnowledgeBase, class_name: str | None) -> tuple[str, pd.DataF
             "",
             pd.DataFrame([], columns=columns),
             (
-                f"`{name}` is not in the knowledge base (detection would use generic descriptions).{unknown_class_hint(kb, name)} "
+                f"`{name}` is not in the knowledge base (detection would use generic descriptions)."
+                f"{unknown_class_hint(kb, name)} "
                 "Type descriptions, one per line, and press *Apply edits* to add it."
             ),
         )

@@ -387,7 +387,8 @@ class AppContext:
             (config.references / name).is_file() for name in (INDEX_NAME, TENSORS_NAME)
         ):
             raise CheckpointError(
-                f"--references / KANOCLIP_REFERENCES {config.references} holds no saved references (expected {INDEX_NAME} and {TENSORS_NAME}); "
+                f"--references / KANOCLIP_REFERENCES {config.references} holds no saved references "
+                f"(expected {INDEX_NAME} and {TENSORS_NAME}); "
                 "save them there with KAnoCLIP.save_references"
             )
         knowledge = KnowledgeStore(config)

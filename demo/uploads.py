@@ -43,7 +43,10 @@ class ZipLimits:
 
     def describe(self) -> str:
         """The limits a visitor needs to know, e.g. ``≤ 2 GB, ≤ 4 GB unpacked, ≤ 100,000 entries``."""
-        return f"≤ {self.max_compressed / GB:g} GB, ≤ {self.max_uncompressed / GB:g} GB unpacked, ≤ {self.max_entries:,} entries"
+        return (
+            f"≤ {self.max_compressed / GB:g} GB, ≤ {self.max_uncompressed / GB:g} GB unpacked, "
+            f"≤ {self.max_entries:,} entries"
+        )
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,8 @@ def check_zip(path: str | os.PathLike[str], limits: ZipLimits = ZipLimits()) -> 
             )
     if total >= limits.ratio_min_size and total > limits.max_ratio * max(archive_size, 1):
         raise InputError(
-            f"the zip expands {total / max(archive_size, 1):.0f}x (over {limits.max_ratio:.0f}x): a possible zip bomb; the archive is refused"
+            f"the zip expands {total / max(archive_size, 1):.0f}x (over {limits.max_ratio:.0f}x): "
+            "a possible zip bomb; the archive is refused"
         )
     if files == 0:
         raise InputError(f"{path.name} holds no files; upload a dataset archive")
@@ -176,7 +180,8 @@ def extract_zip(path: str | os.PathLike[str], dest: str | os.PathLike[str], limi
                         written += len(chunk)
                         if entry > info.file_size or written > limits.max_uncompressed:
                             raise InputError(
-                                f"zip entry {info.filename!r} holds more data than its header declares; the archive is refused"
+                                f"zip entry {info.filename!r} holds more data than its header declares; "
+                                "the archive is refused"
                             )
                         sink.write(chunk)
     except InputError:

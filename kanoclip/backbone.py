@@ -66,7 +66,8 @@ def resolve_backbone(backbone: str, *, cache_dir: str | os.PathLike[str] | None 
         )
     if is_local_path(backbone):
         raise BackboneError(
-            f"backbone folder {backbone!r}: no such folder; check the path given as {ARG} (a hub id looks like 'owner/name')",
+            f"backbone folder {backbone!r}: no such folder; check the path given as {ARG} "
+            "(a hub id looks like 'owner/name')",
             argument="backbone",
         )
     fix = _FIX.format(b=backbone)

@@ -69,7 +69,8 @@ def resolve_checkpoint(checkpoint: str | os.PathLike[str], *, cache_dir: str | o
         return path
     if is_local_path(str(checkpoint)):
         raise CheckpointError(
-            f"checkpoint folder {str(checkpoint)!r}: no such folder; check the path given as {ARG} (a hub id looks like 'user/name')",
+            f"checkpoint folder {str(checkpoint)!r}: no such folder; check the path given as {ARG} "
+            "(a hub id looks like 'user/name')",
             argument="checkpoint",
         )
     fix = f"check the name, or download it once with `hf download {checkpoint}` and pass the folder as {ARG}"

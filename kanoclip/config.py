@@ -279,7 +279,8 @@ class TrainingFreeConfig:
             or sum(self.stage_weights) <= 0
         ):
             raise ValueError(
-                f"training_free.stage_weights must be non-negative numbers with a positive sum, got {self.stage_weights}"
+                "training_free.stage_weights must be non-negative numbers with a positive sum, "
+                f"got {self.stage_weights}"
             )
         if self.num_replaced_blocks < 1:
             raise ValueError(f"training_free.num_replaced_blocks must be >= 1, got {self.num_replaced_blocks}")

@@ -120,7 +120,8 @@ class KAnoCLIP(nn.Module):
         cfg = config or (files.config if files else KAnoCLIPConfig())
         model = cls._build(
             cfg, backbone, device, trained=files is not None, precision=precision, overrides=overrides,
-            cache_dir=cache_dir, backbone_cache=backbone_cache, knowledge=_knowledge_from(kb, files.folder if files else None),
+            cache_dir=cache_dir, backbone_cache=backbone_cache,
+            knowledge=_knowledge_from(kb, files.folder if files else None),
         )  # fmt: skip
         if files is not None:
             model.load_trainable_state_dict(
@@ -242,7 +243,8 @@ class KAnoCLIP(nn.Module):
         wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
         if missing or unexpected or wrong:
             detail = (
-                f"{len(wrong)} shape mismatches (e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(expected[wrong[0]].shape)})"
+                f"{len(wrong)} shape mismatches (e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} "
+                f"vs {tuple(expected[wrong[0]].shape)})"
                 if wrong
                 else f"missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
@@ -550,7 +552,8 @@ class KAnoCLIP(nn.Module):
     def _reference_features(
         self, class_name: str, images: Sequence[Image.Image], batch: int = 8
     ) -> tuple[list[torch.Tensor], list[float], tuple[int, int]]:
-        """Decoded images -> (their memory bank, n_stages x (k·L, C); each one's own score without references; the grid)."""
+        """Decoded images -> (their memory bank, n_stages x (k·L, C); each one's own score without references;
+        the grid)."""
         stages, scores = [], []
         for start in range(0, len(images), batch):
             visual = self.encode_image(self.pixel_values(images[start : start + batch]))

@@ -138,7 +138,8 @@ class ReferenceTables(nn.Module):
         exclude = self.row_class[None, :] != class_index[:, None]  # (B, N): other classes' rows
         bank = [getattr(self, f"bank{j}") for j in range(self.n_stages)]
         ref = reference_maps(
-            visual.stages, bank, model.stage_weight_values(), visual.grid, model.image_size, self.sigma, chunk=self.chunk, exclude=exclude
+            visual.stages, bank, model.stage_weight_values(), visual.grid, model.image_size, self.sigma,
+            chunk=self.chunk, exclude=exclude,
         )  # fmt: skip
         has = self.has_references[class_index]
         fused_map = torch.where(has[:, None, None], fuse(anomaly_map, ref, self.weight), anomaly_map)
@@ -325,7 +326,8 @@ class OnnxDetector:
             )
         except (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail, ort_errors.NoSuchFile) as exc:
             raise CheckpointError(
-                f"{self.path}: onnxruntime cannot load it as an ONNX graph ({first_line(exc)}); export it again with {HOW}"
+                f"{self.path}: onnxruntime cannot load it as an ONNX graph ({first_line(exc)}); "
+                f"export it again with {HOW}"
             ) from None
         names = [i.name for i in self.session.get_inputs()]
         if names != self.meta["inputs"] or [o.name for o in self.session.get_outputs()] != list(OUTPUTS):

@@ -106,8 +106,9 @@ class References:
             for j, stage in enumerate(refs.bank):
                 tensors[f"class{i}.stage{j}"] = stage.detach().to("cpu", torch.float16).contiguous()
             classes.append({
-                "class": name, "image_names": refs.image_names, "threshold": refs.threshold, "calibration": refs.calibration,
-                "stages": len(refs.bank), "grid": list(refs.grid), "model_scores": refs.model_scores,
+                "class": name, "image_names": refs.image_names, "threshold": refs.threshold,
+                "calibration": refs.calibration, "stages": len(refs.bank), "grid": list(refs.grid),
+                "model_scores": refs.model_scores,
             })  # fmt: skip
         tmp = out / (TENSORS_NAME + ".tmp")
         save_file(tensors, str(tmp))
@@ -127,7 +128,8 @@ class References:
         index_path = path / INDEX_NAME
         if not index_path.is_file() or not (path / TENSORS_NAME).is_file():
             raise CheckpointError(
-                f"{path} holds no saved references (expected {INDEX_NAME} and {TENSORS_NAME}); build them with add_references or `kanoclip references build`"
+                f"{path} holds no saved references (expected {INDEX_NAME} and {TENSORS_NAME}); "
+                "build them with add_references or `kanoclip references build`"
             )
         try:
             index = json.loads(index_path.read_text(encoding="utf-8"))
@@ -141,7 +143,8 @@ class References:
         if index.get("fingerprint") != fingerprint:
             saved = index.get("fingerprint")
             raise CheckpointError(
-                f"{path} was built for another model ({saved}); this model is {fingerprint}: build the references again with it"
+                f"{path} was built for another model ({saved}); this model is {fingerprint}: "
+                "build the references again with it"
             )
         refs = cls(fingerprint=fingerprint)
         for i, entry in enumerate(index["classes"]):

@@ -31,7 +31,8 @@ DOCS_HEIGHT = 1360  # px of the Detect screenshot kept for docs/screenshot.png
 def browser():
     if not CHROMIUM.is_file() or not CHROMEDRIVER.is_file():
         pytest.skip(
-            f"needs Debian's chromium ({CHROMIUM}) and chromedriver ({CHROMEDRIVER}); install them with apt (no browser is downloaded)"
+            f"needs Debian's chromium ({CHROMIUM}) and chromedriver ({CHROMEDRIVER}); "
+            "install them with apt (no browser is downloaded)"
         )
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service

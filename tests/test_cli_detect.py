@@ -123,7 +123,8 @@ def test_unknown_class_warns_and_suggests_near_classes(capsys, tiny_backbone, im
     assert err.splitlines() == [
         (
             "kanoclip detect: warning: class 'pcb board' is not in the knowledge base, so generic anomaly descriptions "
-            "are used; did you mean --class pcb1 or pcb2 or pcb3 or pcb4? Otherwise pass a knowledge base that describes it with --kb"
+            "are used; did you mean --class pcb1 or pcb2 or pcb3 or pcb4? "
+            "Otherwise pass a knowledge base that describes it with --kb"
         )
     ]
     assert main([*base, "--class", "zzzz qqqq"]) == 0

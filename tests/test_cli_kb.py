@@ -149,7 +149,8 @@ def test_show_unknown_class_suggests_near_ones(capsys):
     code, out, _ = run_cli(capsys, "kb", "show", "pcb board")
     assert code == 0
     assert out.splitlines()[0] == (
-        "pcb board: not in the knowledge base (did you mean pcb1, pcb2, pcb3, pcb4?); the generic fallback descriptions are used:"
+        "pcb board: not in the knowledge base (did you mean pcb1, pcb2, pcb3, pcb4?); "
+        "the generic fallback descriptions are used:"
     )
     code, out, err = run_cli(capsys, "kb", "show", "screws", "--json")
     assert json.loads(out)["suggestions"] == ["screw"] and "(did you mean screw?)" in err

@@ -37,7 +37,7 @@ def make_small_headct(root: Path, shared_data: Path, per_label: int = 3, side: i
     for number, _ in chosen:
         name = f"{int(number):03d}.png"
         Image.open(source / "head_ct" / name).convert("RGB").resize((side, side)).save(root / "head_ct" / name)
-    (root / "labels.csv").write_text("id, hemorrhage\n" + "".join(f"{int(n)},{int(l)}\n" for n, l in chosen))
+    (root / "labels.csv").write_text("id, hemorrhage\n" + "".join(f"{int(n)},{int(label)}\n" for n, label in chosen))
     return root
 
 
@@ -129,7 +129,8 @@ def test_acceptance_train_on_bottle_then_eval_mtd_and_headct(tiny_backbone, bott
     report_path, json_path = tmp_path / "report.md", tmp_path / "metrics.json"
     started = time.monotonic()
     done = run_cli(
-        "eval", "--checkpoint", str(out), "--data", f"mtd={shared_data / 'mtd'}", "--data", f"headct={shared_data / 'headct'}",
+        "eval", "--checkpoint", str(out), "--data", f"mtd={shared_data / 'mtd'}",
+        "--data", f"headct={shared_data / 'headct'}",
         "--json", str(json_path), "--report", str(report_path), "--batch-size", "32",
     )  # fmt: skip
     eval_s = time.monotonic() - started

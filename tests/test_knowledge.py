@@ -24,7 +24,9 @@ from kanoclip.knowledge import (
 from kanoclip.knowledge.classes import DATASETS
 
 PAPER_CLASSES = {
-    "MVTec-AD": "bottle cable capsule carpet grid hazelnut leather metal_nut pill screw tile toothbrush transistor wood zipper",
+    "MVTec-AD": (
+        "bottle cable capsule carpet grid hazelnut leather metal_nut pill screw tile toothbrush transistor wood zipper"
+    ),
     "VisA": "candle capsules cashew chewinggum fryum macaroni1 macaroni2 pcb1 pcb2 pcb3 pcb4 pipe_fryum",
     "MPDD": "bracket_black bracket_brown bracket_white connector metal_plate tubes",
     "BTAD": "01 02 03",

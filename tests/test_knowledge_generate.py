@@ -81,7 +81,10 @@ def test_llm_takes_only_n_and_bounds_follow_ups(server):
     ("answer", "expected"),
     [
         (
-            "Sure! Here they are:\n1. A crack on the rim.\n2) A chipped\n   neck edge.\n3: Dirt inside it.\n\nHope it helps.",
+            (
+                "Sure! Here they are:\n1. A crack on the rim.\n2) A chipped\n   neck edge.\n3: Dirt inside it."
+                "\n\nHope it helps."
+            ),
             ["A crack on the rim.", "A chipped neck edge.", "Dirt inside it."],
         ),
         (

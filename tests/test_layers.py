@@ -10,12 +10,12 @@ from conftest import REPO
 
 # Each layer may import only from itself and the layers below it.
 LAYERS = [
-    ("base", {"kanoclip.errors", "kanoclip.fileio", "kanoclip.cache", "kanoclip.config", "kanoclip.hub", "kanoclip.images",
-              "kanoclip.precision", "kanoclip.knowledge.classes"}),
+    ("base", {"kanoclip.errors", "kanoclip.fileio", "kanoclip.cache", "kanoclip.config", "kanoclip.hub",
+              "kanoclip.images", "kanoclip.precision", "kanoclip.knowledge.classes"}),
     ("model", {"kanoclip.modeling"}),
-    ("service", {"kanoclip.backbone", "kanoclip.checkpoint", "kanoclip.detection", "kanoclip.references", "kanoclip.knowledge",
-                 "kanoclip.detector", "kanoclip.viz", "kanoclip.viz_prompts", "kanoclip.data", "kanoclip.onnx", "kanoclip.distributed",
-                 "kanoclip"}),
+    ("service", {"kanoclip.backbone", "kanoclip.checkpoint", "kanoclip.detection", "kanoclip.references",
+                 "kanoclip.knowledge", "kanoclip.detector", "kanoclip.viz", "kanoclip.viz_prompts", "kanoclip.data",
+                 "kanoclip.onnx", "kanoclip.distributed", "kanoclip"}),
     ("uses", {"kanoclip.training", "kanoclip.evaluation"}),
     ("entry", {"kanoclip.cli", "kanoclip.__main__", "demo"}),
 ]  # fmt: skip

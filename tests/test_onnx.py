@@ -154,7 +154,8 @@ def _foreign_onnx(path: Path) -> Path:
 
     graph = helper.make_graph(
         [helper.make_node("Identity", ["x"], ["y"])], "identity",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )  # fmt: skip
     onnx.save(helper.make_model(graph), path)
     return path

@@ -214,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
     refs = model.references(class_name)
     if procs.is_main and refs is not None:
         print(
-            f"kanoclip detect: {refs.count} references of {class_name!r}; {refs.describe(model.config.scoring.threshold)}",
+            f"kanoclip detect: {refs.count} references of {class_name!r}; "
+            f"{refs.describe(model.config.scoring.threshold)}",
             file=sys.stderr,
         )
     if args.json:

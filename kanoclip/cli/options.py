@@ -42,7 +42,10 @@ def add_model_options(parser: argparse.ArgumentParser, *, checkpoint: bool = Tru
         parser.add_argument(
             "--references",
             metavar="DIR",
-            help="saved normal references (kanoclip references build): their map is fused with the model's, their thresholds used",
+            help=(
+                "saved normal references (kanoclip references build): their map is fused with the model's, "
+                "their thresholds used"
+            ),
         )
     per_process = "" if checkpoint else "; under torchrun each process takes its own GPU"
     parser.add_argument(
@@ -55,14 +58,20 @@ def add_model_options(parser: argparse.ArgumentParser, *, checkpoint: bool = Tru
         "--precision",
         default="auto",
         choices=PRECISIONS,
-        help="the backbone's precision (int8: the CPU only); maps and scores are always fp32 (default: auto = bf16 on a GPU, fp32 on the CPU)",
+        help=(
+            "the backbone's precision (int8: the CPU only); maps and scores are always fp32 "
+            "(default: auto = bf16 on a GPU, fp32 on the CPU)"
+        ),
     )
     parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value by its dotted path, e.g. training_free.stage_weights=0,0,0,1 (repeatable; after --config)",
+        help=(
+            "override a config value by its dotted path, e.g. training_free.stage_weights=0,0,0,1 "
+            "(repeatable; after --config)"
+        ),
     )
     parser.add_argument(
         "--config", metavar="FILE.json", help="config overrides: a JSON object of dotted keys or sections"

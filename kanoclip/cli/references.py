@@ -17,7 +17,8 @@ from kanoclip.cli.options import add_model_options, load_model
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "references", help="build and list k-shot normal references (used with --references)",
-        description="Normal reference images per class: a memory bank that detect, eval and the app fuse with the model's map.",
+        description="Normal reference images per class: a memory bank that detect, eval and the app fuse with "
+        "the model's map.",
     )  # fmt: skip
     commands = parser.add_subparsers(dest="references_command", metavar="ACTION", required=True)
     build = commands.add_parser(

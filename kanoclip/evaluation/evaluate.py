@@ -242,7 +242,8 @@ def _report_header(title: str, model: Any) -> list[str]:
     return lines + [
         f"- model: {mode}, backbone precision {model.precision}",
         f"- backbone: `{model.backbone_name}`" + (" (randomly initialised)" if model.random_backbone else ""),
-        f"- maps and masks compared at {model.image_size}x{model.image_size}; values in %, `-` where a dataset has no pixel masks",
+        f"- maps and masks compared at {model.image_size}x{model.image_size}; "
+        "values in %, `-` where a dataset has no pixel masks",
         "",
     ]
 

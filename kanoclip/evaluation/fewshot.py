@@ -129,7 +129,8 @@ def _run(
         normals = [s.image for s in group if s.label == 0]
         if k >= len(normals):
             raise InputError(
-                f"class {class_name!r} has {len(normals)} normal test images and no train split: k={k} would leave none to test"
+                f"class {class_name!r} has {len(normals)} normal test images and no train split: "
+                f"k={k} would leave none to test"
             )
         chosen = draw_references(normals, k, seed, class_name)
         test = [s for s in group if s.image not in set(chosen)]
@@ -170,7 +171,8 @@ def format_few_shot_report(results: dict[str, Any], model: Any) -> str:
     protocol = results["protocol"]
     lines = _report_header("KAnoCLIP few-shot evaluation", model)
     lines += [
-        f"- k normal references per class, {protocol['seeds']} seed(s) each: from the train split's normal images where the "
+        f"- k normal references per class, {protocol['seeds']} seed(s) each: "
+        "from the train split's normal images where the "
         "dataset has one, else from the test split's (left out of that run's test set)",
         "",
         "| dataset | setting | " + " | ".join(_HEADERS) + " |",

@@ -384,7 +384,8 @@ class KnowledgeBase:
         """Append descriptions a person wrote by hand (source ``"manual"``; duplicates skipped).
 
         Args:
-            class_name: the class (aliases accepted; a new name is stored as :func:`~kanoclip.knowledge.classes.class_key`).
+            class_name: the class (aliases accepted; a new name is stored as
+                :func:`~kanoclip.knowledge.classes.class_key`).
             texts: the descriptions.
             provenance: who wrote them, e.g. ``Provenance("me", None, "2026-11-29", LLM_TEMPLATE)``.
 
@@ -421,7 +422,8 @@ class KnowledgeBase:
         descriptions (and the class itself if it has no VQA descriptions left).
 
         Args:
-            class_name: the class (aliases accepted; a new name is stored as :func:`~kanoclip.knowledge.classes.class_key`).
+            class_name: the class (aliases accepted; a new name is stored as
+                :func:`~kanoclip.knowledge.classes.class_key`).
             texts: the new general descriptions, in order; duplicates are dropped.
         """
         name = self._key_for(class_name)

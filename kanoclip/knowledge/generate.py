@@ -255,7 +255,8 @@ def _collect(
 def generate_llm(
     client: ChatClient, class_name: str, n: int = 5, *, avoid: Sequence[str] = (), extra_requests: int = 2
 ) -> list[str]:
-    """Up to ``n`` new LLM descriptions of a class: one request for all, then at most ``extra_requests`` for the missing ones."""
+    """Up to ``n`` new LLM descriptions of a class: one request for all, then at most ``extra_requests`` for the
+    missing ones."""
     return _collect(
         lambda missing, known: parse_descriptions(client.complete(llm_messages(class_name, missing, known))),
         n,
@@ -391,7 +392,8 @@ def build(
     """
     if n < 1 or m < 1 or concurrency < 1:
         raise InputError(
-            f"n, m and concurrency must be >= 1 (got n={n}, m={m}, concurrency={concurrency}); fix --n/--m/--concurrency"
+            f"n, m and concurrency must be >= 1 (got n={n}, m={m}, concurrency={concurrency}); "
+            "fix --n/--m/--concurrency"
         )
     if images and vqa is None:
         raise InputError("images were given but no VQA endpoint; pass --vqa-url and --vqa-model")

@@ -14,7 +14,8 @@ def kd_loss(knowledge: torch.Tensor, abnormal: torch.Tensor, normal: torch.Tenso
 
     ``L_KD = max(0, d(w̄k/‖w̄k‖, w̄a/‖w̄a‖) − d(w̄k/‖w̄k‖, w̄n/‖w̄n‖))`` with d the Euclidean distance.
     Each argument holds raw text features ``(n_classes, n_i, C)`` whose mean over ``n_i`` is the
-    w̄ of eq. 2-3: ``knowledge`` the knowledge-base descriptions (the paper's LLM + VQA; any source here), ``abnormal`` the LAPs, ``normal`` the LNPs.
+    w̄ of eq. 2-3: ``knowledge`` the knowledge-base descriptions (the paper's LLM + VQA; any source here),
+    ``abnormal`` the LAPs, ``normal`` the LNPs.
     """
     wk = F.normalize(knowledge.mean(dim=-2), dim=-1)
     wa = F.normalize(abnormal.mean(dim=-2), dim=-1)

@@ -79,7 +79,8 @@ def load_optimizer_tensors(
     unknown = sorted(set(tensors) - set(names))
     if unknown:
         raise CheckpointError(
-            f"training state holds optimizer state for unknown parameters ({', '.join(unknown[:3])}); it belongs to another model"
+            f"training state holds optimizer state for unknown parameters ({', '.join(unknown[:3])}); "
+            "it belongs to another model"
         )
     current = optimizer.state_dict()
     current["state"] = {i: tensors[name] for i, name in enumerate(names) if name in tensors}

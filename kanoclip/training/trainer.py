@@ -325,7 +325,8 @@ def _check_resumable(saved: dict[str, Any], run: dict[str, Any], out: Path) -> N
         raise OptionError(
             lambda name, label=label, where=where, was=was, now=now: (
                 f"cannot resume {out}: {label(name)}{where} differs from "
-                f"the interrupted run's (was {was}, now {now}); rerun with the original options, or start a new run in another "
+                f"the interrupted run's (was {was}, now {now}); rerun with the original options, "
+                "or start a new run in another "
                 f"{name('out')} folder"
             )
         )
@@ -362,7 +363,8 @@ def _validate(config: TrainConfig) -> Path:
     if config.epochs < 1 or config.batch_size < 1:
         raise OptionError(
             lambda name: (
-                f"{name('epochs')} and {name('batch_size')} must be at least 1, got {config.epochs} and {config.batch_size}"
+                f"{name('epochs')} and {name('batch_size')} must be at least 1, "
+                f"got {config.epochs} and {config.batch_size}"
             )
         )
     if not (config.lr > 0 and math.isfinite(config.lr)):
@@ -652,6 +654,7 @@ def push_checkpoint(out: Path, repo_id: str) -> str:
             raise PushError(
                 lambda name: (
                     f"pushing {out} to the hub repo {repo_id!r} failed ({failure}); the checkpoint is saved, push it "
-                    f"later with `hf upload {repo_id} {out}` or rerun with {name('resume', True)} {name('push_to_hub', repo_id)}"
+                    f"later with `hf upload {repo_id} {out}` "
+                    f"or rerun with {name('resume', True)} {name('push_to_hub', repo_id)}"
                 )
             ) from None

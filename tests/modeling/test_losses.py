@@ -153,8 +153,9 @@ def test_per_stage_local_loss_upsamples_each_stage_and_skips_samples_without_mas
     has_mask = torch.tensor([False, True])
     zeros = torch.zeros(2, 6, 6)
     terms = total_loss(
-        LossConfig(local_loss="per_stage"), kd=torch.tensor(0.0), score=torch.tensor([0.5, 0.5]), label=torch.tensor([0.0, 1.0]),
-        normal=zeros, abnormal=zeros, mask=mask, has_mask=has_mask, stage_maps=stage_maps,
+        LossConfig(local_loss="per_stage"), kd=torch.tensor(0.0), score=torch.tensor([0.5, 0.5]),
+        label=torch.tensor([0.0, 1.0]), normal=zeros, abnormal=zeros, mask=mask, has_mask=has_mask,
+        stage_maps=stage_maps,
     )  # fmt: skip
     expected = 0.0
     for i in range(3):  # only image 1 has a mask; each stage's maps bilinearly resized to 6x6
@@ -166,6 +167,7 @@ def test_per_stage_local_loss_upsamples_each_stage_and_skips_samples_without_mas
 def test_per_stage_local_loss_needs_the_stage_maps():
     with pytest.raises(ValueError, match="stage_maps"):
         total_loss(
-            LossConfig(local_loss="per_stage"), kd=torch.tensor(0.0), score=torch.tensor([0.5]), label=torch.tensor([1.0]),
-            normal=torch.zeros(1, 2, 2), abnormal=torch.zeros(1, 2, 2), mask=torch.zeros(1, 2, 2), has_mask=torch.tensor([True]),
+            LossConfig(local_loss="per_stage"), kd=torch.tensor(0.0), score=torch.tensor([0.5]),
+            label=torch.tensor([1.0]), normal=torch.zeros(1, 2, 2), abnormal=torch.zeros(1, 2, 2),
+            mask=torch.zeros(1, 2, 2), has_mask=torch.tensor([True]),
         )  # fmt: skip
