@@ -48,6 +48,17 @@ class PromptConfig:
     abnormal_adjectives: tuple[str, ...] = ("abnormal", "defective", "damaged", "broken")
     ctx_init_std: float = 0.02  # CoOp's initialisation of the context vectors
 
+    def __post_init__(self) -> None:
+        if self.n_ctx < 1:
+            raise ValueError(f"prompts.n_ctx must be >= 1, got {self.n_ctx}")
+        for name in ("normal_adjectives", "abnormal_adjectives"):
+            words = tuple(getattr(self, name))
+            setattr(self, name, words)
+            if not words or not all(isinstance(w, str) and w.strip() for w in words):
+                raise ValueError(f"prompts.{name} must be a non-empty list of words, got {words}")
+        if not self.ctx_init_std > 0:
+            raise ValueError(f"prompts.ctx_init_std must be > 0, got {self.ctx_init_std}")
+
 
 @dataclass
 class VVConfig:
@@ -71,9 +82,7 @@ class VVConfig:
 
     def __post_init__(self) -> None:
         if self.num_replaced_blocks is not None and self.num_replaced_blocks < 1:
-            raise ValueError(
-                f"VVConfig.num_replaced_blocks must be at least 1 (or None), got {self.num_replaced_blocks}"
-            )
+            raise ValueError(f"vv.num_replaced_blocks must be at least 1 (or None), got {self.num_replaced_blocks}")
         if self.stage_layers is not None:
             self.stage_layers = tuple(self.stage_layers)
             if (
@@ -82,9 +91,9 @@ class VVConfig:
                 or self.stage_layers[0] < 1
             ):
                 raise ValueError(
-                    f"VVConfig.stage_layers must be increasing layers from 1 on (or None), got {self.stage_layers}"
+                    f"vv.stage_layers must be increasing layers from 1 on (or None), got {self.stage_layers}"
                 )
-        _check_choice("VVConfig.position_interpolation", self.position_interpolation, ("bicubic", "bilinear"))
+        _check_choice("vv.position_interpolation", self.position_interpolation, ("bicubic", "bilinear"))
 
     def resolve(self, depth: int) -> tuple[int, tuple[int, ...]]:
         """Return (first replaced layer, stage layers), both 1-based, for a given depth."""
@@ -118,12 +127,12 @@ class BiCMCIConfig:
 
     def __post_init__(self) -> None:
         for name in ("dim", "num_heads", "deform_stride", "deform_kernel"):
-            _check_positive(f"BiCMCIConfig.{name}", getattr(self, name))
+            _check_positive(f"bicmci.{name}", getattr(self, name))
         if self.dim % self.num_heads:
             raise ValueError(
-                f"BiCMCIConfig.dim must be divisible by num_heads, got dim={self.dim}, num_heads={self.num_heads}"
+                f"bicmci.dim must be divisible by num_heads, got dim={self.dim}, num_heads={self.num_heads}"
             )
-        _check_positive("BiCMCIConfig.offset_range", self.offset_range)
+        _check_positive("bicmci.offset_range", self.offset_range)
 
 
 @dataclass
@@ -138,11 +147,9 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         if self.bottleneck < 0:
-            raise ValueError(
-                f"AdapterConfig.bottleneck must be 0 (feature dim // 4) or positive, got {self.bottleneck}"
-            )
+            raise ValueError(f"adapter.bottleneck must be 0 (feature dim // 4) or positive, got {self.bottleneck}")
         if not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(f"AdapterConfig.ratio must be in [0, 1], got {self.ratio}")
+            raise ValueError(f"adapter.ratio must be in [0, 1], got {self.ratio}")
 
 
 @dataclass
@@ -163,8 +170,8 @@ class LossConfig:
         for name in ("alpha", "beta", "gamma", "focal_gamma"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"LossConfig.{name} must be a non-negative number, got {value!r}")
-        _check_choice("LossConfig.local_loss", self.local_loss, ("mean", "per_stage"))
+                raise ValueError(f"loss.{name} must be a non-negative number, got {value!r}")
+        _check_choice("loss.local_loss", self.local_loss, ("mean", "per_stage"))
 
 
 @dataclass
@@ -174,6 +181,14 @@ class ScoringConfig:
     temperature: float = 0.07  # τ of the softmax over [normal, abnormal] similarities
     sigma: float = 4.0  # σ of G_σ, in pixels of the model's input resolution
     threshold: float = 0.5  # det.is_anomalous == (det.score >= threshold)
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"scoring.temperature must be > 0, got {self.temperature}")
+        if not self.sigma >= 0:
+            raise ValueError(f"scoring.sigma must be >= 0 (0: no smoothing), got {self.sigma}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"scoring.threshold must be in [0, 1] (scores are), got {self.threshold}")
 
 
 @dataclass
