@@ -15,5 +15,6 @@ pytest.importorskip("ruff", reason="ruff is a test dependency: pip install -e '.
 
 @pytest.mark.parametrize("command", [["check", "."], ["format", "--check", "."]])
 def test_ruff_finds_nothing(command):
-    done = subprocess.run([sys.executable, "-m", "ruff", *command], cwd=REPO, capture_output=True, text=True, timeout=120)
+    ruff = [sys.executable, "-m", "ruff", *command]
+    done = subprocess.run(ruff, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]
