@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
@@ -9,6 +10,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from kanoclip.errors import InputError
 from kanoclip.modeling.maps import upsample
 
 
@@ -92,3 +94,18 @@ def upsample_maps(maps: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.
     if tuple(tensor.shape[-2:]) != tuple(size):
         tensor = upsample(tensor[None], tuple(size))[0]
     return tensor.clamp_(0.0, 1.0).numpy()
+
+
+def class_per_image(images: Sequence[object], class_names: Sequence[str] | str) -> list[str]:
+    """One class name per image: ``class_names`` as given, or one name repeated for every image.
+
+    Raises:
+        InputError: a list of class names whose length is not the number of images.
+    """
+    if isinstance(class_names, str):
+        return [class_names] * len(images)
+    if len(class_names) != len(images):
+        raise InputError(
+            f"got {len(images)} images but {len(class_names)} class names; pass one class name or one per image"
+        )
+    return list(class_names)

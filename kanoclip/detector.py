@@ -30,7 +30,7 @@ from kanoclip.backbone import Backbone, load_backbone
 from kanoclip.cache import LRUCache
 from kanoclip.checkpoint import KB_NAME, read_checkpoint, write_checkpoint
 from kanoclip.config import BACKBONE_ENV, KAnoCLIPConfig, with_overrides
-from kanoclip.detection import Detection, Guidance, upsample_maps
+from kanoclip.detection import Detection, Guidance, class_per_image, upsample_maps
 from kanoclip.errors import CheckpointError, InputError
 from kanoclip.images import ImageInput, describe, load_image, preprocess
 from kanoclip.knowledge import KnowledgeBase
@@ -632,12 +632,7 @@ class KAnoCLIP(nn.Module):
         ``is_anomalous``; ``references`` (default the model's own store) adds each class's normal
         references to its images' maps and scores.
         """
-        if isinstance(class_names, str):
-            class_names = [class_names] * len(images)
-        if len(class_names) != len(images):
-            raise InputError(
-                f"got {len(images)} images but {len(class_names)} class names; pass one class name or one per image"
-            )
+        class_names = class_per_image(images, class_names)
         if not images:
             return []
         store = self.reference_store if references is None else references

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kanoclip.detection import Detection, upsample_maps
+from kanoclip.detection import Detection, class_per_image, upsample_maps
 from kanoclip.errors import CheckpointError, InputError, KAnoCLIPError, first_line
 from kanoclip.images import ImageInput, describe, load_image, preprocess
 from kanoclip.knowledge.classes import normalize
@@ -373,12 +373,7 @@ class OnnxDetector:
         Returns:
             One :class:`Detection` per image, in order.
         """
-        if isinstance(class_names, str):
-            class_names = [class_names] * len(images)
-        if len(class_names) != len(images):
-            raise InputError(
-                f"got {len(images)} images but {len(class_names)} class names; pass one class name or one per image"
-            )
+        class_names = class_per_image(images, class_names)
         if not images:
             return []
         indices = [self.class_index(name) for name in class_names]
