@@ -23,7 +23,12 @@ from kanoclip.config import AdapterConfig
 
 
 class ConvAdapter(nn.Module):
-    """``(B, C) -> (B, C)``: LN → W_down (C→d) → ReLU → W_up (d→C), residual-mixed."""
+    """``(B, C) -> (B, C)``: LN → W_down (C→d) → ReLU → W_up (d→C), residual-mixed.
+
+    Args:
+        feature_dim: C, the global feature's width.
+        config: ``bottleneck`` d (None: C // 4, at least 1) and the mixing ``ratio``.
+    """
 
     def __init__(self, feature_dim: int, config: AdapterConfig) -> None:
         super().__init__()
@@ -34,5 +39,13 @@ class ConvAdapter(nn.Module):
         self.up = nn.Linear(bottleneck, feature_dim)
 
     def forward(self, global_feature: torch.Tensor) -> torch.Tensor:
+        """Eq. 11 mixed with its input: ``ratio · Î_G + (1 − ratio) · I_G``.
+
+        Args:
+            global_feature: (B, C) I_G, the global visual feature.
+
+        Returns:
+            (B, C) the adapted global feature.
+        """
         adapted = self.up(torch.relu(self.down(self.norm(global_feature))))
         return self.ratio * adapted + (1.0 - self.ratio) * global_feature

@@ -36,6 +36,13 @@ class DeformableSelfAttention(nn.Module):
     Queries come from every patch; keys and values from features sampled at a coarser grid of
     reference points moved by offsets that a small convolutional network predicts from the
     queries. Input and output: ``(B, h*w, dim)``.
+
+    Args:
+        dim: the token width (a multiple of ``num_heads``).
+        num_heads: attention heads.
+        stride: the reference grid's stride over the patch grid (hk = ceil(h / stride) for an odd ``kernel``).
+        kernel: the offset network's depthwise kernel size.
+        offset_range: the largest offset, in reference-grid cells.
     """
 
     def __init__(self, dim: int, num_heads: int, stride: int, kernel: int, offset_range: float) -> None:
@@ -53,7 +60,14 @@ class DeformableSelfAttention(nn.Module):
         )
 
     def sampling_grid(self, q_map: torch.Tensor) -> torch.Tensor:
-        """Deformed sampling locations in ``grid_sample``'s [-1, 1] coordinates: ``(B, hk, wk, 2)``."""
+        """Deformed sampling locations in ``grid_sample``'s [-1, 1] coordinates.
+
+        Args:
+            q_map: (B, dim, h, w) the queries on the patch grid.
+
+        Returns:
+            (B, hk, wk, 2) (x, y) locations: the reference grid plus the predicted offsets, clamped to [-1, 1].
+        """
         offsets = self.offset_net(q_map)  # (B, 2, hk, wk)
         b, _, hk, wk = offsets.shape
         ys = torch.linspace(-1, 1, hk, device=q_map.device, dtype=q_map.dtype) if hk > 1 else q_map.new_zeros(1)
@@ -65,6 +79,15 @@ class DeformableSelfAttention(nn.Module):
         return (ref.unsqueeze(0) + offsets.permute(0, 2, 3, 1)).clamp(-1, 1)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Every patch attends to features sampled at the deformed reference points.
+
+        Args:
+            x: (B, h*w, dim) patch tokens, row-major on the grid.
+            grid: (h, w) the patch grid.
+
+        Returns:
+            (B, h*w, dim) attended tokens (no residual: the caller adds it).
+        """
         b, n, dim = x.shape
         h, w = grid
         q = self.q(x)  # (B, N, dim)
@@ -98,7 +121,13 @@ class _Attention(nn.Module):
 
 
 class BiCMCIStage(nn.Module):
-    """Bi-CMCI for one stage: ``(patches (B, L, C), text (B, 2, C)) -> (B, 2, L)`` probabilities."""
+    """Bi-CMCI for one stage: ``(patches (B, L, C), text (B, 2, C)) -> (B, 2, L)`` probabilities.
+
+    Args:
+        feature_dim: C, the width of the patch and text features.
+        config: the blocks' width, heads, deformable attention and ``residual_logits``.
+        temperature: τ of the final softmax.
+    """
 
     def __init__(self, feature_dim: int, config: BiCMCIConfig, temperature: float) -> None:
         super().__init__()
@@ -116,6 +145,16 @@ class BiCMCIStage(nn.Module):
         self.visual_to_text = _Attention(d, config.num_heads, cross=True)
 
     def forward(self, patches: torch.Tensor, text: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Steps 1-4 of the module docstring on one stage.
+
+        Args:
+            patches: (B, L, C) the stage's patch features, L = h * w.
+            text: (B, 2, C) [normal, abnormal] text features.
+            grid: (h, w) the patch grid.
+
+        Returns:
+            (B, 2, L) [M_i^n, M_i^a] probabilities per patch, summing to 1 over dim 1.
+        """
         v = self.in_visual(patches)  # (B, L, d)
         t = self.in_text(text)  # (B, 2, d)
         v = v + self.deform(self.norm_deform(v), grid)
@@ -129,12 +168,28 @@ class BiCMCIStage(nn.Module):
 
 
 class BiCMCI(nn.Module):
-    """One :class:`BiCMCIStage` per CLIP-VV stage."""
+    """One :class:`BiCMCIStage` per CLIP-VV stage.
+
+    Args:
+        feature_dim: C, the width of the patch and text features.
+        num_stages: n, the number of CLIP-VV stages.
+        config: each stage's configuration (all stages share it).
+        temperature: τ of each stage's softmax.
+    """
 
     def __init__(self, feature_dim: int, num_stages: int, config: BiCMCIConfig, temperature: float) -> None:
         super().__init__()
         self.stages = nn.ModuleList(BiCMCIStage(feature_dim, config, temperature) for _ in range(num_stages))
 
     def forward(self, stages: list[torch.Tensor], text: torch.Tensor, grid: tuple[int, int]) -> list[torch.Tensor]:
-        """``stages``: n x (B, L, C); ``text``: (B, 2, C). Returns n x (B, 2, L) [normal, abnormal]."""
+        """Each stage's maps from its own :class:`BiCMCIStage`.
+
+        Args:
+            stages: n x (B, L, C) patch features, one per stage.
+            text: (B, 2, C) [normal, abnormal] text features, shared by the stages.
+            grid: (h, w) the patch grid, h * w == L.
+
+        Returns:
+            n x (B, 2, L) [normal, abnormal] probabilities.
+        """
         return [block(patches, text, grid) for block, patches in zip(self.stages, stages)]

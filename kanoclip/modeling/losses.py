@@ -16,6 +16,20 @@ def kd_loss(knowledge: torch.Tensor, abnormal: torch.Tensor, normal: torch.Tenso
     Each argument holds raw text features ``(n_classes, n_i, C)`` whose mean over ``n_i`` is the
     w̄ of eq. 2-3: ``knowledge`` the knowledge-base descriptions (the paper's LLM + VQA; any source here),
     ``abnormal`` the LAPs, ``normal`` the LNPs.
+
+    Args:
+        knowledge: (n_classes, n_k, C) raw features of each class's knowledge-base descriptions.
+        abnormal: (n_classes, n_a, C) raw features of the learnable abnormal prompts (LAPs).
+        normal: (n_classes, n_n, C) raw features of the learnable normal prompts (LNPs).
+
+    Returns:
+        The scalar loss, 0 for a class whose knowledge is nearer its LAPs than its LNPs.
+
+    >>> k, a, n = torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[0.0, 1.0]]]), torch.tensor([[[1.0, 0.0]]])
+    >>> round(float(kd_loss(k, a, n)), 4)  # d(k, a) = √2, d(k, n) = 0
+    1.4142
+    >>> float(kd_loss(k, n, a))  # knowledge already nearer the abnormal side
+    0.0
     """
     wk = F.normalize(knowledge.mean(dim=-2), dim=-1)
     wa = F.normalize(abnormal.mean(dim=-2), dim=-1)
@@ -24,28 +38,75 @@ def kd_loss(knowledge: torch.Tensor, abnormal: torch.Tensor, normal: torch.Tenso
 
 
 def focal_loss(prob: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, eps: float = 1e-6) -> torch.Tensor:
-    """Binary focal loss (Lin et al.) on probabilities ``prob`` against a 0/1 ``target``, mean over pixels."""
+    """Binary focal loss (Lin et al.) ``−(1 − p_t)^γ · log(p_t)``, mean over pixels.
+
+    Args:
+        prob: (B, H, W) predicted probabilities of the positive class (clamped to [eps, 1 − eps]).
+        target: (B, H, W) 0/1 ground truth (``> 0.5`` counts as positive).
+        gamma: γ, the focusing exponent (0: binary cross-entropy).
+        eps: the clamp that keeps the log finite.
+
+    Returns:
+        The scalar mean loss.
+
+    >>> prob, target = torch.full((1, 2, 2), 0.5), torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    >>> round(float(focal_loss(prob, target)), 4)  # every pixel: −0.5² · log 0.5
+    0.1733
+    """
     prob = prob.clamp(eps, 1 - eps)
     p_t = torch.where(target > 0.5, prob, 1 - prob)
     return (-((1 - p_t) ** gamma) * torch.log(p_t)).mean()
 
 
 def dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Soft Dice loss ``1 − (2|P∩G| + ε) / (|P| + |G| + ε)`` per image, averaged; ``(B, H, W)``."""
+    """Soft Dice loss ``1 − (2|P∩G| + ε) / (|P| + |G| + ε)`` per image, averaged over the batch.
+
+    Args:
+        prob: (B, H, W) predicted probabilities P.
+        target: (B, H, W) 0/1 ground truth G.
+        eps: ε, the smoothing term (an empty P and G give loss 0).
+
+    Returns:
+        The scalar mean loss.
+
+    >>> target = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    >>> float(dice_loss(target, target))  # a perfect prediction: 1 − (2 + 1) / (2 + 1)
+    0.0
+    >>> float(dice_loss(torch.full((1, 2, 2), 0.5), target))  # 1 − (2 · 0.5 + 1) / (2 + 1 + 1)
+    0.5
+    """
     inter = (prob * target).flatten(1).sum(dim=1)
     total = prob.flatten(1).sum(dim=1) + target.flatten(1).sum(dim=1)
     return (1 - (2 * inter + eps) / (total + eps)).mean()
 
 
 def global_loss(score: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Eq. 14: BCE between the global score in [0, 1] and the image label."""
+    """Eq. 14: BCE between the global score in [0, 1] and the image label.
+
+    Args:
+        score: (B,) global scores in [0, 1] (clamped to [1e-6, 1 − 1e-6]), any float dtype.
+        label: (B,) 0/1 image labels.
+
+    Returns:
+        The scalar mean BCE, in float32.
+    """
     return F.binary_cross_entropy(score.float().clamp(1e-6, 1 - 1e-6), label.float())
 
 
 def local_loss(
     normal: torch.Tensor, abnormal: torch.Tensor, mask: torch.Tensor, focal_gamma: float = 2.0
 ) -> torch.Tensor:
-    """Eq. 15: ``Focal(M^a, G) + Dice(M^n, 1 − G) + Dice(M^a, G)`` on (B, H, W) maps."""
+    """Eq. 15: ``Focal(M^a, G) + Dice(M^n, 1 − G) + Dice(M^a, G)``.
+
+    Args:
+        normal: (B, H, W) M^n, the normal map in [0, 1].
+        abnormal: (B, H, W) M^a, the abnormal map in [0, 1].
+        mask: (B, H, W) 0/1 ground truth G.
+        focal_gamma: γ of the focal term.
+
+    Returns:
+        The scalar loss.
+    """
     return focal_loss(abnormal, mask, focal_gamma) + dice_loss(normal, 1 - mask) + dice_loss(abnormal, mask)
 
 
@@ -87,13 +148,19 @@ def total_loss(
         config: the weights and ``local_loss``: "mean" takes eq. 15 once on the stage mean
             ``normal``/``abnormal`` (B, S, S); "per_stage" sums it over ``stage_maps``.
         kd: L_KD (eq. 2), already computed.
-        score: (B,) global scores in [0, 1]; ``label``: (B,) 0/1 image labels.
-        normal: (B, S, S) M^n; ``abnormal``: (B, S, S) M^a; ``mask``: (B, S, S) ground truth.
-        has_mask: (B,) whether each sample has a pixel ground truth.
+        score: (B,) global scores in [0, 1].
+        label: (B,) 0/1 image labels.
+        normal: (B, S, S) M^n, the stage mean normal map.
+        abnormal: (B, S, S) M^a, the stage mean abnormal map.
+        mask: (B, S, S) 0/1 pixel ground truth (any values where ``has_mask`` is False).
+        has_mask: (B,) bool, whether each sample has a pixel ground truth.
         stage_maps: (B, n, 2, h, w) per-stage maps; required when ``local_loss="per_stage"``.
 
     Returns:
         ``{"total", "kd", "global", "local"}`` scalars.
+
+    Raises:
+        ValueError: ``config.local_loss`` is "per_stage" and ``stage_maps`` is None.
     """
     if config.local_loss == "per_stage" and stage_maps is None:
         raise ValueError("total_loss: LossConfig.local_loss='per_stage' needs stage_maps (KAnoCLIPOutput.stage_maps)")

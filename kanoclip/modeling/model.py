@@ -128,6 +128,7 @@ class KAnoCLIPModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the trainable weights (the adapter's), where inputs are moved."""
         return self.adapter.down.weight.device
 
     @property
@@ -136,15 +137,33 @@ class KAnoCLIPModel(nn.Module):
         return resolve_precision(self.requested_precision, self.device)
 
     def train(self, mode: bool = True) -> KAnoCLIPModel:
+        """``nn.Module.train`` for the trainable modules; the frozen backbone stays in eval mode.
+
+        Args:
+            mode: training (True) or evaluation (False) mode.
+
+        Returns:
+            ``self``.
+        """
         super().train(mode)
         self.clip.eval()  # the backbone never leaves eval mode
         return self
 
     def trainable_modules(self) -> dict[str, nn.Module]:
+        """The trained parts, whatever the mode.
+
+        Returns:
+            ``{"prompt_learner": ..., "bicmci": ..., "adapter": ...}`` (:data:`TRAINABLE_MODULES`).
+        """
         return {name: getattr(self, name) for name in TRAINABLE_MODULES}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable weights only, keyed ``<module>.<param>`` (what a checkpoint stores)."""
+        """The trainable weights only (what a checkpoint stores).
+
+        Returns:
+            ``{"<module>.<param>": tensor}`` over :meth:`trainable_modules`, e.g.
+            ``"prompt_learner.ctx_normal"``: (K, D).
+        """
         return {
             f"{name}.{k}": v
             for name, module in self.trainable_modules().items()
@@ -152,7 +171,11 @@ class KAnoCLIPModel(nn.Module):
         }
 
     def num_replaced_blocks(self) -> int:
-        """The V-V path's length in this mode: ``config.vv``'s when trained, else ``config.training_free``'s."""
+        """The V-V path's length in this mode.
+
+        Returns:
+            The number of replaced blocks: ``config.vv``'s when trained, else ``config.training_free``'s.
+        """
         if self.trained:
             return self.visual.depth - self.visual.first_replaced + 1
         return self.config.training_free.num_replaced_blocks
@@ -161,12 +184,19 @@ class KAnoCLIPModel(nn.Module):
         """Eq. 9's weights over the stages, summing to 1: equal when trained, the config's otherwise.
 
         Plain numbers (known when the graph is built, so an export bakes them in as constants).
+
+        Returns:
+            n weights, one per stage, in stage order.
         """
         raw = [1.0] * len(self.visual.stage_layers) if self.trained else list(self.config.training_free.stage_weights)
         return [w / sum(raw) for w in raw]
 
     def stage_weights(self) -> torch.Tensor:
-        """:meth:`stage_weight_values` as an ``(n,)`` tensor on the model's device."""
+        """:meth:`stage_weight_values` as a tensor.
+
+        Returns:
+            (n,) float32 weights on :attr:`device`.
+        """
         return torch.tensor(self.stage_weight_values(), device=self.device)
 
     # ------------------------------------------------------------------ image side
@@ -177,7 +207,8 @@ class KAnoCLIPModel(nn.Module):
             pixel_values: ``(B, 3, S, S)``, normalised with the backbone's mean and std.
 
         Returns:
-            fp32 :class:`~kanoclip.modeling.vv_attention.VisualFeatures`; the backbone ran at :attr:`precision`.
+            fp32 :class:`~kanoclip.modeling.vv_attention.VisualFeatures`; the backbone ran at :attr:`precision`:
+            ``global_feature`` (B, C), ``stages`` n x (B, L, C), ``grid`` (h, w) with h * w == L.
         """
         n = self.num_replaced_blocks()
         return self.encode_image_paths(pixel_values, [n])[n]
@@ -187,10 +218,13 @@ class KAnoCLIPModel(nn.Module):
 
         Args:
             pixel_values: ``(B, 3, S, S)``, normalised.
-            replaced: the V-V path lengths wanted.
+            replaced: the V-V path lengths wanted, each in [1, depth].
 
         Returns:
-            ``{length: fp32 VisualFeatures}``.
+            ``{length: fp32 VisualFeatures}``, each as :meth:`encode_image`'s.
+
+        Raises:
+            ValueError: a length is outside [1, depth].
         """
         with torch.no_grad(), backbone_autocast(self.precision, self.device):
             paths = self.visual.features(pixel_values.to(self.device), replaced)
@@ -203,11 +237,27 @@ class KAnoCLIPModel(nn.Module):
 
     # ------------------------------------------------------------------ text side
     def learned_prompts(self, class_names: Sequence[str]) -> PromptFeatures:
-        """The LNPs' and LAPs' raw text features (eq. 1) for each class, with gradients."""
+        """The LNPs' and LAPs' raw text features (eq. 1) for each class, with gradients.
+
+        Args:
+            class_names: the n_classes classes.
+
+        Returns:
+            :class:`~kanoclip.modeling.prompts.PromptFeatures`: ``normal`` (n_classes, n_normal_adjectives, C),
+            ``abnormal`` (n_classes, n_abnormal_adjectives, C).
+        """
         return self.prompt_learner(class_names)
 
     def training_free_text(self, class_name: str) -> TrainingFreeText:
-        """The symmetric state ensemble of one class (no gradients), before any descriptions join it."""
+        """The symmetric state ensemble of one class (no gradients), before any descriptions join it.
+
+        Args:
+            class_name: the class, as a dataset writes it.
+
+        Returns:
+            :class:`TrainingFreeText`: ``state`` (2, C) normalised [normal, abnormal] directions, the
+            texts, and their raw fp32 features ``normal`` (N, C) and ``abnormal`` (A, C).
+        """
         recipe = self.config.training_free
         normal_texts = state_ensemble(class_name, recipe.normal_states, recipe.templates)
         abnormal_texts = state_ensemble(class_name, recipe.abnormal_states, recipe.templates)
@@ -224,12 +274,15 @@ class KAnoCLIPModel(nn.Module):
         Everything here runs in fp32, also under a caller's autocast.
 
         Args:
-            visual: the features of :meth:`encode_image`.
+            visual: the features of :meth:`encode_image`: ``global_feature`` (B, C), ``stages``
+                n x (B, L, C), ``grid`` (h, w).
             text: ``(B, 2, C)`` [normal, abnormal] text features of each image's class.
             sigma: G_σ of eq. 10, in pixels of S (None: ``config.scoring.sigma``).
 
         Returns:
-            :class:`KAnoCLIPOutput` (without ``prompts``/``classes``, which the caller knows).
+            :class:`KAnoCLIPOutput` (without ``prompts``/``classes``, which the caller knows): ``score``
+            (B,), ``anomaly_map``/``normal``/``abnormal`` (B, S, S), ``stage_maps`` (B, n, 2, h, w),
+            ``grid_maps`` (B, 2, h, w), ``text`` (B, 2, C), ``global_feature`` (B, C).
         """
         with full_precision(self.device):
             visual = VisualFeatures(visual.global_feature.float(), [s.float() for s in visual.stages], visual.grid)
@@ -281,7 +334,10 @@ class KAnoCLIPModel(nn.Module):
             has_mask: ``(B,)`` which samples have pixel ground truth.
 
         Returns:
-            ``{"total", "kd", "global", "local"}`` (see :func:`~kanoclip.modeling.losses.total_loss`).
+            ``{"total", "kd", "global", "local"}`` scalars (see :func:`~kanoclip.modeling.losses.total_loss`).
+
+        Raises:
+            ValueError: ``out.prompts`` is None (not a training forward).
         """
         if out.prompts is None:
             raise ValueError("losses need the learned prompts' features: run the forward in training mode")

@@ -30,13 +30,21 @@ _PLACEHOLDER = "X"
 
 
 def causal_mask(text_model: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
-    """CLIP's causal text mask for ``hidden`` ``(N, T, D)``, for the model's attention implementation.
+    """CLIP's causal text mask for ``hidden``, for the model's attention implementation.
 
     SDPA (transformers' default) gets ``None`` and applies causality itself (``is_causal``), with
     its fastest kernels; any other implementation gets an additive ``(1, 1, T, T)`` float mask
     (0 on and below the diagonal). Built here rather than with
     ``transformers.masking_utils.create_causal_mask``, whose arguments changed more than once
     within transformers 5.x.
+
+    Args:
+        text_model: CLIP's text transformer (its ``config._attn_implementation`` is read).
+        hidden: (N, T, D) the embedded tokens the mask is for (its length, dtype and device).
+
+    Returns:
+        None for SDPA, else a (1, 1, T, T) additive mask of ``hidden``'s dtype: 0 where a token
+        may attend, the dtype's minimum above the diagonal.
     """
     if getattr(text_model.config, "_attn_implementation", "eager") == "sdpa":
         return None
@@ -54,6 +62,17 @@ def fix_articles(text: str) -> str:
 
     The written rule (``an`` before a vowel letter, with a few "you"/"one" sounds kept as
     ``a``), which is all the state and class words of a prompt need.
+
+    Args:
+        text: a text whose ``a``/``an`` articles may not fit the next word.
+
+    Returns:
+        ``text`` with each ``a``/``an`` (capitalised or not) set by the word after it.
+
+    >>> fix_articles("a photo of a unblemished bottle.")
+    'a photo of an unblemished bottle.'
+    >>> fix_articles("An damaged screw, a usual one and an unit.")
+    'A damaged screw, a usual one and a unit.'
     """
 
     def article(match: re.Match[str]) -> str:
@@ -67,9 +86,20 @@ def fix_articles(text: str) -> str:
 def state_ensemble(class_name: str, states: Sequence[str], templates: Sequence[str]) -> list[str]:
     """Every template x state for one class (WinCLIP's compositional ensemble), articles fixed.
 
-    ``states`` hold ``{}`` for the class name (``"damaged {}"``); ``templates`` hold ``{}`` for
-    the state phrase (``"a photo of a {}."``). Returns ``len(states) * len(templates)`` texts,
-    state-major.
+    Args:
+        class_name: the class, as a dataset writes it (``"metal_nut"`` reads "metal nut").
+        states: state phrases, each with ``{}`` for the class name (``"damaged {}"``).
+        templates: templates, each with ``{}`` for the state phrase (``"a photo of a {}."``).
+
+    Returns:
+        ``len(states) * len(templates)`` texts, state-major.
+
+    >>> for text in state_ensemble("metal_nut", ["damaged {}", "unblemished {}"], ["a photo of a {}.", "a {}."]):
+    ...     print(text)
+    a photo of a damaged metal nut.
+    a damaged metal nut.
+    a photo of an unblemished metal nut.
+    an unblemished metal nut.
     """
     name = class_text(class_name)
     return [fix_articles(template.format(state.format(name))) for state in states for template in templates]
@@ -82,6 +112,10 @@ class TextEncoder:
 
     Shapes: token ids and embeddings are padded to CLIP's 77-token context; the output is
     the projected EOT feature, ``(N, C)`` with C the joint embedding width.
+
+    Args:
+        clip: the frozen backbone whose text tower and ``text_projection`` are used.
+        tokenizer: the backbone's tokenizer.
     """
 
     def __init__(self, clip: CLIPModel, tokenizer: CLIPTokenizer) -> None:
@@ -92,25 +126,55 @@ class TextEncoder:
 
     @property
     def device(self) -> torch.device:
+        """The device of the text tower's weights (where token ids are put)."""
         return self.text_projection.weight.device
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        """Token ids ``(N, 77)``; longer texts are cut to the context, keeping the EOT token."""
+        """Token ids padded to the context; longer texts are cut to it, keeping the EOT token.
+
+        Args:
+            texts: N texts.
+
+        Returns:
+            (N, 77) token ids on :attr:`device`.
+        """
         batch = self.tokenizer(
             list(texts), padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
         )
         return batch.input_ids.to(self.device)
 
     def eot_index(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Index of the first EOT token of each sequence (pad == EOT in CLIP's tokenizer)."""
+        """Index of the first EOT token of each sequence (pad == EOT in CLIP's tokenizer).
+
+        Args:
+            input_ids: (N, 77) token ids.
+
+        Returns:
+            (N,) positions of each sequence's first EOT token.
+        """
         return (input_ids == self.tokenizer.eos_token_id).int().argmax(dim=-1)
 
     def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``(N, 77) -> (N, 77, D)`` word embeddings, before position embeddings."""
+        """Word embeddings of token ids, before position embeddings.
+
+        Args:
+            input_ids: (N, 77) token ids.
+
+        Returns:
+            (N, 77, D) embeddings, D the text tower's width.
+        """
         return self.text_model.embeddings.token_embedding(input_ids)
 
     def encode_embeddings(self, embeds: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
-        """``(N, 77, D)`` word embeddings -> ``(N, C)`` projected EOT features."""
+        """Word embeddings (some of them learned) through the text tower to projected EOT features.
+
+        Args:
+            embeds: (N, 77, D) word embeddings, before position embeddings.
+            eot_index: (N,) each sequence's EOT position (:meth:`eot_index`).
+
+        Returns:
+            (N, C) projected EOT features (not normalised); gradients reach ``embeds``.
+        """
         # Attention is causal, so tokens after the last EOT never reach an EOT feature: cutting
         # the padding there changes no output and runs ~20 tokens instead of 77.
         embeds = embeds[:, : int(eot_index.max()) + 1]
@@ -122,7 +186,15 @@ class TextEncoder:
         return self.text_projection(pooled)
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        """Plain texts -> ``(N, C)`` features (not normalised)."""
+        """Plain texts to features, as ``CLIPModel.get_text_features``.
+
+        Args:
+            texts: N texts.
+            batch_size: texts run through the tower at once.
+
+        Returns:
+            (N, C) features (not normalised).
+        """
         chunks = []
         for start in range(0, len(texts), batch_size):
             ids = self.tokenize(texts[start : start + batch_size])
@@ -141,17 +213,37 @@ class PromptFeatures:
     abnormal: torch.Tensor
 
     def state_features(self) -> torch.Tensor:
-        """``(n_classes, 2, C)``: L2-normalised [normal, abnormal] features, adjectives averaged."""
+        """The [normal, abnormal] directions of each class, adjectives averaged (:func:`mean_direction`).
+
+        Returns:
+            (n_classes, 2, C) L2-normalised [normal, abnormal] features.
+        """
         return torch.stack([mean_direction(self.normal), mean_direction(self.abnormal)], dim=1)
 
 
 def mean_direction(features: torch.Tensor, dim: int = -2) -> torch.Tensor:
-    """Normalise each feature, average along ``dim``, normalise again (a prompt ensemble)."""
+    """Normalise each feature, average along ``dim``, normalise again (a prompt ensemble).
+
+    Args:
+        features: (..., n, ..., C) features, the ensemble's members along ``dim``.
+        dim: the members' dimension (not the last one).
+
+    Returns:
+        ``features`` without ``dim``, e.g. (n, C) -> (C,), L2-normalised along the last dimension.
+
+    >>> mean_direction(torch.tensor([[3.0, 4.0], [6.0, 8.0]]))
+    tensor([0.6000, 0.8000])
+    """
     return F.normalize(F.normalize(features, dim=-1).mean(dim=dim), dim=-1)
 
 
 class PromptLearner(nn.Module):
-    """Learnable normal/abnormal context vectors (LNPs and LAPs) and their text features."""
+    """Learnable normal/abnormal context vectors (LNPs and LAPs) and their text features.
+
+    Args:
+        config: the prompts' configuration (K = ``n_ctx``, adjectives, initial std).
+        text_encoder: the frozen text tower the prompts run through (not a submodule).
+    """
 
     def __init__(self, config: PromptConfig, text_encoder: TextEncoder) -> None:
         super().__init__()
@@ -163,7 +255,15 @@ class PromptLearner(nn.Module):
         self.ctx_abnormal = nn.Parameter(torch.randn(k, width) * config.ctx_init_std)  # A_1..A_K: (K, D)
 
     def prompt_texts(self, class_name: str, abnormal: bool) -> list[str]:
-        """The prompts' text with the K learnable slots shown as placeholders."""
+        """The prompts' text with the K learnable slots shown as placeholders.
+
+        Args:
+            class_name: the class, as a dataset writes it.
+            abnormal: the LAPs' adjectives (True) or the LNPs' (False).
+
+        Returns:
+            One text per adjective: ``"X X ... X <adjective> <class>."`` with K ``X``.
+        """
         adjectives = self.config.abnormal_adjectives if abnormal else self.config.normal_adjectives
         prefix = " ".join([_PLACEHOLDER] * self.config.n_ctx)
         return [f"{prefix} {adjective} {class_text(class_name)}." for adjective in adjectives]
@@ -181,6 +281,15 @@ class PromptLearner(nn.Module):
         return features.view(len(class_names), -1, features.shape[-1])
 
     def forward(self, class_names: Sequence[str]) -> PromptFeatures:
+        """Eq. 1's prompts of each class through the text tower, with gradients to the context vectors.
+
+        Args:
+            class_names: the n_classes classes.
+
+        Returns:
+            :class:`PromptFeatures`: ``normal`` (n_classes, n_normal_adjectives, C) and ``abnormal``
+            (n_classes, n_abnormal_adjectives, C), raw.
+        """
         return PromptFeatures(
             normal=self._encode_state(class_names, self.ctx_normal, abnormal=False),
             abnormal=self._encode_state(class_names, self.ctx_abnormal, abnormal=True),
@@ -189,7 +298,12 @@ class PromptLearner(nn.Module):
     def nearest_tokens(self, top_k: int = 3) -> dict[str, list[list[tuple[str, float]]]]:
         """For each context vector, the vocabulary tokens whose embeddings are closest (cosine).
 
-        Returns ``{"normal": [[(token, similarity), ...] per vector], "abnormal": [...]}``.
+        Args:
+            top_k: tokens kept per context vector.
+
+        Returns:
+            ``{"normal": [[(token, similarity), ...] per vector], "abnormal": [...]}``: K lists of
+            ``top_k`` pairs each, most similar first.
         """
         vocab = F.normalize(self.text_encoder.text_model.embeddings.token_embedding.weight, dim=-1)
         tokenizer = self.text_encoder.tokenizer

@@ -54,6 +54,14 @@ class CLIPVV:
     """A view of CLIP's frozen vision tower that adds the V-V dual path.
 
     It owns no parameters (it is not an ``nn.Module``): the weights stay in the ``CLIPModel``.
+
+    Args:
+        clip: the frozen backbone whose vision tower and ``visual_projection`` are used.
+        config: the stage layers, the V-V path's length and the position interpolation.
+        vv_enabled: False makes the stages the original path's tokens (the CLIP-VV ablation).
+
+    Raises:
+        ValueError: ``config`` does not fit the backbone's depth (from ``VVConfig.resolve``).
     """
 
     def __init__(self, clip: CLIPModel, config: VVConfig, vv_enabled: bool = True) -> None:
@@ -69,7 +77,17 @@ class CLIPVV:
         self.vv_enabled = vv_enabled
 
     def first_layer(self, num_replaced_blocks: int | None) -> int:
-        """The first replaced layer (1-based) for ``num_replaced_blocks`` (None: the config's)."""
+        """The first replaced layer (1-based) for a V-V path of ``num_replaced_blocks`` blocks.
+
+        Args:
+            num_replaced_blocks: the V-V path's length, in [1, depth] (None: the config's).
+
+        Returns:
+            ``depth − num_replaced_blocks + 1``, or the config's first replaced layer.
+
+        Raises:
+            ValueError: ``num_replaced_blocks`` is outside [1, depth].
+        """
         if num_replaced_blocks is None:
             return self.first_replaced
         if not 1 <= num_replaced_blocks <= self.depth:
@@ -134,6 +152,12 @@ class CLIPVV:
         Resizing ViT-L/14@336's table (24x24 -> 37x37 for 518 px) took about 9 ms on one CPU
         thread, a visible share of a GPU batch, so the last few sizes are kept; the key holds
         the table's storage and version, so new weights, devices or dtypes compute it anew.
+
+        Args:
+            grid: (h, w) the patch grid of the input.
+
+        Returns:
+            (1, 1 + h*w, width) position embeddings, CLS first (detached from the weights).
         """
         table = self.vision_model.embeddings.position_embedding.weight.detach().unsqueeze(0)  # (1, 1 + n*n, width)
         side = math.isqrt(table.shape[1] - 1)
@@ -157,13 +181,28 @@ class CLIPVV:
         return torch.cat([cls, patches], dim=1) + self.position_embeddings(grid)
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Post-layernorm and visual projection: ``(..., width) -> (..., C)``."""
+        """Post-layernorm and visual projection, as for CLIP's CLS token.
+
+        Args:
+            tokens: (..., width) vision-tower tokens.
+
+        Returns:
+            (..., C) projected features.
+        """
         return self.visual_projection(self.vision_model.post_layernorm(tokens))
 
     def __call__(self, pixel_values: torch.Tensor, num_replaced_blocks: int | None = None) -> VisualFeatures:
-        """``pixel_values``: (B, 3, S, S), normalised. Returns global and stage features.
+        """Global and stage features of one V-V path length.
 
-        ``num_replaced_blocks``: the V-V path's length (None: the config's).
+        Args:
+            pixel_values: (B, 3, S, S), normalised; the grid is S // patch size a side.
+            num_replaced_blocks: the V-V path's length (None: the config's).
+
+        Returns:
+            :class:`VisualFeatures`: ``global_feature`` (B, C), ``stages`` n x (B, L, C), ``grid`` (h, w).
+
+        Raises:
+            ValueError: ``num_replaced_blocks`` is outside [1, depth].
         """
         return self.features(pixel_values, [num_replaced_blocks])[num_replaced_blocks]
 
@@ -174,11 +213,15 @@ class CLIPVV:
         so paths of several lengths cost one backbone forward plus each path's own V-V blocks.
 
         Args:
-            pixel_values: (B, 3, S, S), normalised.
+            pixel_values: (B, 3, S, S), normalised; the grid is S // patch size a side.
             replaced: V-V path lengths (numbers of replaced blocks; None: the config's).
 
         Returns:
-            ``{length: VisualFeatures}`` for each requested length.
+            ``{length: VisualFeatures}`` for each requested length: ``global_feature`` (B, C)
+            (shared), ``stages`` n x (B, L, C) with L = (S // patch size)², ``grid`` (h, w).
+
+        Raises:
+            ValueError: a length is outside [1, depth].
         """
         size = pixel_values.shape[-1]
         grid = (size // self.patch_size, size // self.patch_size)
