@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,3 +53,25 @@ def machine() -> str:
         f"torch {torch.__version__} ({torch.get_num_threads()} threads) | {device} | "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
+
+
+def proc_status(pid: int | str, key: str) -> int:
+    """A ``/proc/PID/status`` field in bytes (``"VmRSS"``, ``"VmHWM"``; Linux only)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/{pid}/status")
+
+
+def wait_for_app(server: subprocess.Popen, port: int, timeout: float, **client_options: object):
+    """A ``gradio_client.Client`` of the app ``server`` runs on 127.0.0.1:``port``, once it answers."""
+    from gradio_client import Client
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the app did not come up")
+        try:
+            return Client(f"http://127.0.0.1:{port}/", verbose=False, **client_options)
+        except Exception:  # noqa: BLE001 - not listening yet
+            time.sleep(2)

@@ -15,16 +15,12 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from _common import REPO, machine, vit_l_backbone
+from _common import REPO, machine, proc_status, vit_l_backbone, wait_for_app
 
 
 def peak_rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc status")
+    return proc_status(pid, "VmHWM")
 
 
 def main() -> None:
@@ -32,7 +28,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=7991)
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args()
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
 
     folder = vit_l_backbone()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "KANOCLIP_DEVICE": "cpu"}
@@ -53,15 +49,7 @@ def main() -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + args.timeout
-        client = None
-        while client is None:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the app did not come up")
-            try:
-                client = Client(f"http://127.0.0.1:{args.port}/", verbose=False)
-            except Exception:  # noqa: BLE001 - not listening yet
-                time.sleep(2)
+        client = wait_for_app(server, args.port, args.timeout)
         idle = peak_rss_bytes(server.pid)
         image = REPO / "demo" / "examples" / "bottle_broken_large_000.png"
         start = time.perf_counter()

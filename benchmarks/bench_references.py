@@ -21,16 +21,15 @@ import numpy as np
 
 from kanoclip import KAnoCLIP
 
-from _common import machine, vit_l_backbone
+from _common import machine, proc_status, vit_l_backbone
 from bench_inference import distinct_images
 
 
 def rss_mb(trim: bool = False) -> float:
-    """Resident memory; ``trim``: after handing the allocator's free pages back (glibc malloc_trim)."""
+    """Resident memory in MiB; ``trim``: after handing the allocator's free pages back (glibc malloc_trim)."""
     if trim:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+    return proc_status("self", "VmRSS") / 2**20
 
 
 def main() -> None:

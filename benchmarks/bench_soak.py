@@ -28,17 +28,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from _common import REPO, TOKENIZER, machine, vit_l_backbone
+from _common import REPO, TOKENIZER, machine, proc_status, vit_l_backbone, wait_for_app
 
 IMAGE_SIDE = 48
 
 
 def resident_mb(pid: int) -> float:
     """The process's resident set size (``VmRSS``), in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024 / 1e6
-    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+    return proc_status(pid, "VmRSS") / 1e6
 
 
 def open_fds(pid: int) -> int:
@@ -69,7 +66,7 @@ def main() -> None:
         raise SystemExit(f"--warmup must be between 1 and --calls - 1 ({args.calls - 1}), got {args.warmup}")
     if not Path("/proc/self/status").is_file():
         raise SystemExit("reads the server's memory and open files from /proc (Linux); /proc is absent here")
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
 
     from kanoclip.backbone import make_random_backbone
 
@@ -105,15 +102,7 @@ def main() -> None:
         ]
         server = subprocess.Popen(command, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + args.timeout
-            client = None
-            while client is None:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("the app did not come up")
-                try:
-                    client = Client(f"http://127.0.0.1:{args.port}/", verbose=False, download_files=False)
-                except Exception:  # noqa: BLE001 - not listening yet
-                    time.sleep(2)
+            client = wait_for_app(server, args.port, args.timeout, download_files=False)
             readings = {"after_start": (resident_mb(server.pid), open_fds(server.pid))}
             start = time.perf_counter()
             for i in range(args.calls):
