@@ -237,6 +237,90 @@ def _message(event: TrainProgress | None) -> str:
 
 
 # ---------------------------------------------------------------------------- the tab
+def _configure(
+    ctx: AppContext,
+    source: str,
+    folder: str | None,
+    kind: str | None,
+    zip_file: str | None,
+    scratch: Path,
+    hyper: Any,
+    out: Path,
+) -> tuple[str, TrainConfig]:
+    """The data's summary and the training's settings: the data checked (an upload extracted into ``scratch``)."""
+    try:
+        data = prepare_data(ctx, source, folder, zip_file, scratch)
+    finally:
+        if source == SOURCES[1] and zip_file:
+            discard_upload(zip_file, get_upload_folder())
+    chosen = None if not kind or kind == AUTO else kind
+    found = chosen or detect_kind(data)
+    described = summary_text(found, load_dataset(found, data))
+    kb_file = scratch / "knowledge_base.json"
+    ctx.knowledge.snapshot().save(kb_file)
+    return described, TrainConfig(
+        data=[f"{found}={data}"],
+        out=out,
+        epochs=hyper.epochs,
+        batch_size=hyper.batch_size,
+        lr=hyper.lr,
+        image_size=hyper.image_size,
+        kb=str(kb_file),
+        backbone=ctx.config.backbone,  # None: from_pretrained reads $KANOCLIP_BACKBONE, else ViT-L
+        device=ctx.config.device,
+        on_bad_sample="skip",  # an unreadable upload is reported, not fatal
+    )
+
+
+def _follow(run: TrainingRun, progress: gr.Progress) -> Iterator[tuple[str, Any]]:
+    """(status message, loss plot or ``gr.skip()``) while the run lasts: a plot every few seconds, else heartbeats."""
+    last_plot = last_yield = time.time()
+    finished = False
+    while not finished:
+        try:
+            event = run.events.get(timeout=0.5)
+        except queue.Empty:
+            if time.time() - last_yield >= HEARTBEAT_S:  # a yield lets Gradio notice a visitor who left
+                last_yield = time.time()
+                yield _message(run.last), gr.skip()
+            continue
+        batch = [event]
+        while not run.events.empty():
+            batch.append(run.events.get_nowait())
+        for item in batch:
+            if item is None:
+                finished = True
+                continue
+            run.last = item
+            point = history_point(item)
+            if point:
+                run.history.append(point)
+        if run.last is not None:
+            progress(fraction(run.last), desc=stage(run.last))
+        if finished or time.time() - last_plot >= PLOT_EVERY_S:
+            last_plot = last_yield = time.time()
+            yield _message(run.last), plot_loss_curves(run.history, "Training loss (live)")
+
+
+def _outcome(checkpoints_dir: Path, run: TrainingRun) -> tuple[str, str | None, Any]:
+    """(what happened, the new checkpoint's model choice or None, the final loss plot) of a finished run."""
+    if run.error is not None:
+        raise run.error
+    result = run.result
+    assert result is not None  # the thread ended without an error
+    cancelled = result.cancelled
+    if CHECKPOINTS_PREFIX + result.checkpoint.name in list_checkpoints(checkpoints_dir):
+        choice = CHECKPOINTS_PREFIX + result.checkpoint.name
+        verb = "Cancelled; the checkpoint so far was saved" if cancelled else "Finished"
+        text = f"{verb}: `{choice}` — it is now in the model lists of Detect and Prompts."
+    else:
+        choice = None
+        text = "Cancelled before a checkpoint was written." if cancelled else "The training ended without a checkpoint."
+    if result.skipped:
+        text += f" {len(result.skipped)} unreadable samples were skipped."
+    return text, choice, plot_loss_curves(run.history or result.history, "Training loss")
+
+
 def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], train_fn: TrainFn = train) -> None:
     """The tab; ``train_fn`` runs a training (:func:`kanoclip.training.train`; tests pass a scripted one)."""
     config = ctx.config
@@ -272,29 +356,7 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], train_f
             yield ("", None, *unchanged)  # clear the last run's status and curves
             # on the progress bar, not in the status: it goes when the event ends, error or not
             progress(0.0, desc="Checking the data…")
-            try:
-                data = prepare_data(ctx, source, folder, zip_file, scratch)
-            finally:
-                if source == SOURCES[1] and zip_file:
-                    discard_upload(zip_file, get_upload_folder())
-            chosen = None if not kind or kind == AUTO else kind
-            found = chosen or detect_kind(data)
-            samples = load_dataset(found, data)
-            described = summary_text(found, samples)
-            kb_file = scratch / "knowledge_base.json"
-            ctx.knowledge.snapshot().save(kb_file)
-            train_config = TrainConfig(
-                data=[f"{found}={data}"],
-                out=out,
-                epochs=hyper.epochs,
-                batch_size=hyper.batch_size,
-                lr=hyper.lr,
-                image_size=hyper.image_size,
-                kb=str(kb_file),
-                backbone=config.backbone,  # None: from_pretrained reads $KANOCLIP_BACKBONE, else ViT-L
-                device=config.device,
-                on_bad_sample="skip",  # an unreadable upload is reported, not fatal
-            )
+            described, train_config = _configure(ctx, source, folder, kind, zip_file, scratch, hyper, out)
 
             def work(run: TrainingRun) -> TrainResult:
                 return train_fn(train_config, progress=run.events.put, should_stop=run.stop.is_set)
@@ -302,59 +364,10 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], train_f
             manager.launch(run, work, lambda: shutil.rmtree(scratch, ignore_errors=True))
             launched = True
             yield (f"{described}\n\nTraining started → `{CHECKPOINTS_PREFIX}{checkpoint_name}`.", None, *unchanged)
-            last_plot = last_yield = time.time()
-            finished = False
-            while not finished:
-                try:
-                    event = run.events.get(timeout=0.5)
-                except queue.Empty:
-                    if time.time() - last_yield >= HEARTBEAT_S:  # a yield lets Gradio notice a visitor who left
-                        last_yield = time.time()
-                        yield (f"{described}\n\n{_message(run.last)}", gr.skip(), *unchanged)
-                    continue
-                batch = [event]
-                while not run.events.empty():
-                    batch.append(run.events.get_nowait())
-                for item in batch:
-                    if item is None:
-                        finished = True
-                        continue
-                    run.last = item
-                    point = history_point(item)
-                    if point:
-                        run.history.append(point)
-                if run.last is not None:
-                    progress(fraction(run.last), desc=stage(run.last))
-                if finished or time.time() - last_plot >= PLOT_EVERY_S:
-                    last_plot = last_yield = time.time()
-                    yield (
-                        f"{described}\n\n{_message(run.last)}",
-                        plot_loss_curves(run.history, "Training loss (live)"),
-                        *unchanged,
-                    )
-            if run.error is not None:
-                raise run.error
-            result = run.result
-            assert result is not None  # the thread ended without an error
-            cancelled = result.cancelled
-            if CHECKPOINTS_PREFIX + result.checkpoint.name in list_checkpoints(config.checkpoints_dir):
-                choice = CHECKPOINTS_PREFIX + result.checkpoint.name
-                verb = "Cancelled; the checkpoint so far was saved" if cancelled else "Finished"
-                text = f"{verb}: `{choice}` — it is now in the model lists of Detect and Prompts."
-            else:
-                choice = None
-                text = (
-                    "Cancelled before a checkpoint was written."
-                    if cancelled
-                    else "The training ended without a checkpoint."
-                )
-            if result.skipped:
-                text += f" {len(result.skipped)} unreadable samples were skipped."
-            yield (
-                f"{described}\n\n{text}",
-                plot_loss_curves(run.history or result.history, "Training loss"),
-                *model_updates(choice),
-            )
+            for message, curve in _follow(run, progress):
+                yield (f"{described}\n\n{message}", curve, *unchanged)
+            text, choice, curve = _outcome(config.checkpoints_dir, run)
+            yield (f"{described}\n\n{text}", curve, *model_updates(choice))
         finally:
             if not launched:
                 shutil.rmtree(scratch, ignore_errors=True)
