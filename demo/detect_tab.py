@@ -35,6 +35,7 @@ from demo.components import (
     unknown_class_hint,
     user_errors,
 )
+from demo.memory import MemoryKeeper
 from demo.state import AppContext, compute_slot, describe_model, model_choices
 from kanoclip import KAnoCLIP
 from kanoclip.config import ScoringConfig
@@ -283,6 +284,7 @@ class DetectTab:
 
 def build_detect_tab(ctx: AppContext) -> DetectTab:
     config, registry = ctx.config, ctx.registry
+    memory = MemoryKeeper()  # a public Space runs for weeks: keep glibc's freed pages from piling up
 
     @gpu
     def run_detection(
@@ -349,7 +351,9 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
         progress(0.3, desc="detecting")
         det = run_detection(model_choice, pil, name, chosen, s, store)
         progress(0.8, desc="drawing")
-        return render(model, pil, det, from_slider=chosen is not None, references=whose).outputs()
+        outputs = render(model, pil, det, from_slider=chosen is not None, references=whose).outputs()
+        memory.tick()
+        return outputs
 
     @user_errors
     def add_references(
