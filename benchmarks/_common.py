@@ -46,10 +46,16 @@ def median_seconds(fn: Callable[[], object], runs: int, warmup: int = 1) -> floa
 
 
 def machine() -> str:
-    """One line describing where the figures were taken."""
+    """One line describing where the figures were taken: host, CPU model and its relevant flags, torch, GPU, date.
+
+    The CPU's flags (AVX2, AVX-512, VNNI, AVX512-BF16, AMX) decide how fast bf16 and int8 run,
+    so a figure without them cannot be compared (``kanoclip.precision.cpu_features``).
+    """
+    from kanoclip.precision import cpu_features
+
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (
-        f"{platform.node()} | {platform.processor() or platform.machine()} | {os.cpu_count()} CPUs | "
+        f"{platform.node()} | {cpu_features().summary()} | {os.cpu_count()} CPUs | "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads) | {device} | "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )

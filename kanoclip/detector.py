@@ -37,7 +37,7 @@ from kanoclip.knowledge import KnowledgeBase
 from kanoclip.modeling.model import KAnoCLIPModel, KAnoCLIPOutput
 from kanoclip.modeling.prompts import mean_direction
 from kanoclip.modeling.vv_attention import VisualFeatures
-from kanoclip.precision import int8_vision_copy, resolve_precision
+from kanoclip.precision import int8_vision_copy, precision_at_load
 from kanoclip.references import References, ReferenceSet, bank_from_stages, f1_max_threshold, fuse, reference_maps
 
 MAX_CLASS_CHARS = 1000  # longer names are cut before tokenising (the tokenizer cuts to 77 tokens anyway)
@@ -177,7 +177,8 @@ class KAnoCLIP(nn.Module):
         # hub backbone), else the checkpoint's or the config's; shapes are checked on load.
         config = replace(config, backbone=backbone or os.environ.get(BACKBONE_ENV) or config.backbone)
         torch_device = resolve_device(device)
-        int8 = resolve_precision(precision, torch_device) == "int8"  # one the device cannot run fails before loading
+        # a precision the device cannot run fails before loading; a slow one says so in one line
+        int8 = precision_at_load(precision, torch_device).resolved == "int8"
         fp32_key = (config.backbone, str(torch_device))
         # an int8 backbone is a quantised copy, cached apart: models sharing the fp32 one never see it
         key = (config.backbone, f"{torch_device}:int8") if int8 else fp32_key

@@ -2,31 +2,58 @@
 
 ``precision`` is a public argument (``KAnoCLIP.from_pretrained(precision=...)``, ``--precision``):
 
-* ``"auto"`` (default): bf16 on a CUDA device that supports it, else fp16 on CUDA; fp32 on CPU;
+* ``"auto"`` (default): the fastest precision whose speed-up is native on this device:
+
+  - CUDA: bf16 where the GPU has native bf16 (compute capability 8.0 or newer: A10G, A100, H100,
+    L4...), else fp16 (a T4, 7.5, would emulate bf16 several times slower);
+  - CPU: bf16 only where the CPU has native bf16 instructions (``avx512_bf16`` or ``amx_bf16``
+    in ``/proc/cpuinfo``) -- measured there at about half the fp32 time (``docs/performance.md``);
+    fp32 on every other CPU (an AVX2-only CPU emulates bf16: measured 6.5x slower than fp32).
+    The bf16 choice has the same unmeasured accuracy cost as on a GPU (random weights only).
 * ``"fp32"``: no autocast;
-* ``"bf16"``: bf16 autocast of the backbone's vision forward, on CUDA or on the CPU (where it
-  pays on CPUs with native bf16 instructions, e.g. AVX512-BF16 or AMX);
-* ``"fp16"``: fp16 autocast, CUDA only;
+* ``"bf16"``: bf16 autocast of the backbone's vision forward, on CUDA or on the CPU;
+* ``"fp16"``: fp16 autocast, on CUDA or on the CPU;
 * ``"int8"``: CPU only: the vision tower's linear layers (every block's q/k/v/out projections and
   MLP) quantised dynamically, int8 weights per output channel and int8 activations scaled at
   run time, with no calibration (:func:`int8_vision_copy`). For a CPU with no GPU (a
   free Space, a factory PC): the matrix products run on int8 instructions (VNNI/AMX where the CPU
-  has them). The patch embedding (a convolution), the layer norms, the attention's softmax and
-  the visual projection stay fp32, as does the text tower: it runs once per class, its features
-  are cached, and the prompts are learned through it, so quantising it would buy little speed
-  and change what training sees.
+  has them, AVX2 otherwise). The patch embedding (a convolution), the layer norms, the attention's
+  softmax and the visual projection stay fp32, as does the text tower: it runs once per class, its
+  features are cached, and the prompts are learned through it, so quantising it would buy little
+  speed and change what training sees.
+
+An explicit ``bf16`` or ``fp16`` on hardware without native support for it still runs, and says
+so in one line when the model is loaded (the ``kanoclip`` logger; :func:`precision_at_load`):
+it is expected to be several times slower there, and the line names what to use instead. The
+app shows the same line in its header (:func:`explain_precision`).
 
 Only the CLIP vision forward (CLIP-VV, up to and including the stage features' projection) runs
 under autocast or int8. Similarities, Bi-CMCI, the maps, the blur, the score and the losses run in fp32:
 in bf16 (8 bits of mantissa) a softmax probability near 0.5 moves in steps of 0.0039, so a map
 would hold only a few hundred distinct values and pixel AUROC and ``max(M)`` would rank ties.
+
+**TF32 policy (CUDA).** On GPUs of compute capability 8.0 and newer, cuDNN convolutions (the
+maps' Gaussian blur, the patch embedding) may run fp32 inputs on TF32 tensor cores by default
+(10 bits of mantissa), and matrix products do if a program allows it. So that "fp32" means IEEE
+fp32, loading a model on a CUDA device turns TF32 off for cuBLAS matmuls and cuDNN once
+(:func:`keep_fp32_exact`). These are process-wide settings of torch, so they are set once, at
+load, under a lock, and never toggled per call (which would race between the threads of a
+server). ``KANOCLIP_ALLOW_TF32=1`` leaves torch's settings as they are (faster fp32 on Ampere
+and newer, maps then carry TF32 rounding).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import logging
+import os
+import platform
+import threading
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -40,6 +67,95 @@ if TYPE_CHECKING:
 
 Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+logger = logging.getLogger("kanoclip")
+
+# /proc/cpuinfo flags that decide the backbone's speed, in the order a machine line names them
+CPU_FLAGS = (
+    "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
+    "amx_tile", "amx_int8", "amx_bf16", "amx_fp16", "asimd", "bf16", "i8mm",
+)  # fmt: skip
+# native bf16 where ``auto`` picks it: measured faster than fp32 on an AVX512-BF16 CPU (docs/performance.md);
+# AMX CPUs have avx512_bf16 as well
+AUTO_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+NATIVE_BF16_FLAGS = AUTO_BF16_FLAGS | {"bf16"}  # "bf16": Arm's (Graviton 3, Neoverse V1 and newer)
+NATIVE_FP16_FLAGS = frozenset({"avx512_fp16", "amx_fp16", "fphp"})
+TF32_ENV = "KANOCLIP_ALLOW_TF32"
+
+
+@dataclass(frozen=True)
+class CPUFeatures:
+    """What this CPU offers the backbone's arithmetic.
+
+    Attributes:
+        model: the CPU's model name (``/proc/cpuinfo``'s ``model name``, else ``platform``'s).
+        flags: its instruction-set flags as ``/proc/cpuinfo`` spells them (empty where unreadable).
+        torch_capability: the vector ISA torch's CPU kernels dispatch to
+            (``torch.backends.cpu.get_cpu_capability()``: ``"AVX2"``, ``"AVX512"``, ...).
+    """
+
+    model: str
+    flags: frozenset[str]
+    torch_capability: str
+
+    @property
+    def native_bf16(self) -> bool:
+        """Whether bf16 matrix products run on bf16 instructions here (else they are emulated)."""
+        return bool(self.flags & NATIVE_BF16_FLAGS)
+
+    @property
+    def native_fp16(self) -> bool:
+        """Whether fp16 matrix products run on fp16 instructions here."""
+        return bool(self.flags & NATIVE_FP16_FLAGS)
+
+    def summary(self) -> str:
+        """One line: the model, its relevant flags and torch's capability (``AMD EPYC (avx2 fma; torch AVX2)``)."""
+        flags = " ".join(f for f in CPU_FLAGS if f in self.flags) or "flags unknown"
+        return f"{self.model} ({flags}; torch {self.torch_capability})"
+
+
+def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
+    """The CPU model and the flags of the first processor in a ``/proc/cpuinfo`` text.
+
+    Args:
+        text: the file's content (x86: ``model name`` and ``flags``; Arm: ``Features``).
+
+    Returns:
+        ``(model, flags)``; an empty model or flag set where the text has none.
+    """
+    model, flags = "", frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "hardware", "cpu model") and not model:
+            model = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = frozenset(value.split())
+    return model, flags
+
+
+@functools.cache
+def cpu_features() -> CPUFeatures:
+    """This machine's :class:`CPUFeatures`, read once per process (``/proc/cpuinfo``; Linux).
+
+    Returns:
+        The features; elsewhere (no ``/proc/cpuinfo``) the flags are empty, so nothing counts as native.
+    """
+    try:
+        model, flags = parse_cpuinfo(Path("/proc/cpuinfo").read_text(errors="replace"))
+    except OSError:
+        model, flags = "", frozenset()
+    return CPUFeatures(
+        model=model or platform.processor() or platform.machine() or "unknown CPU",
+        flags=flags,
+        torch_capability=torch.backends.cpu.get_cpu_capability(),
+    )
+
+
+def cuda_native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` (CUDA) runs bf16 natively: compute capability 8.0 or newer (ROCm: torch's own test)."""
+    if torch.version.hip:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "bf16", "fp16", "int8"]:
@@ -59,16 +175,134 @@ def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     cuda = device.type == "cuda"
     if precision == "auto":
-        if not cuda:
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "fp16" and not cuda:
-        raise InputError(f"precision 'fp16' needs a CUDA device, this model is on {device}; use 'bf16' or 'fp32'")
+        if cuda:
+            return "bf16" if cuda_native_bf16(device) else "fp16"
+        return "bf16" if device.type == "cpu" and cpu_features().flags & AUTO_BF16_FLAGS else "fp32"
     if precision == "int8" and device.type != "cpu":
         raise InputError(f"precision 'int8' runs on the CPU only, this model is on {device}; use 'bf16' or 'fp16'")
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
         raise InputError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bf16 support; use 'fp16' or 'fp32'")
     return precision  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The backbone's precision on a device, and why.
+
+    Attributes:
+        requested: what was asked for (``"auto"`` or an explicit precision).
+        resolved: what runs (:func:`resolve_precision`).
+        engine: what runs it (``"torch autocast"``, ``"torch dynamic int8 (x86 engine)"``...).
+        hardware: the device in words (the CPU's :meth:`CPUFeatures.summary`, or the GPU's name).
+        reason: why ``auto`` chose ``resolved`` (None for an explicit precision).
+        warning: one line when ``resolved`` is expected to be slower than fp32 here, else None.
+    """
+
+    requested: str
+    resolved: str
+    engine: str
+    hardware: str
+    reason: str | None
+    warning: str | None
+
+
+def explain_precision(precision: str, device: torch.device) -> PrecisionChoice:
+    """:func:`resolve_precision` with the engine, the hardware and the reason, for logs and the app.
+
+    Args:
+        precision: one of :data:`PRECISIONS`.
+        device: the model's device.
+
+    Returns:
+        The :class:`PrecisionChoice`.
+
+    Raises:
+        InputError: as :func:`resolve_precision`.
+    """
+    resolved = resolve_precision(precision, device)
+    auto = precision == "auto"
+    reason = warning = None
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        hardware = f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+        native = cuda_native_bf16(device)
+        if auto:
+            reason = "native bf16 on this GPU" if native else "no native bf16 on this GPU (it would be emulated)"
+        elif resolved == "bf16" and not native:
+            warning = (
+                f"precision 'bf16' on {hardware}: no native bf16, it is emulated and expected to be several "
+                "times slower than fp16 here; use precision 'fp16' (or 'auto')"
+            )
+    elif device.type != "cpu":
+        hardware = str(device)
+        reason = "no reduced precision measured on this device" if auto else None
+    else:
+        cpu = cpu_features()
+        hardware = cpu.summary()
+        if auto:
+            reason = (
+                "native bf16 on this CPU (measured faster than fp32 on such a CPU)"
+                if resolved == "bf16"
+                else "no native bf16 on this CPU"
+            )
+        elif (resolved == "bf16" and not cpu.native_bf16) or (resolved == "fp16" and not cpu.native_fp16):
+            warning = (
+                f"precision {resolved!r} on this CPU ({hardware}): no native {resolved} instructions, it is "
+                "expected to be several times slower than fp32 here; use 'int8' for speed or 'fp32'"
+            )
+    engine = {"int8": f"torch dynamic int8 ({torch.backends.quantized.engine} engine)", "fp32": "torch"}.get(
+        resolved, "torch autocast"
+    )
+    return PrecisionChoice(precision, resolved, engine, hardware, reason, warning)
+
+
+_fp32_lock = threading.Lock()
+_fp32_kept = False
+
+
+def keep_fp32_exact() -> bool:
+    """Turn TF32 off for cuBLAS matmuls and cuDNN, once per process (the module's TF32 policy).
+
+    Process-wide torch settings, so they are set once under a lock rather than per call.
+    torch's legacy flags are used: in torch 2.13 they leave both its legacy and its new
+    ``fp32_precision`` getters consistent, while setting only part of the new API makes the
+    legacy ``torch.backends.cudnn.allow_tf32`` getter raise.
+
+    Returns:
+        Whether the settings were changed by this call (False: already done, or ``KANOCLIP_ALLOW_TF32=1``).
+    """
+    global _fp32_kept
+    if os.environ.get(TF32_ENV, "").strip() in ("1", "true", "yes"):
+        return False
+    with _fp32_lock:
+        if _fp32_kept:
+            return False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        _fp32_kept = True
+        return True
+
+
+def precision_at_load(precision: str, device: torch.device) -> PrecisionChoice:
+    """What a model load does about precision: resolve it, warn in one line if slow, keep CUDA's fp32 exact.
+
+    Args:
+        precision: one of :data:`PRECISIONS`.
+        device: the device the model is loaded on.
+
+    Returns:
+        The :class:`PrecisionChoice`; its ``warning``, if any, went to the ``kanoclip`` logger
+        (shown on the terminal by Python's default handler when the program configured none).
+
+    Raises:
+        InputError: as :func:`resolve_precision`, before anything is loaded.
+    """
+    choice = explain_precision(precision, device)
+    if choice.warning:
+        logger.warning(choice.warning)
+    if device.type == "cuda":
+        keep_fp32_exact()
+    return choice
 
 
 def backbone_autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

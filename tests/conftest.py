@@ -67,6 +67,25 @@ def bottle_image(bottle_dir: Path) -> Path:
     return bottle_dir / "test" / "broken_large" / "000.png"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_without_native_bf16():
+    """The suite's CPU, as ``precision="auto"`` sees it, has no native bf16 on every machine.
+
+    On a CPU with AVX512-BF16 or AMX, ``auto`` picks bf16 (kanoclip/precision.py); tests that
+    compare a default model with fp32 figures would then depend on that CPU's bf16 rounding.
+    The real probe's model and flags are kept, less those flags; tests of the rule fake their own.
+    """
+    from dataclasses import replace
+
+    from kanoclip import precision
+
+    real = precision.cpu_features()
+    fake = replace(real, flags=real.flags - precision.NATIVE_BF16_FLAGS - precision.NATIVE_FP16_FLAGS)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(precision, "cpu_features", lambda: fake)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random CLIP (vision 8 x 64 wide, patch 14, 112 px; text 2 layers) as an HF folder."""
