@@ -35,6 +35,7 @@ from kanoclip.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from kanoclip.config import DEFAULT_BACKBONE
 from kanoclip.detector import resolve_device
 from kanoclip.errors import CheckpointError, InputError, KAnoCLIPError
+from kanoclip.precision import explain_precision
 from kanoclip.references import INDEX_NAME, TENSORS_NAME, References
 
 log = logging.getLogger("kanoclip.app")
@@ -173,16 +174,20 @@ RANDOM_WARNING = (
 
 
 def describe_model(model: KAnoCLIP) -> str:
-    """One Markdown paragraph: mode (and checkpoint), backbone, device, and the random warning."""
+    """One Markdown paragraph: mode (and checkpoint), backbone, device, precision and why, and the warnings."""
     mode = (
         "training-free (no checkpoint)"
         if model.mode == "training-free"
         else f"trained — checkpoint `{model.checkpoint_name}`"
     )
+    choice = explain_precision(model.model.requested_precision, model.device)
+    why = f"auto: {choice.reason}" if choice.reason else f"chosen with --precision {choice.requested}"
     text = (
         f"**Mode:** {mode} · **Backbone:** `{model.backbone_name}` · **Device:** `{model.device}`"
-        f" · **Precision:** backbone {model.precision}, maps fp32"
+        f" · **Precision:** backbone {choice.resolved} on {choice.engine} ({why}; {choice.hardware}), maps fp32"
     )
+    if choice.warning:
+        text += f"\n\n⚠️ {choice.warning}"
     if model.random_backbone:
         text += "\n\n" + RANDOM_WARNING.format(backbone=model.backbone_name)
     return text

@@ -6,6 +6,9 @@ GPU takes with CUDA autocast. int8 is CPU-only.
 
 from __future__ import annotations
 
+import logging
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -14,10 +17,11 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
 from kanoclip import KAnoCLIP
+from kanoclip import precision as precision_module
 from kanoclip.config import BiCMCIConfig, KAnoCLIPConfig
 from kanoclip.errors import InputError
 from kanoclip.modeling.losses import kd_loss, total_loss
-from kanoclip.precision import resolve_precision
+from kanoclip.precision import CPUFeatures, explain_precision, keep_fp32_exact, parse_cpuinfo, resolve_precision
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +36,39 @@ def model_at(config: KAnoCLIPConfig, precision: str, trained: bool) -> KAnoCLIP:
     return KAnoCLIP.from_pretrained(config=config, device="cpu", precision=precision)
 
 
+AVX2_EPYC = CPUFeatures("AMD EPYC", frozenset({"fpu", "sse2", "avx", "fma", "avx2"}), "AVX2")
+AVX512_BF16 = CPUFeatures("Intel Xeon", frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"}), "AVX512")
+
+
+@pytest.fixture
+def cpu_is(monkeypatch):
+    """Fake the CPU probe: ``cpu_is(features)``."""
+    return lambda features: monkeypatch.setattr(precision_module, "cpu_features", lambda: features)
+
+
+def test_cpuinfo_is_parsed_for_the_model_and_the_flags():
+    x86 = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma\n\nprocessor\t: 1\nflags\t: other\n"
+    assert parse_cpuinfo(x86) == ("AMD EPYC 7B13", frozenset({"fpu", "avx2", "fma"}))
+    arm = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\nCPU part\t: 0xd40\n"
+    assert parse_cpuinfo(arm) == ("", frozenset({"fp", "asimd", "bf16", "i8mm"}))
+    assert AVX2_EPYC.summary() == "AMD EPYC (avx2 fma; torch AVX2)"  # only the flags that decide speed, in order
+
+
+def test_auto_on_a_cpu_picks_bf16_only_where_it_is_native(cpu_is):
+    cpu = torch.device("cpu")
+    cpu_is(AVX2_EPYC)
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert explain_precision("auto", cpu).reason == "no native bf16 on this CPU"
+    cpu_is(AVX512_BF16)
+    assert resolve_precision("auto", cpu) == "bf16"
+    assert explain_precision("auto", cpu).warning is None
+
+
 def test_precision_names_resolve_per_device():
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == "fp32"
     assert resolve_precision("bf16", cpu) == "bf16"
     assert resolve_precision("fp32", cpu) == "fp32"
-    with pytest.raises(InputError, match="'fp16' needs a CUDA device"):
-        resolve_precision("fp16", cpu)
+    assert resolve_precision("fp16", cpu) == "fp16"  # runs, with a warning where it is not native
     assert resolve_precision("int8", cpu) == "int8"
     with pytest.raises(InputError, match="precision must be one of"):
         resolve_precision("half", cpu)
@@ -51,11 +81,65 @@ def test_int8_is_refused_on_cuda_in_one_line():
     assert "\n" not in str(info.value)
 
 
-def test_from_pretrained_refuses_fp16_on_the_cpu_and_reports_what_is_in_force(config):
-    with pytest.raises(InputError, match="fp16"):
-        KAnoCLIP.from_pretrained(config=config, device="cpu", precision="fp16")
-    assert KAnoCLIP.from_pretrained(config=config, device="cpu").precision == "fp32"
-    assert KAnoCLIP.from_pretrained(config=config, device="cpu", precision="bf16").precision == "bf16"
+def test_an_explicit_bf16_or_fp16_without_native_support_warns_in_one_line_at_load(config, cpu_is, caplog):
+    cpu_is(AVX2_EPYC)
+    with caplog.at_level(logging.WARNING, logger="kanoclip"):
+        assert KAnoCLIP.from_pretrained(config=config, device="cpu").precision == "fp32"
+        assert not caplog.records  # auto, fp32 here: nothing to say
+        for name in ("bf16", "fp16"):
+            caplog.clear()
+            assert KAnoCLIP.from_pretrained(config=config, device="cpu", precision=name).precision == name
+            (record,) = [r for r in caplog.records if r.name == "kanoclip"]
+            line = record.getMessage()
+            assert "\n" not in line and "several times slower than fp32" in line and "AMD EPYC" in line
+            assert "use 'int8' for speed or 'fp32'" in line
+        cpu_is(AVX512_BF16)
+        caplog.clear()
+        assert KAnoCLIP.from_pretrained(config=config, device="cpu", precision="bf16").precision == "bf16"
+        assert not caplog.records  # native: no warning
+
+
+@pytest.mark.parametrize(
+    ("capability", "name", "auto", "bf16_warns"),
+    [
+        ((7, 5), "Tesla T4", "fp16", True),
+        ((8, 0), "NVIDIA A100", "bf16", False),
+        ((9, 0), "NVIDIA H100", "bf16", False),
+    ],
+)
+def test_auto_on_cuda_picks_bf16_only_where_it_is_native(monkeypatch, capability, name, auto, bf16_warns):
+    # the device is only named and its queries patched: this runs without a GPU
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # a T4 emulates it
+    cuda = torch.device("cuda:0")
+    assert resolve_precision("auto", cuda) == auto
+    choice = explain_precision("bf16", cuda)
+    assert choice.resolved == "bf16" and (choice.warning is not None) == bf16_warns
+    if bf16_warns:
+        assert "Tesla T4 (compute capability 7.5)" in choice.warning and "use precision 'fp16'" in choice.warning
+
+
+def test_tf32_is_turned_off_once_per_process_from_any_number_of_threads(monkeypatch):
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    monkeypatch.setattr(precision_module, "_fp32_kept", False)
+    monkeypatch.delenv(precision_module.TF32_ENV, raising=False)
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        monkeypatch.setenv(precision_module.TF32_ENV, "1")
+        assert keep_fp32_exact() is False and torch.backends.cudnn.allow_tf32  # the user's opt-out
+        monkeypatch.delenv(precision_module.TF32_ENV)
+        results: list[bool] = []
+        threads = [threading.Thread(target=lambda: results.append(keep_fp32_exact())) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(results) == [False] * 7 + [True]
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 @pytest.mark.parametrize("trained", [False, True])
