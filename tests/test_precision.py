@@ -236,3 +236,17 @@ def test_int8_backbone_maps_follow_fp32_maps(config, bottle_image, trained):
     x, y = a.ravel().astype(np.float64) - a.mean(), b.ravel().astype(np.float64) - b.mean()
     r = (x @ y) / np.sqrt((x @ x) * (y @ y))
     assert r >= 0.98, r
+
+
+def test_the_app_header_says_which_precision_and_engine_run_and_why(config, cpu_is):
+    from demo.state import describe_model
+
+    cpu_is(AVX2_EPYC)
+    auto = describe_model(KAnoCLIP.from_pretrained(config=config, device="cpu"))
+    assert "backbone fp32 on torch (auto: no native bf16 on this CPU; AMD EPYC (avx2 fma; torch AVX2))" in auto
+    assert "several times slower" not in auto  # (the random backbone has its own ⚠️ paragraph)
+    int8 = describe_model(KAnoCLIP.from_pretrained(config=config, device="cpu", precision="int8"))
+    assert "backbone int8 on torch dynamic int8" in int8 and "chosen with --precision int8" in int8
+    bf16 = describe_model(KAnoCLIP.from_pretrained(config=config, device="cpu", precision="bf16"))
+    assert "chosen with --precision bf16" in bf16
+    assert "\n\n⚠️ precision 'bf16' on this CPU (AMD EPYC (avx2 fma; torch AVX2)): no native bf16" in bf16
