@@ -55,8 +55,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--precision",
         choices=PRECISIONS,
         help=(
-            "the backbone's precision; maps and scores are fp32 (env KANOCLIP_PRECISION; default auto: bf16 on a GPU, "
-            "fp32 on the CPU; int8, CPU only: the vision tower's linear layers quantised, for a machine with no GPU)"
+            "the backbone's precision; maps and scores are fp32 (env KANOCLIP_PRECISION; default auto: bf16 where the "
+            "GPU or CPU has native bf16, fp16 on other GPUs, fp32 on other CPUs; int8, CPU only: the vision tower's "
+            "linear layers quantised, for a machine with no GPU)"
         ),
     )
     parser.add_argument(

@@ -60,7 +60,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, checkpoint: bool = Tru
         choices=PRECISIONS,
         help=(
             "the backbone's precision (int8: the CPU only); maps and scores are always fp32 "
-            "(default: auto = bf16 on a GPU, fp32 on the CPU)"
+            "(default: auto = bf16 where the GPU or CPU has native bf16, fp16 on other GPUs, fp32 on other CPUs)"
         ),
     )
     parser.add_argument(
