@@ -22,6 +22,7 @@ import torch
 from transformers import CLIPImageProcessor, CLIPVisionModel
 
 from kanoclip import KAnoCLIP
+from kanoclip.precision import explain_precision
 
 from _common import machine, vit_l_backbone
 
@@ -105,6 +106,11 @@ def main() -> None:
             backbone=str(folder), device=args.device, precision=p, backbone_cache=shared
         ).eval()
     model = models[next(m for m in models if m.startswith("trained/"))]  # the full path for throughput
+    results["precisions"] = {  # what each requested precision became on this machine, on what, and why
+        p: {"in_force": c.resolved, "engine": c.engine, "reason": c.reason, "warning": c.warning}
+        for p in args.precisions.split(",")
+        for c in [explain_precision(p, torch.device(args.device))]
+    }
     if not args.skip_overhead:
         bare = CLIPVisionModel.from_pretrained(folder).eval().to(args.device)
         processor = CLIPImageProcessor.from_pretrained(folder)
