@@ -334,6 +334,12 @@ def int8_vision_copy(clip: CLIPModel) -> CLIPModel:
     kernels ran them 2-4x faster than fp32 (``docs/performance.md``). It needs no extra package. When a
     torch release removes it, this function fails with one line and torchao is the way on.
 
+    On an AVX2-only CPU (no VNNI) these kernels gain much less: a ViT-L block took 0.55-0.66x its
+    fp32 time, whichever torch engine (x86, fbgemm, onednn) or weight granularity, and ``detect`` in
+    int8 0.66-0.68x (training-free) and 0.83-0.90x (trained) the bare fp32 forward, short of the
+    0.5x goal. onnxruntime's MLAS int8 ran the block at 0.40-0.45x (``docs/performance.md`` §9);
+    running the vision tower there with the V-V capture is the measured way on, not done yet.
+
     Args:
         clip: the fp32 backbone, on the CPU.
 
