@@ -313,7 +313,11 @@ def backbone_autocast(precision: str, device: torch.device) -> contextlib.Abstra
 
 
 def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast off on ``device``'s kind: the fp32 region after the backbone, even under a caller's autocast."""
+    """Autocast off on ``device``'s kind: the fp32 region after the backbone, even under a caller's autocast.
+
+    TF32 is not toggled here: it is process-wide state, which threads serving at once would race
+    on; it is turned off once when a model is loaded on CUDA (the module's TF32 policy).
+    """
     return torch.autocast(device.type, enabled=False)
 
 
