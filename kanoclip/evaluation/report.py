@@ -279,7 +279,7 @@ def plot_roc_pr(labels: np.ndarray, scores: np.ndarray, metrics: Mapping[str, An
     fig = _figure(10, 4.2)
     roc_ax, pr_ax = fig.subplots(1, 2)
     fpr, tpr, _ = roc_curve(labels, scores)
-    roc_ax.plot(fpr, tpr, drawstyle="steps-post", label=f"AUROC {100 * metrics['image_auroc']:.1f}%")
+    roc_ax.plot(fpr, tpr, label=f"AUROC {100 * metrics['image_auroc']:.1f}%")
     roc_ax.plot([0, 1], [0, 1], ls=":", color="grey", label="chance")
     roc_ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title="Image ROC curve", xlim=(0, 1))
     precision, recall, _ = precision_recall_curve(labels, scores)
