@@ -23,6 +23,7 @@ pixel), plus one gallery picture per image, shrunk to at most
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
@@ -162,8 +163,9 @@ class CsvFiles:
         """``table`` as ``batch-<class>.csv`` in a fresh folder; older folders are removed first."""
         cutoff = time.time() - self.max_age
         for folder in self.root.iterdir():
-            if folder.stat().st_mtime < cutoff:
-                shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):  # another request removed it meanwhile
+                if folder.stat().st_mtime < cutoff:
+                    shutil.rmtree(folder, ignore_errors=True)
         folder = self.root / uuid.uuid4().hex
         folder.mkdir()
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in class_name)[:40] or "images"
