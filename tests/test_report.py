@@ -90,7 +90,9 @@ def test_the_page_shows_the_tables_and_every_figure_offline(report: Path) -> Non
     assert "script" not in page.tags and not re.search(
         r"(src|href)=['\"]?(https?:)?//", (report / "index.html").read_text()
     )
-    assert set(page.links) == {"report.md", "metrics.json", "scores.csv"}
+    assert {link for link in page.links if not link.startswith("#")} == {"report.md", "metrics.json", "scores.csv"}
+    assert [link for link in page.links if link.startswith("#")] == ["#mvtec-bottle"]
+    assert "id='mvtec-bottle'" in (report / "index.html").read_text()
     # the same table as report.md: each of its rows' cells, in order
     rows = [line for line in (report / "report.md").read_text().splitlines() if line.startswith("| mvtec |")]
     assert len(rows) == 2

@@ -24,6 +24,11 @@ Several processes (``accelerate launch -m kanoclip eval``; ``processes=``, a
 part per process; each process predicts its part, and the scores and S×S maps are gathered in
 rank order, so that the main process holds the single process's arrays and computes the metrics
 as it does. Every process returns the main process's results.
+
+An ``observer`` (``evaluate(..., observer=fn)``, also :func:`sweep`'s) is called on the main
+process with each class's :class:`ClassPredictions` (its samples, ground truth, scores, maps and
+metrics) while they are held: the report folder (:mod:`kanoclip.evaluation.report`) draws its
+figures from them.
 """
 
 from __future__ import annotations

@@ -83,10 +83,11 @@ class ReportConfig:
 
 @dataclass
 class _Section:
-    """One dataset and class of the page: its figures (file, caption) and notes."""
+    """One dataset and class of the page: its figures (file, caption) and notes; ``stem`` names its files."""
 
     dataset: str
     class_name: str
+    stem: str
     figures: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -141,7 +142,7 @@ class ReportWriter:
                         "verdict": "anomalous" if score >= used else "normal",
                     }
                 )
-        section = _Section(result.dataset, result.class_name)
+        section = _Section(result.dataset, result.class_name, self._stem(f"{result.dataset}-{result.class_name}"))
         if several:
             section.notes.append(f"Figures of variant {next(iter(result.predictions))!r}.")
         self._draw(
@@ -156,7 +157,7 @@ class ReportWriter:
         """The class's figures (of its first model) from the arrays its metrics were computed on."""
         variant, (scores, maps) = next(iter(result.predictions.items()))
         metrics = result.metrics[variant]
-        stem = self._stem(f"{result.dataset}-{result.class_name}")
+        stem = section.stem
         labels = np.asarray(result.labels)
         f1_threshold = None
         if labels.any() and not labels.all():
@@ -244,19 +245,21 @@ class ReportWriter:
             "<p>Files: <a href='report.md'>report.md</a> · <a href='metrics.json'>metrics.json</a> · "
             "<a href='scores.csv'>scores.csv</a> (one row per test image)</p>"
         )
+        if self.sections:
+            links = (
+                f"<a href='#{html.escape(s.stem)}'>{html.escape(f'{s.dataset} / {s.class_name}')}</a>"
+                for s in self.sections
+            )
+            body.append("<p>Classes: " + " · ".join(links) + "</p>")
         for section in self.sections:
             heading = f"{section.dataset} / {section.class_name}"
-            body.append(f"<section><h2 id='{html.escape(self._anchor(heading))}'>{html.escape(heading)}</h2>")
+            body.append(f"<section><h2 id='{html.escape(section.stem)}'>{html.escape(heading)}</h2>")
             body += [f"<p>{html.escape(note)}</p>" for note in section.notes]
             if "zero_shot" in results:
                 body.append(_shots_table(results, section.dataset, section.class_name))
             body += [_figure_html(name, caption) for name, caption in section.figures]
             body.append("</section>")
         return PAGE.format(title=html.escape(title), body="\n".join(body))
-
-    @staticmethod
-    def _anchor(text: str) -> str:
-        return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-")
 
 
 # ---------------------------------------------------------------------------- figures
