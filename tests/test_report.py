@@ -186,3 +186,23 @@ def test_a_few_shot_report_shows_k_shot_beside_zero_shot(tiny_model, mini_bottle
     runs = results["shots"][1]["datasets"]["mvtec"]["classes"]["bottle"]["image_auroc"]["runs"]
     expected = f"{100 * np.mean(runs):.1f} ± {100 * np.std(runs):.1f}"
     assert expected in text  # the class's k-shot row, mean ± std over the 2 seeds
+
+
+def test_the_calibrated_threshold_decides_where_references_give_one(tiny_backbone, bottle_dir, mini_bottle, tmp_path):
+    from kanoclip import KAnoCLIP
+    from kanoclip.evaluation.evaluate import evaluate, format_report
+
+    model = KAnoCLIP.from_pretrained(backbone=str(tiny_backbone), device="cpu")  # its own store, not the shared one
+    good = sorted((bottle_dir / "test" / "good").glob("*.png"))[10:13]  # not among the evaluated images
+    calibrated = model.add_references("bottle", [str(p) for p in good]).threshold
+    assert calibrated is not None and calibrated != model.config.scoring.threshold
+    writer = ReportWriter(tmp_path / "calibrated", model, ReportConfig(worst=1))
+    results = evaluate(model, [("mvtec", mini_bottle)], observer=writer.observe)
+    writer.finish(results, format_report(results, model))
+    rows = read_scores(tmp_path / "calibrated" / "scores.csv")
+    assert len(rows) == 8
+    for row in rows:
+        direct = model.detect(row["path"], "bottle")  # with its references, as the evaluation
+        assert float(row["score"]) == pytest.approx(direct.score, abs=1e-5)
+        assert float(row["threshold"]) == pytest.approx(calibrated) == direct.threshold
+        assert row["verdict"] == ("anomalous" if direct.is_anomalous else "normal")
