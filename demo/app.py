@@ -1,9 +1,10 @@
-"""``build_app``: the whole Gradio Blocks app (Detect, Knowledge, Prompts, Train tabs)."""
+"""``build_app``: the whole Gradio Blocks app (Detect, Batch, Knowledge, Prompts, Train tabs)."""
 
 from __future__ import annotations
 
 import gradio as gr
 
+from demo.batch_tab import build_batch_tab
 from demo.components import dropdown_update
 from demo.detect_tab import build_detect_tab
 from demo.knowledge_tab import build_knowledge_tab
@@ -48,7 +49,8 @@ def build_app(
         status = gr.Markdown(ctx.registry.status(config.start_choice), elem_id="app-status")
         with gr.Tabs():
             detect = build_detect_tab(ctx)
-            build_knowledge_tab(ctx, [detect.class_name])
+            batch = build_batch_tab(ctx, detect)
+            build_knowledge_tab(ctx, [detect.class_name, batch.class_name])
             prompts_model = build_prompts_tab(ctx, ctx.knowledge.snapshot().classes())
             model_lists = [detect.model, prompts_model]
             if config.training:  # KANOCLIP_TRAINING=off / --no-training hides it (e.g. on a public Space)

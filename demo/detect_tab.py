@@ -280,6 +280,7 @@ REFERENCES_HELP = (
 class DetectTab:
     model: gr.Dropdown
     class_name: gr.Dropdown
+    stores: gr.State  # the session's References, one per model (shared with the Batch tab)
 
 
 def build_detect_tab(ctx: AppContext) -> DetectTab:
@@ -539,4 +540,4 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
                 show_references, inputs=[class_name, model, stores], outputs=reference_status, api_visibility="private"
             )
         refresh.click(lambda: dropdown_update(model_choices(config)), outputs=model, api_visibility="private")
-    return DetectTab(model=model, class_name=class_name)
+    return DetectTab(model=model, class_name=class_name, stores=stores)

@@ -70,6 +70,7 @@ class AppConfig:
     precision: str = field(default_factory=lambda: os.environ.get("KANOCLIP_PRECISION", "auto"))  # the backbone's
     concurrency: int = field(default_factory=lambda: _env_int("KANOCLIP_CONCURRENCY", 2))
     max_models: int = field(default_factory=lambda: _env_int("KANOCLIP_MAX_MODELS", 2))
+    max_batch: int = field(default_factory=lambda: _env_int("KANOCLIP_MAX_BATCH", 32))  # images per Batch request
     preload: bool = True  # load the start model while building the app (to report its state)
     training: bool = field(
         default_factory=lambda: os.environ.get("KANOCLIP_TRAINING", "on").lower() not in ("0", "off", "false", "no")

@@ -89,7 +89,8 @@ def _is_special(info: zipfile.ZipInfo) -> str | None:
     return "special file (device, FIFO or socket)"
 
 
-def _skipped(name: str) -> bool:
+def skipped_entry(name: str) -> bool:
+    """Whether a zip entry is left out (macOS resource forks): never data."""
     return name.replace("\\", "/").startswith(_SKIPPED_PREFIXES)
 
 
@@ -129,7 +130,7 @@ def check_zip(path: str | os.PathLike[str], limits: ZipLimits = ZipLimits()) -> 
         if info.is_dir():
             folders += 1
             continue
-        if _skipped(info.filename):
+        if skipped_entry(info.filename):
             continue
         files += 1
         total += info.file_size
@@ -166,7 +167,7 @@ def extract_zip(path: str | os.PathLike[str], dest: str | os.PathLike[str], limi
     try:
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
-                if _skipped(info.filename):
+                if skipped_entry(info.filename):
                     continue
                 target = dest.joinpath(*_entry_parts(info.filename))
                 if info.is_dir():

@@ -20,6 +20,7 @@ from kanoclip.evaluation import (
     pixel_auroc,
     pixel_f1_max,
 )
+from kanoclip.evaluation.metrics import pro_curve
 
 # ------------------------------------------------------------------ references
 
@@ -141,6 +142,29 @@ def test_aupro_matches_slow_reference(seed: int) -> None:
     assert aupro(masks, maps.astype(np.float32)) == pytest.approx(expected, abs=1e-3)
     for limit in (0.05, 1.0):
         assert aupro(masks, maps, fpr_limit=limit) == pytest.approx(reference_aupro(masks, maps, limit), abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pro_curve_is_the_curve_aupro_integrates(seed: int) -> None:
+    masks, maps = random_pixels(seed, levels=10 if seed % 2 else None)
+    limit = 0.3
+    fpr, pro = pro_curve(masks, maps, limit)
+    assert fpr[0] == 0.0 and pro[0] == 0.0 and fpr[-1] == pytest.approx(limit) and np.all(np.diff(fpr) >= 0)
+    assert np.trapezoid(pro, fpr) / limit == pytest.approx(reference_aupro(masks, maps, limit), abs=1e-9)
+    # each point below the limit is (FPR, mean region overlap) of the map thresholded at some score
+    normal = ~masks
+    regions = []
+    for index in range(len(masks)):
+        labelled, count = ndimage.label(masks[index], structure=np.ones((3, 3)))
+        regions += [(index, labelled == r) for r in range(1, count + 1)]
+    points = []
+    for t in np.unique(maps):
+        predicted = maps >= t
+        overlap = np.mean([np.sum(predicted[i] & region) / np.sum(region) for i, region in regions])
+        points.append((np.sum(predicted & normal) / np.sum(normal), overlap))
+    points = np.array(points)
+    for x, y in zip(fpr[1:-1], pro[1:-1]):
+        assert np.min(np.abs(points - (x, y)).max(axis=1)) < 1e-12, (x, y)
 
 
 @pytest.mark.parametrize("count", [2, 7, 50])

@@ -8,6 +8,8 @@ the main process computes the metrics from the gathered scores and maps
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from kanoclip.cli.options import (
     add_data_option,
@@ -32,6 +34,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_options(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the metrics as JSON to FILE")
     parser.add_argument("--report", metavar="FILE.md", help="also write the markdown report to FILE.md")
+    parser.add_argument(
+        "--report-dir",
+        metavar="DIR",
+        help="also write a report folder that opens offline: index.html with the tables and per-class figures "
+        "(ROC and PR curves, score histogram, PRO curve, worst cases), report.md, metrics.json and scores.csv "
+        "(one row per test image); see docs/evaluation.md",
+    )
+    parser.add_argument(
+        "--worst",
+        type=positive_int,
+        metavar="K",
+        help="with --report-dir: the worst-case gallery shows the K highest-scoring good and the K lowest-scoring "
+        "anomalous images of each class (default 4)",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default 16)")
     parser.add_argument(
         "--sweep",
@@ -69,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from kanoclip.errors import InputError
     from kanoclip.evaluation.evaluate import evaluate, format_report, format_sweep_report, sweep
     from kanoclip.evaluation.fewshot import few_shot, format_few_shot_report
+    from kanoclip.evaluation.report import ReportConfig, ReportWriter
     from kanoclip.fileio import atomic_write_json, atomic_write_text
 
     datasets = [parse_data_arg(spec) for spec in args.data]
@@ -79,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
         )
     if variants is not None and args.shots:
         raise InputError("--sweep and --shots are separate evaluations; run them one at a time")
+    if args.worst is not None and not args.report_dir:
+        raise InputError("--worst sets the report folder's gallery; give --report-dir DIR too")
+    if args.report_dir and Path(args.report_dir).exists() and not Path(args.report_dir).is_dir():
+        raise InputError(f"--report-dir {args.report_dir} is a file; name a folder (made if missing)")
     procs = Processes(args.device)
     if args.shots and procs.world > 1:
         raise InputError(
@@ -87,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
     args.device = procs.model_device  # with several processes, each loads the model on its own device
     model = load_model(args)
     bar = progress_bar(0, "evaluating", disable=not procs.is_main)
+    writer = None
+    if args.report_dir and procs.is_main:
+        writer = ReportWriter(args.report_dir, model, ReportConfig(worst=args.worst or ReportConfig.worst))
+    observer = writer.observe if writer is not None else None
 
     def progress(done: int, total: int) -> None:
         bar.total = total
@@ -95,11 +120,19 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if args.shots:
-            results = few_shot(model, datasets, args.shots, args.seeds, batch_size=args.batch_size, progress=progress)
+            results = few_shot(
+                model, datasets, args.shots, args.seeds, batch_size=args.batch_size, progress=progress,
+                observer=observer,
+            )  # fmt: skip
         elif variants is None:
-            results = evaluate(model, datasets, batch_size=args.batch_size, progress=progress, processes=procs)
+            results = evaluate(
+                model, datasets, batch_size=args.batch_size, progress=progress, processes=procs, observer=observer
+            )
         else:
-            results = sweep(model, datasets, variants, batch_size=args.batch_size, progress=progress, processes=procs)
+            results = sweep(
+                model, datasets, variants, batch_size=args.batch_size, progress=progress, processes=procs,
+                observer=observer,
+            )  # fmt: skip
     finally:
         bar.close()
     if not procs.is_main:
@@ -112,5 +145,8 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_json(args.json, results)
     if args.report:
         atomic_write_text(args.report, report)
+    if writer is not None:
+        index = writer.finish(results, report)
+        print(f"kanoclip eval: report folder written: {index}", file=sys.stderr)
     print(report, end="")
     return 0

@@ -9,6 +9,7 @@ from kanoclip.evaluation.metrics import (
     image_auroc,
     pixel_auroc,
     pixel_f1_max,
+    pro_curve,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "image_auroc",
     "pixel_auroc",
     "pixel_f1_max",
+    "pro_curve",
 ]

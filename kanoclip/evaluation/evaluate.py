@@ -24,6 +24,11 @@ Several processes (``accelerate launch -m kanoclip eval``; ``processes=``, a
 part per process; each process predicts its part, and the scores and S×S maps are gathered in
 rank order, so that the main process holds the single process's arrays and computes the metrics
 as it does. Every process returns the main process's results.
+
+An ``observer`` (``evaluate(..., observer=fn)``, also :func:`sweep`'s) is called on the main
+process with each class's :class:`ClassPredictions` (its samples, ground truth, scores, maps and
+metrics) while they are held: the report folder (:mod:`kanoclip.evaluation.report`) draws its
+figures from them.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +51,27 @@ from kanoclip.evaluation.metrics import METRIC_KEYS, compute_metrics
 from kanoclip.images import load_image
 
 ProgressFn = Callable[[int, int], None]  # (images done, images in all)
+
+
+@dataclass(frozen=True)
+class ClassPredictions:
+    """One class as its metrics saw it, handed to an ``observer`` (e.g. the report's figures).
+
+    ``predictions`` and ``metrics`` are keyed by model name (``""`` for :func:`evaluate`, the
+    variant names for :func:`sweep`); ``predictions`` holds each model's scores ``(N,)`` and S×S
+    maps ``(N, S, S)`` in the order of ``samples``; ``masks`` is None where the class has none.
+    """
+
+    dataset: str
+    class_name: str
+    samples: Sequence[Sample]
+    labels: np.ndarray
+    masks: np.ndarray | None
+    predictions: Mapping[str, tuple[np.ndarray, np.ndarray]]
+    metrics: Mapping[str, Mapping[str, Any]]
+
+
+ClassObserver = Callable[[ClassPredictions], None]
 
 RANDOM_WARNING = "random backbone: figures are plumbing, not accuracy"
 _HEADERS = ("image AUROC", "image AP", "image F1-max", "pixel AUROC", "pixel AUPRO", "pixel F1-max")
@@ -117,6 +144,7 @@ def evaluate(
     batch_size: int = 16,
     progress: ProgressFn | None = None,
     processes: Processes | None = None,
+    observer: ClassObserver | None = None,
 ) -> dict[str, Any]:
     """Per-class metrics and each dataset's mean, as ``{"datasets": {KIND: {"classes": .., "mean": ..}}}``.
 
@@ -127,11 +155,15 @@ def evaluate(
         progress: called with (images done, images in all) after each batch; with several
             processes the count is estimated from this process's part until each class ends.
         processes: the processes that share the images (None: this one alone).
+        observer: called on the main process with each class's :class:`ClassPredictions` once
+            its metrics are computed (while its maps are still held).
 
     Returns:
         Metrics as fractions in [0, 1]; ``None`` where undefined. The same on every process.
     """
-    return _evaluate_models({"": model}, datasets, batch_size=batch_size, progress=progress, processes=processes)[""]
+    return _evaluate_models(
+        {"": model}, datasets, batch_size=batch_size, progress=progress, processes=processes, observer=observer
+    )[""]
 
 
 def sweep(
@@ -142,6 +174,7 @@ def sweep(
     batch_size: int = 16,
     progress: ProgressFn | None = None,
     processes: Processes | None = None,
+    observer: ClassObserver | None = None,
 ) -> dict[str, Any]:
     """:func:`evaluate` for several config variants of ``model`` on one backbone forward per image.
 
@@ -153,6 +186,7 @@ def sweep(
         batch_size: images per backbone forward.
         progress: called with (images done, images in all) after each batch.
         processes: the processes that share the images, as for :func:`evaluate`.
+        observer: as for :func:`evaluate`, with every variant's predictions and metrics.
 
     Returns:
         ``{"variants": {name: {"overrides": {...}, "datasets": ...}}}``, each like :func:`evaluate`'s.
@@ -166,7 +200,9 @@ def sweep(
         except ValueError as exc:
             raise InputError(str(exc)) from None
         models[name] = model.variant(flat)
-    results = _evaluate_models(models, datasets, batch_size=batch_size, progress=progress, processes=processes)
+    results = _evaluate_models(
+        models, datasets, batch_size=batch_size, progress=progress, processes=processes, observer=observer
+    )
     return {"variants": {name: {"overrides": flatten_overrides(variants[name]), **results[name]} for name in models}}
 
 
@@ -177,6 +213,7 @@ def _evaluate_models(
     batch_size: int,
     progress: ProgressFn | None,
     processes: Processes | None = None,
+    observer: ClassObserver | None = None,
 ) -> dict[str, dict[str, Any]]:
     """:func:`evaluate`'s results for each of ``models`` (a model and its variants)."""
     procs = processes or Processes("cpu", alone=True)
@@ -213,6 +250,9 @@ def _evaluate_models(
                     **counts,
                     **compute_metrics(labels, scores, masks, maps if masks is not None else None),
                 }
+            if observer is not None:
+                metrics = {name: classes[name][class_name] for name in models}
+                observer(ClassPredictions(key, class_name, group, labels, masks, predictions, metrics))
             del predictions, masks
         if procs.is_main:
             for name in models:

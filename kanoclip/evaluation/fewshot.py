@@ -30,6 +30,7 @@ from kanoclip.data import Sample, group_by_class, load_dataset, load_train_norma
 from kanoclip.errors import InputError
 from kanoclip.evaluation.evaluate import (
     METRIC_KEYS,
+    ClassObserver,
     ProgressFn,
     _cell,
     _mean,
@@ -58,6 +59,7 @@ def few_shot(
     *,
     batch_size: int = 16,
     progress: ProgressFn | None = None,
+    observer: ClassObserver | None = None,
 ) -> dict[str, Any]:
     """Zero-shot and k-shot metrics for each k in ``shots``, over ``seeds`` seeds.
 
@@ -68,6 +70,7 @@ def few_shot(
         seeds: the number of seeds (draws) per k, >= 1.
         batch_size: images per backbone forward.
         progress: called with (images done, images in all) after each batch.
+        observer: called with each class's zero-shot predictions (see :func:`evaluate`).
 
     Returns:
         ``{"zero_shot": evaluate's result, "shots": {k: {"datasets": {KIND: {"classes": {name:
@@ -88,7 +91,11 @@ def few_shot(
             progress(done, total)
 
     zero = evaluate(
-        model, datasets, batch_size=batch_size, progress=lambda d, _t: progress(d, total) if progress else None
+        model,
+        datasets,
+        batch_size=batch_size,
+        progress=lambda d, _t: progress(d, total) if progress else None,
+        observer=observer,
     )
     done = sum(len(samples) for *_, samples in listed)
     out: dict[str, Any] = {"zero_shot": zero, "shots": {}, "protocol": {"shots": shots, "seeds": seeds, "pools": {}}}

@@ -186,7 +186,8 @@ class _RankedPixels:
         false_pos = fpr * (self.labels.size - positives)
         return float(np.max(2 * true_pos / (true_pos + false_pos + positives)))
 
-    def aupro(self, fpr_limit: float, num_thresholds: int | None) -> float:
+    def pro_curve(self, num_thresholds: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """FPR and PRO, ascending from (0, 0): at every distinct score, or on ``num_thresholds`` thresholds."""
         regions, _ = ndimage.label(self.masks, structure=_REGION_STRUCTURE)
         region_of = regions.ravel()[self.anomalous[self.anomalous_order]]  # in score order
         sizes = np.bincount(region_of)
@@ -197,6 +198,10 @@ class _RankedPixels:
         )
         if num_thresholds is not None:
             fpr, pro = _on_grid(fpr, pro, thresholds, self.scores, num_thresholds)
+        return fpr, pro
+
+    def aupro(self, fpr_limit: float, num_thresholds: int | None) -> float:
+        fpr, pro = self.pro_curve(num_thresholds)
         return _partial_area(fpr, pro, fpr_limit) / fpr_limit
 
 
@@ -213,8 +218,8 @@ def _on_grid(
     return np.r_[0.0, fpr[index]], np.r_[0.0, pro[index]]
 
 
-def _partial_area(x: np.ndarray, y: np.ndarray, limit: float) -> float:
-    """Trapezoidal area under ``y(x)`` for ``x`` in ``[0, limit]``; ``x`` ascends from 0.
+def _cut(x: np.ndarray, y: np.ndarray, limit: float) -> tuple[np.ndarray, np.ndarray]:
+    """The curve ``y(x)`` for ``x`` in ``[0, limit]``; ``x`` ascends from 0.
 
     The curve is cut at ``limit`` by linear interpolation on the segment crossing it.
     """
@@ -224,6 +229,12 @@ def _partial_area(x: np.ndarray, y: np.ndarray, limit: float) -> float:
         x0, x1, y0, y1 = x[end - 1], x[end], y[end - 1], y[end]
         xs = np.append(xs, limit)
         ys = np.append(ys, y0 + (y1 - y0) * (limit - x0) / (x1 - x0))
+    return xs, ys
+
+
+def _partial_area(x: np.ndarray, y: np.ndarray, limit: float) -> float:
+    """Trapezoidal area under ``y(x)`` for ``x`` in ``[0, limit]`` (:func:`_cut`)."""
+    xs, ys = _cut(x, y, limit)
     return float(np.trapezoid(ys, xs))
 
 
@@ -272,6 +283,18 @@ def aupro(
     limit = _check_fpr_limit(fpr_limit)
     count = _check_num_thresholds(num_thresholds)
     return _ranked(masks, maps, "AUPRO").aupro(limit, count)
+
+
+def pro_curve(masks: Any, maps: Any, fpr_limit: float = DEFAULT_FPR_LIMIT) -> tuple[np.ndarray, np.ndarray]:
+    """The per-region-overlap curve that :func:`aupro` integrates, up to ``fpr_limit``.
+
+    Returns:
+        ``(fpr, pro)``, ascending from (0, 0), at every distinct score, the last point cut at
+        ``fpr_limit``: ``np.trapezoid(pro, fpr) / fpr_limit`` is the exact AUPRO.
+    """
+    limit = _check_fpr_limit(fpr_limit)
+    fpr, pro = _ranked(masks, maps, "the PRO curve").pro_curve(None)
+    return _cut(fpr, pro, limit)
 
 
 # ------------------------------------------------------------------ everything
