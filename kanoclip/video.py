@@ -31,7 +31,6 @@ from PIL import Image
 
 from kanoclip.errors import VideoError
 from kanoclip.fileio import atomic_write_text
-from kanoclip.viz import overlay_with_colorbar
 
 if TYPE_CHECKING:
     from kanoclip.detection import Detection
@@ -44,6 +43,7 @@ INSTALL_HINT = "pip install 'kanoclip[video]'"
 # Part 2 only in desktop players (the last resort of a PyAV build without the other two).
 ENCODERS = ("libx264", "h264", "libopenh264", "libvpx-vp9", "mpeg4")
 CSV_COLUMNS = ("frame", "time", "score", "is_anomalous", "threshold")
+NO_FRAMES = "holds no frames (zero length); give a clip with at least one frame"
 DEFAULT_FPS = 25.0  # for a stream that states no frame rate
 
 
@@ -160,6 +160,8 @@ class _Decoder:
             self.container = self.av.open(str(source))
         except FileNotFoundError:
             raise VideoError(f"video {source} does not exist; check the path") from None
+        except self.av.error.EOFError:  # a header and nothing after it
+            raise VideoError(f"video {self.name} {NO_FRAMES}") from None
         except (self.av.FFmpegError, OSError) as exc:
             why = _reason(exc)
             raise VideoError(f"video {self.name} cannot be decoded ({why}); give an MP4, MKV or WebM clip") from None
@@ -188,6 +190,8 @@ class _Decoder:
                     return
                 if index % stride == 0:
                     yield DecodedFrame(index, stamp - start, frame.to_image())
+        except self.av.error.EOFError:
+            pass  # a stream that ends early without a proper end (e.g. a clip with no frames at all)
         except self.av.FFmpegError as exc:
             if index <= 0:
                 why = _reason(exc)
@@ -196,7 +200,7 @@ class _Decoder:
                 f"video {self.name} breaks off after frame {index - 1} ({_reason(exc)}); the frames before were scored"
             )
         if index < 0:
-            raise VideoError(f"video {self.name} holds no frames (zero length); give a clip with at least one frame")
+            raise VideoError(f"video {self.name} {NO_FRAMES}")
 
     def close(self) -> None:
         self.container.close()
@@ -270,6 +274,8 @@ def detect_video(
     Raises:
         VideoError: PyAV is missing, or the clip cannot be opened, decoded, or holds no frames.
     """
+    from kanoclip.viz import overlay_with_colorbar  # matplotlib: loaded on use, not with the CLI
+
     config = config or VideoConfig()
     decoder = _Decoder(source, config)
     writer = OverlayWriter(overlay, decoder.fps / config.stride, crf=config.crf) if overlay is not None else None
