@@ -54,6 +54,8 @@ def test_a_clip_gives_one_row_per_frame_an_overlay_video_and_a_csv(capsys, tiny_
     assert [int(r["frame"]) for r in table] == list(range(CLIP_FRAMES))
     np.testing.assert_allclose([float(r["score"]) for r in table], scores, atol=1e-6)
     assert _decoded_frames(out / "clip.overlay.mp4") == CLIP_FRAMES
+    with av.open(str(out / "clip.overlay.mp4")) as container:  # H.264 plays in every browser
+        assert container.streams.video[0].codec_context.name == "h264"
 
 
 def test_a_stride_scores_every_nth_frame_at_the_reduced_rate(capsys, tiny_backbone, bottle_clip, tmp_path):
