@@ -89,6 +89,7 @@ class FrameScore:
     threshold: float
 
     def as_row(self) -> dict[str, Any]:
+        """The frame as a JSON / table row (the CSV's columns)."""
         return {
             "frame": self.frame,
             "time": round(self.time, 6),
@@ -143,6 +144,8 @@ def pick_encoder(av: Any | None = None) -> str:
 
 @dataclass
 class DecodedFrame:
+    """A kept frame: its index among the decoded frames, its time from the first frame (s), its pixels."""
+
     index: int
     time: float
     image: Image.Image

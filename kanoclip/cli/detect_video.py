@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kanoclip.errors import InputError, VideoError
+from kanoclip.errors import InputError, KAnoCLIPError
 from kanoclip.video import VideoConfig, detect_video, is_video, write_frames_csv
 
 
@@ -83,8 +83,8 @@ def run_videos(model: Any, class_name: str, videos: list[Path], args: argparse.N
             result = detect_video(
                 model, path, class_name, config=config, threshold=args.threshold, overlay=overlay, on_frame=emit
             )
-        except VideoError as exc:
-            print(f"kanoclip detect: error: {exc}", file=sys.stderr)
+        except KAnoCLIPError as exc:  # this clip cannot be read (or its frames are unusable): the others go on
+            print(f"kanoclip detect: error: {exc.message(flags=True)}", file=sys.stderr)
             failed = 1
             continue
         if args.out is not None:
