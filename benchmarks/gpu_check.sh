@@ -15,6 +15,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 timeout 240 python3 benchmarks/bench_gpu.py --tokenizer "$TOKENIZER" --json-out "$OUT_DIR/gpu_bench.json"
 status=$?
+# ---- video (issue 23): a 30 s 720p clip at 30 frames/s end to end (decode, detect_batch of 32,
+# overlay, H.264 encode) and the live path (one frame at a time: detect + overlay), bf16 on the GPU.
+timeout 240 python3 benchmarks/bench_video.py --tokenizer "$TOKENIZER" --device cuda --precisions bf16 \
+  --seconds 30 --fps 30 --size 1280x720 --batch 32 --live-frames 100 --json-out "$OUT_DIR/video_bench.json" \
+  | tail -n 1 || status=1
+# ---- end video
 # The issue asks whether any CLIP weights exist on that machine: large safetensors or hub caches
 # (after the benchmark, whose random backbone lived in a temporary folder now gone).
 timeout 45 find / -xdev \( -name '*.safetensors' -size +100M -o -type d -name 'models--*clip*' \) 2>/dev/null >"$OUT_DIR/weights.txt"

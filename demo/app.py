@@ -1,4 +1,4 @@
-"""``build_app``: the whole Gradio Blocks app (Detect, Batch, Knowledge, Prompts, Train tabs)."""
+"""``build_app``: the whole Gradio Blocks app (Detect, Batch, Live, Video, Knowledge, Prompts, Train tabs)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from demo.batch_tab import build_batch_tab
 from demo.components import dropdown_update
 from demo.detect_tab import build_detect_tab
 from demo.knowledge_tab import build_knowledge_tab
+from demo.live_tab import build_live_tabs
 from demo.prompts_tab import build_prompts_tab
 from demo.state import AppConfig, AppContext, model_choices
 from demo.train_tab import TrainFn, build_train_tab
@@ -50,6 +51,7 @@ def build_app(
         with gr.Tabs():
             detect = build_detect_tab(ctx)
             batch = build_batch_tab(ctx, detect)
+            build_live_tabs(ctx, detect)  # Live (webcam) and Video (recorded clips)
             build_knowledge_tab(ctx, [detect.class_name, batch.class_name])
             prompts_model = build_prompts_tab(ctx, ctx.knowledge.snapshot().classes())
             model_lists = [detect.model, prompts_model]

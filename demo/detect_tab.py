@@ -199,6 +199,16 @@ def render(model: KAnoCLIP, image: Image.Image, det: Detection, *, from_slider: 
     )
 
 
+def chosen_threshold(model: KAnoCLIP, refs: ReferenceSet | None, slider: float, calibrated: bool) -> float | None:
+    """The threshold to pass to the model: None lets the library pick (and name) it — the class's
+    calibrated one (when ``calibrated`` is ticked), or the default while the slider is left at it;
+    any other slider value is the user's choice."""
+    has_calibration = refs is not None and refs.calibrated
+    if (calibrated and has_calibration) or (not has_calibration and slider == model.config.scoring.threshold):
+        return None
+    return slider
+
+
 def decode(image: str | Image.Image) -> Image.Image:
     """:func:`load_image`, naming an uploaded file by its name only (not the server's cache path)."""
     try:
@@ -278,9 +288,13 @@ REFERENCES_HELP = (
 # ---------------------------------------------------------------------------- the tab
 @dataclass
 class DetectTab:
+    """The Detect tab's controls that other tabs read (the Live and Video tabs detect as it does)."""
+
     model: gr.Dropdown
     class_name: gr.Dropdown
-    stores: gr.State  # the session's References, one per model (shared with the Batch tab)
+    threshold: gr.Slider
+    calibrated: gr.Checkbox
+    stores: gr.State  # the session's References, one per model (shared with the Batch, Live and Video tabs)
 
 
 def build_detect_tab(ctx: AppContext) -> DetectTab:
@@ -341,14 +355,7 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
         progress(0.1, desc="loading the model")
         model, session = session_for(model_choice, stores)
         store, refs, whose = serving_references(model, session, name)
-        has_calibration = refs is not None and refs.calibrated
-        # None lets the library pick (and name) the threshold: the calibrated one, or the default
-        # while the slider is left at it; any other slider value is the user's choice
-        chosen = (
-            None
-            if (calibrated and has_calibration) or (not has_calibration and t == model.config.scoring.threshold)
-            else t
-        )
+        chosen = chosen_threshold(model, refs, t, calibrated)
         progress(0.3, desc="detecting")
         det = run_detection(model_choice, pil, name, chosen, s, store)
         progress(0.8, desc="drawing")
@@ -540,4 +547,4 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
                 show_references, inputs=[class_name, model, stores], outputs=reference_status, api_visibility="private"
             )
         refresh.click(lambda: dropdown_update(model_choices(config)), outputs=model, api_visibility="private")
-    return DetectTab(model=model, class_name=class_name, stores=stores)
+    return DetectTab(model=model, class_name=class_name, threshold=threshold, calibrated=calibrated, stores=stores)

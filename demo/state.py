@@ -71,6 +71,10 @@ class AppConfig:
     concurrency: int = field(default_factory=lambda: _env_int("KANOCLIP_CONCURRENCY", 2))
     max_models: int = field(default_factory=lambda: _env_int("KANOCLIP_MAX_MODELS", 2))
     max_batch: int = field(default_factory=lambda: _env_int("KANOCLIP_MAX_BATCH", 32))  # images per Batch request
+    # Live and Video tabs (demo/live_tab.py): seconds one webcam stream may run, streams at once, clip length
+    live_time_limit: int = field(default_factory=lambda: _env_int("KANOCLIP_LIVE_TIME_LIMIT", 60))
+    live_concurrency: int = field(default_factory=lambda: _env_int("KANOCLIP_LIVE_CONCURRENCY", 1))
+    video_max_seconds: int = field(default_factory=lambda: _env_int("KANOCLIP_VIDEO_MAX_SECONDS", 120))
     preload: bool = True  # load the start model while building the app (to report its state)
     training: bool = field(
         default_factory=lambda: os.environ.get("KANOCLIP_TRAINING", "on").lower() not in ("0", "off", "false", "no")

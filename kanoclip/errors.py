@@ -66,6 +66,10 @@ class KnowledgeBaseError(KAnoCLIPError):
     """A knowledge-base file is malformed, of the wrong version, or unreadable."""
 
 
+class VideoError(KAnoCLIPError):
+    """A video clip cannot be decoded, holds no frames, or exceeds the length limit."""
+
+
 class DatasetError(KAnoCLIPError):
     """A dataset folder does not match its layout, or a sample cannot be read."""
 

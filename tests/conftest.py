@@ -129,3 +129,35 @@ def tiny_model(tiny_backbone: Path):
     from kanoclip import KAnoCLIP
 
     return KAnoCLIP.from_pretrained(backbone=str(tiny_backbone), device="cpu")
+
+
+CLIP_FRAMES, CLIP_FPS, CLIP_SIDE = 24, 8, 450
+CLIP_PAINTED = range(8, 16)  # the frames that carry the painted square
+
+
+@pytest.fixture(scope="session")
+def bottle_clip(bottle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(clip, references): an H.264 clip of 24 frames at 8 fps of one good MVTec bottle (450 px)
+    whose frames 8-15 carry a painted 90x90 square, and a folder of 3 other good bottles."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("bottle-clip")
+    goods = sorted((bottle_dir / "test" / "good").glob("*.png"))[:4]
+    side = (CLIP_SIDE, CLIP_SIDE)
+    (root / "good").mkdir()
+    for path in goods[1:]:
+        Image.open(path).convert("RGB").resize(side).save(root / "good" / path.name)
+    base = np.asarray(Image.open(goods[0]).convert("RGB").resize(side))
+    clip = root / "clip.mp4"
+    with av.open(str(clip), "w") as container:
+        stream = container.add_stream("libx264", rate=CLIP_FPS)
+        stream.width, stream.height, stream.pix_fmt = CLIP_SIDE, CLIP_SIDE, "yuv420p"
+        for i in range(CLIP_FRAMES):
+            frame = base.copy()
+            if i in CLIP_PAINTED:
+                frame[150:240, 200:290] = (255, 255, 40)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+    return clip, root / "good"

@@ -9,10 +9,12 @@ Runs on the tiny random CLIP: the screenshot shows plumbing (and says so), not a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,8 +29,9 @@ TABS = ("Knowledge", "Prompts", "Train", "Detect")
 DOCS_HEIGHT = 1360  # px of the Detect screenshot kept for docs/screenshot.png
 
 
-@pytest.fixture(scope="module")
-def browser():
+@contextlib.contextmanager
+def chromium(*extra_flags: str) -> Iterator:
+    """A headless Debian chromium driven by Selenium (``extra_flags`` added to the usual ones); skips without it."""
     if not CHROMIUM.is_file() or not CHROMEDRIVER.is_file():
         pytest.skip(
             f"needs Debian's chromium ({CHROMIUM}) and chromedriver ({CHROMEDRIVER}); "
@@ -52,13 +55,22 @@ def browser():
         f"--user-data-dir={profile}",
         "--window-size=1440,2200",
         "--force-device-scale-factor=1",
+        *extra_flags,
     ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
     driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as driver:
+        yield driver
 
 
 @pytest.fixture(scope="module")

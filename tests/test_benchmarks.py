@@ -76,3 +76,25 @@ def test_gpu_benchmark_runs_on_cpu_and_reports_every_figure(tmp_path):
     assert "batch 2: bare" in summary and "batch 3: bare" in summary and "detect_batch" in summary
     assert "precision bf16 (bf16): detect_batch" in summary and "with 4 references" in summary
     assert "skipped" in result["onnx_cuda"] and "onnx (CUDA provider):" in summary  # no CUDA provider on a CPU machine
+
+
+def test_video_benchmark_runs_on_the_tiny_architecture_and_reports_every_figure(tmp_path):
+    require_shared(TOKENIZER)
+    out = tmp_path / "video.json"
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "bench_video.py"),
+        *("--architecture", "tiny", "--tokenizer", str(TOKENIZER), "--precisions", "fp32,int8"),
+        *("--seconds", "1", "--fps", "5", "--size", "96x64", "--batch", "2", "--live-frames", "2"),
+        *("--json-out", str(out)),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["clip"] == {"size": "96x64", "fps": 5, "frames": 5, "batch": 2}
+    assert set(result["precisions"]) == {"fp32", "int8"}
+    for row in result["precisions"].values():
+        assert row["clip"]["frames"] == 5  # every frame of the 1 s clip was scored
+        assert row["clip"]["frames_per_s"] == row["clip"]["frames"] / row["clip"]["seconds"] > 0
+        assert row["live"]["frames"] == 2 and row["live"]["frames_per_s"] > 0 and row["live"]["median_latency_ms"] > 0
+    assert "tiny int8: clip" in done.stdout

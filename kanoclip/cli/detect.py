@@ -11,6 +11,8 @@ process (in the order above); each process scores its part and writes its part's
 image's own file, so ``--out`` must be a folder every process sees), and the main process
 gathers the rows and alone prints them and writes ``results.csv``: the same lines, JSON and CSV
 as one process gives. It shows its own part's progress and rows as they come, then the others'.
+
+Video clips (``.mp4``, ``.mov``, ``.mkv``, ``.webm``, ...) instead of images: see :mod:`kanoclip.cli.detect_video`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kanoclip.cli.detect_video import add_video_options, run_videos, video_inputs
 from kanoclip.cli.options import add_model_options, load_model, positive_int, progress_bar
 
 RESULTS_CSV = "results.csv"
@@ -62,6 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="set the threshold on validation images: with good/ (or ok/, normal/) and defect sub-folders, the F1-max "
         "threshold; with images only, all taken as normal (their largest score + a margin)",
     )
+    add_video_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -176,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
 
     from kanoclip.distributed import Processes
 
-    images = find_images(args.inputs)
+    videos = video_inputs(args.inputs)
+    images = [] if videos else find_images(args.inputs)
     procs = Processes(args.device)
     args.device = procs.model_device  # with several processes, each loads the model on its own device
     model = load_model(args)
@@ -193,6 +198,8 @@ def run(args: argparse.Namespace) -> int:
             f"descriptions are used; {hint} a knowledge base that describes it with --kb",
             file=sys.stderr,
         )
+    if videos:  # a clip's frames are scored in order by the main process alone
+        return run_videos(model, class_name, videos, args) if procs.is_main else 0
 
     def emit(row: dict[str, Any]) -> None:
         if "error" in row:
