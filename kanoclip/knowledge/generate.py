@@ -79,7 +79,7 @@ def public_addresses(host: str, port: int) -> list[str]:
             kind = next(
                 (
                     name
-                    for name in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified")
+                    for name in ("loopback", "link_local", "unspecified", "multicast", "reserved", "private")
                     if getattr(address, f"is_{name}")
                 ),
                 "non-public",
