@@ -8,7 +8,7 @@ from typing import Any
 
 import gradio as gr
 
-from demo.access import OWNER_TOKEN_ENV
+from demo.access import OWNER_TOKEN_ENV, AccessConfig
 from demo.components import dropdown_update, user_errors
 from demo.detect_tab import build_detect_tab
 from demo.knowledge_tab import build_knowledge_tab
@@ -74,33 +74,8 @@ def build_app(
             model_lists = [detect.model, prompts_model]
             # KANOCLIP_TRAINING=off / --no-training hides it; a public app needs KANOCLIP_PUBLIC_TRAINING=1
             train_tab = build_train_tab(ctx, model_lists, session, train_fn) if config.show_training else None
-        if config.public:
-            reveal = [train_tab] if train_tab is not None else []
-
-            @user_errors
-            def owner_token_sign_in(token: str | None, state: Session | None) -> tuple[Any, ...]:
-                if not access.token_matches((token or "").strip()):
-                    time.sleep(SIGN_IN_DELAY_S)  # with the event's concurrency of 1: guesses are slow
-                    raise InputError(f"that is not the owner token ({OWNER_TOKEN_ENV}); check it and sign in again")
-                state = state or Session()
-                state.signed_in = True
-                return (OWNER_NOTE, state, *(gr.update(visible=True) for _ in reveal))
-
-            def show_owner_tools(profile: gr.OAuthProfile | None) -> tuple[Any, ...]:
-                owner = access.is_owner(False, profile)
-                return (OWNER_NOTE if owner else VISITOR_NOTE, *(gr.update(visible=owner) for _ in reveal))
-
-            if sign_in.token is not None:
-                sign_in.button.click(
-                    owner_token_sign_in,
-                    inputs=[sign_in.token, session],
-                    outputs=[sign_in.note, session, *reveal],
-                    api_name="owner_sign_in",
-                    concurrency_limit=1,
-                    concurrency_id="owner_sign_in",
-                )
-            if access.oauth:  # Sign in with HF: the page load reads the signed-in profile
-                demo.load(show_owner_tools, outputs=[sign_in.note, *reveal], api_visibility="private")
+        if config.public:  # a signed-in owner sees the Train tab
+            sign_in.wire(demo, access, session, [train_tab] if train_tab is not None else [])
         demo.load(lambda: ctx.registry.status(config.start_choice), outputs=status, api_name="status")
 
         def refresh_model_lists() -> list[dict]:
@@ -122,6 +97,37 @@ class SignIn:
     note: gr.Markdown
     token: gr.Textbox | None
     button: gr.Button | None
+
+    def wire(self, demo: gr.Blocks, access: AccessConfig, session: gr.State, reveal: list[gr.Tab]) -> None:
+        """The sign-in events: the token button (``/owner_sign_in``) and, with OAuth, a check on page load.
+
+        Both show the ``reveal`` tabs to an owner; the token marks the visitor's ``session`` as the owner's.
+        """
+
+        @user_errors
+        def token_sign_in(token: str | None, state: Session | None) -> tuple[Any, ...]:
+            if not access.token_matches((token or "").strip()):
+                time.sleep(SIGN_IN_DELAY_S)  # with the event's concurrency of 1: guesses are slow
+                raise InputError(f"that is not the owner token ({OWNER_TOKEN_ENV}); check it and sign in again")
+            state = state or Session()
+            state.signed_in = True
+            return (OWNER_NOTE, state, *(gr.update(visible=True) for _ in reveal))
+
+        def profile_sign_in(profile: gr.OAuthProfile | None) -> tuple[Any, ...]:
+            owner = access.is_owner(False, profile)
+            return (OWNER_NOTE if owner else VISITOR_NOTE, *(gr.update(visible=owner) for _ in reveal))
+
+        if self.token is not None and self.button is not None:
+            self.button.click(
+                token_sign_in,
+                inputs=[self.token, session],
+                outputs=[self.note, session, *reveal],
+                api_name="owner_sign_in",
+                concurrency_limit=1,
+                concurrency_id="owner_sign_in",
+            )
+        if access.oauth:  # Sign in with HF reloads the page: the load reads the signed-in profile
+            demo.load(profile_sign_in, outputs=[self.note, *reveal], api_visibility="private")
 
 
 def owner_sign_in_row(config: AppConfig) -> SignIn:
