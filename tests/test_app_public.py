@@ -272,3 +272,28 @@ def test_endpoints_are_read_from_json_or_a_file(tmp_path: Path) -> None:
     ):
         with pytest.raises(ValueError, match=message):
             load_endpoints(bad)
+
+
+def test_what_a_public_app_offers_depends_on_the_owners_settings(tiny_backbone: Path, tmp_path: Path) -> None:
+    """Built, not launched: no Train tab unless enabled (then hidden until sign-in), sign-in only with a token.
+
+    (Sign in with HF is not built here: outside a Space, Gradio's stand-in asks hf.co who is logged in.)
+    """
+    import gradio as gr
+
+    from demo import build_app
+
+    def built(access: AccessConfig) -> tuple[set, list]:
+        demo = build_app(app_config(tmp_path, tiny_backbone, access=access, preload=False))
+        return {f.api_name for f in demo.fns.values()}, list(demo.blocks.values())
+
+    api, blocks = built(AccessConfig(public=True))
+    assert "train" not in api and "owner_sign_in" not in api  # no training enabled, no owner token set
+    assert {"detect", "kb_generate", "kb_apply", "kb_save"} <= api  # the endpoint names clients use
+    api, blocks = built(AccessConfig(public=True, owner_token=OWNER_TOKEN, public_training=True))
+    assert {"train", "owner_sign_in"} <= api
+    train_tab = next(b for b in blocks if isinstance(b, gr.Tab) and b.label == "Train")
+    assert train_tab.visible is False  # shown after an owner signs in
+    api, blocks = built(AccessConfig())  # private, as on loopback: no sign-in, the Train tab shown
+    assert "train" in api and "owner_sign_in" not in api
+    assert next(b for b in blocks if isinstance(b, gr.Tab) and b.label == "Train").visible is True
