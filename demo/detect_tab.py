@@ -47,6 +47,7 @@ from kanoclip.detection import Detection, upsample_maps
 from kanoclip.errors import ImageError, InputError
 from kanoclip.images import load_image
 from kanoclip.knowledge import SOURCE_LABELS as KNOWLEDGE_LABELS
+from kanoclip.knowledge import KnowledgeBase
 from kanoclip.references import References, ReferenceSet
 from kanoclip.viz import colorize, overlay_with_colorbar
 
@@ -286,8 +287,8 @@ class DetectTab:
     class_name: gr.Dropdown
 
 
-def build_detect_tab(ctx: AppContext, session: gr.State) -> DetectTab:
-    """The tab; ``session`` is the app's per-visitor :class:`~demo.state.Session` state."""
+def build_detect_tab(ctx: AppContext, visitor: gr.State) -> DetectTab:
+    """The tab; ``visitor`` is the app's per-visitor :class:`~demo.state.Session` state."""
     config, registry = ctx.config, ctx.registry
     memory = MemoryKeeper()  # a public Space runs for weeks: keep glibc's freed pages from piling up
 
@@ -299,19 +300,19 @@ def build_detect_tab(ctx: AppContext, session: gr.State) -> DetectTab:
         threshold: float | None,
         sigma: float,
         references: References,
-        state: Session,
+        knowledge: KnowledgeBase | None,
         owner: bool,
     ) -> Detection:
         """The model call, the only GPU work of a request (``spaces.GPU`` on ZeroGPU Spaces).
 
         It takes the model's name, not the model: the model is already loaded (and cached) by
         the caller. ``threshold`` None: the class's calibrated one, else the default. The
-        visitor's own knowledge base (``state.kb``, None: the shared one) serves this call only.
+        visitor's own ``knowledge`` base (None: the shared one) serves this call only.
         """
         model = registry.get(model_choice, owner=owner)
         with compute_slot(model):
             return model.detect(
-                image, class_name, threshold=threshold, sigma=sigma, references=references, knowledge=state.kb
+                image, class_name, threshold=threshold, sigma=sigma, references=references, knowledge=knowledge
             )
 
     @gpu
@@ -368,7 +369,7 @@ def build_detect_tab(ctx: AppContext, session: gr.State) -> DetectTab:
             else t
         )
         progress(0.3, desc="detecting")
-        det = run_detection(model_choice, pil, name, chosen, s, store, state, owner)
+        det = run_detection(model_choice, pil, name, chosen, s, store, state.kb, owner)
         progress(0.8, desc="drawing")
         outputs = render(model, pil, det, from_slider=chosen is not None, references=whose).outputs()
         memory.tick()
@@ -541,7 +542,7 @@ def build_detect_tab(ctx: AppContext, session: gr.State) -> DetectTab:
                 )
         button.click(
             detect,
-            inputs=[image, class_name, model, threshold, sigma, calibrated, stores, session],
+            inputs=[image, class_name, model, threshold, sigma, calibrated, stores, visitor],
             outputs=[summary, score, decision, overlay, region, gallery, guidance],
             api_name="detect",
             concurrency_limit=config.concurrency,
@@ -549,7 +550,7 @@ def build_detect_tab(ctx: AppContext, session: gr.State) -> DetectTab:
         )
         add_button.click(
             add_references,
-            inputs=[reference_files, class_name, model, stores, session],
+            inputs=[reference_files, class_name, model, stores, visitor],
             outputs=[reference_status, reference_files, stores],
             api_name="add_references",
             concurrency_limit=config.concurrency,
