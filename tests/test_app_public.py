@@ -19,6 +19,7 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from test_app import Running, ScriptedTrainer, app_config, error_text, launch, mini_mvtec, train_inputs  # noqa: E402
+from test_app_browser import browser  # noqa: E402, F401 - a fixture (headless chromium), skipped where absent
 
 from demo.access import AccessConfig, Endpoint, Limits, is_public_deployment, load_endpoints  # noqa: E402
 from kanoclip import KAnoCLIP  # noqa: E402
@@ -297,3 +298,36 @@ def test_what_a_public_app_offers_depends_on_the_owners_settings(tiny_backbone: 
     api, blocks = built(AccessConfig())  # private, as on loopback: no sign-in, the Train tab shown
     assert "train" in api and "owner_sign_in" not in api
     assert next(b for b in blocks if isinstance(b, gr.Tab) and b.label == "Train").visible is True
+
+
+@pytest.mark.browser
+def test_the_train_tab_appears_in_the_browser_after_the_owner_signs_in(browser, public_app: Running) -> None:  # noqa: F811
+    from selenium.webdriver.common.by import By
+    from test_app_browser import _wait
+
+    def tab_labels() -> set[str]:
+        return {
+            b.text.strip() for b in browser.find_elements(By.CSS_SELECTOR, "button[role='tab']") if b.is_displayed()
+        }
+
+    browser.get(public_app.url)
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#owner-token input"), what="the owner token box")
+    assert "you are a visitor" in browser.find_element(By.CSS_SELECTOR, "#app-role").text
+    assert {"Detect", "Knowledge"} <= tab_labels() and "Train" not in tab_labels()
+    box = browser.find_element(By.CSS_SELECTOR, "#owner-token input")
+    assert box.get_attribute("type") == "password"
+    box.send_keys(OWNER_TOKEN)
+    browser.find_element(By.CSS_SELECTOR, "#owner-sign-in").click()
+    _wait(browser, lambda d: "Train" in tab_labels(), what="the Train tab")
+    assert "Signed in as the owner" in browser.find_element(By.CSS_SELECTOR, "#app-role").text
+
+
+def test_app_py_takes_public_or_private_and_refuses_bad_endpoints(monkeypatch, capsys) -> None:
+    import app
+
+    assert app.parse_args(["--public"]).public and app.parse_args(["--private"]).private
+    with pytest.raises(SystemExit):
+        app.parse_args(["--public", "--private"])
+    monkeypatch.setenv("KANOCLIP_ENDPOINTS", "[{not json")
+    assert app.main(["--private"]) == 2  # before any model is loaded or port opened
+    assert "KANOCLIP_ENDPOINTS: not valid JSON" in capsys.readouterr().err
