@@ -348,3 +348,12 @@ def test_public_only_refuses_inward_addresses_before_sending(server, monkeypatch
     url, headers, extensions = llm._target()
     assert url == "https://93.184.216.34:8443/v1/chat/completions"
     assert headers == {"Host": "api.example:8443"} and extensions == {"sni_hostname": "api.example"}
+
+
+def test_an_error_answer_echoing_the_key_does_not_show_it(server):
+    server.queue(Reply(status=401, body=b'{"error": "invalid key sk-echoed-SECRET-123"}'))
+    with client(server, api_key="sk-echoed-SECRET-123") as llm, pytest.raises(GenerationError) as excinfo:
+        llm.complete([{"role": "user", "content": "hi"}])
+    assert "HTTP 401" in str(excinfo.value) and "invalid key ***" in str(excinfo.value)
+    assert "sk-echoed-SECRET-123" not in str(excinfo.value)
+    assert server.requests[0].headers["Authorization"] == "Bearer sk-echoed-SECRET-123"

@@ -137,6 +137,7 @@ class ChatClient:
         self.temperature = temperature
         self.max_response_bytes = int(max_response_bytes)
         self.public_only = public_only
+        self._api_key = api_key  # only for the header, and to scrub it from an echoing server's error text
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(timeout=self.timeout, headers=headers, follow_redirects=False)
 
@@ -176,7 +177,7 @@ class ChatClient:
                     )
                 elif status >= 400:
                     raise GenerationError(
-                        f"{self.url}: HTTP {status} ({_one_line(raw.decode('utf-8', 'replace'))[:200]}); "
+                        f"{self.url}: HTTP {status} ({self._scrub(raw.decode('utf-8', 'replace'))[:200]}); "
                         f"check the URL, the model name {self.model!r} and the API key"
                     )
                 else:
@@ -196,6 +197,11 @@ class ChatClient:
             f"{self.url}: {failure} after {attempts} {noun}; check that the server is up and serves "
             f"model {self.model!r}, or raise --retries/--timeout"
         )
+
+    def _scrub(self, text: str) -> str:
+        """``text`` on one line, with the API key (should a server echo it back) masked."""
+        line = _one_line(text)
+        return line.replace(self._api_key, "***") if self._api_key else line
 
     def _target(self) -> tuple[str, dict[str, str], dict[str, Any]]:
         """(URL to request, extra headers, httpx extensions): the URL itself, or its checked public address."""
