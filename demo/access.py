@@ -93,7 +93,9 @@ class Endpoint:
 
     def api_key(self) -> str | None:
         """The key from the server's environment (``None`` when it needs none or it is unset)."""
-        return os.environ.get(self.key_env) or None if self.key_env else None
+        if not self.key_env:
+            return None
+        return os.environ.get(self.key_env) or None
 
 
 def load_endpoints(value: str | None) -> tuple[Endpoint, ...]:
