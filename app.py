@@ -9,6 +9,10 @@ Every flag has an environment variable (flags win): ``KANOCLIP_BACKBONE``,
 ``KANOCLIP_CHECKPOINT``, ``KANOCLIP_KB``, ``KANOCLIP_REFERENCES``, ``KANOCLIP_DATA_ROOT``, ``KANOCLIP_PRECISION``,
 ``KANOCLIP_HOST``, ``KANOCLIP_PORT``. On a Space (``SPACE_ID`` is set) the host and port are Gradio's defaults
 (the platform's ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``). See docs/app.md.
+
+The app is **public** (visitors and owners, see docs/app.md "Hosting publicly") on a Space, when
+it listens beyond loopback, with ``--share``, or with ``--public`` / ``KANOCLIP_PUBLIC=1``;
+``--private`` keeps everyone an owner (e.g. behind your own login).
 """
 
 from __future__ import annotations
@@ -75,7 +79,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="port (env KANOCLIP_PORT; default 7860 or the next free one)",
     )
     parser.add_argument("--no-training", action="store_true", help="hide the Train tab (env KANOCLIP_TRAINING=off)")
-    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (makes it public)")
+    roles = parser.add_mutually_exclusive_group()
+    roles.add_argument(
+        "--public",
+        action="store_true",
+        help=(
+            "treat the app as public: visitors' changes stay in their session; saving, training and unlisted models "
+            "are the owner's (env KANOCLIP_PUBLIC=1; default: public on a Space or when listening beyond loopback)"
+        ),
+    )
+    roles.add_argument("--private", action="store_true", help="treat everyone as the owner, whatever the address")
     return parser.parse_args(argv)
 
 
@@ -83,10 +97,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     from demo import AppConfig, build_app
+    from demo.access import AccessConfig, is_public_deployment
     from demo.app import CSS, UPLOAD_LIMIT
     from kanoclip.errors import KAnoCLIPError
 
+    public = is_public_deployment(args.host, share=args.share, public=args.public, private=args.private)
+    try:
+        access = AccessConfig.from_env(public=public)
+    except ValueError as exc:  # e.g. KANOCLIP_ENDPOINTS is not valid JSON: nothing safe to serve
+        print(f"kanoclip app: error: {exc}", file=sys.stderr)
+        return 2
     config = AppConfig.from_env(
+        access=access,
         backbone=args.backbone,
         checkpoint=args.checkpoint,
         kb=args.kb,

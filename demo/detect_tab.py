@@ -13,6 +13,10 @@ fingerprint, differ between models). They never reach another session. Where a s
 none of a class, the model's own store serves: the references the app was started with
 (``--references``), shared by everyone. With k >= 2 the class's threshold is calibrated
 (leave-one-out), and the verdict says which threshold decided it.
+
+**Knowledge and roles** (:mod:`demo.access`): on a public app a visitor's own knowledge-base
+copy (:class:`~demo.state.Session`) is passed to their detections only, the model box loads only
+listed models unless the owner asks, and a reference upload is capped by the app's limits.
 """
 
 from __future__ import annotations
@@ -36,13 +40,14 @@ from demo.components import (
     user_errors,
 )
 from demo.memory import MemoryKeeper
-from demo.state import AppContext, compute_slot, describe_model, model_choices
+from demo.state import AppContext, Session, compute_slot, describe_model, model_choices
 from kanoclip import KAnoCLIP
 from kanoclip.config import ScoringConfig
 from kanoclip.detection import Detection, upsample_maps
 from kanoclip.errors import ImageError, InputError
 from kanoclip.images import load_image
 from kanoclip.knowledge import SOURCE_LABELS as KNOWLEDGE_LABELS
+from kanoclip.knowledge import KnowledgeBase
 from kanoclip.references import References, ReferenceSet
 from kanoclip.viz import colorize, overlay_with_colorbar
 
@@ -297,7 +302,8 @@ class DetectTab:
     stores: gr.State  # the session's References, one per model (shared with the Batch, Live and Video tabs)
 
 
-def build_detect_tab(ctx: AppContext) -> DetectTab:
+def build_detect_tab(ctx: AppContext, visitor: gr.State) -> DetectTab:
+    """The tab; ``visitor`` is the app's per-visitor :class:`~demo.state.Session` state."""
     config, registry = ctx.config, ctx.registry
     memory = MemoryKeeper()  # a public Space runs for weeks: keep glibc's freed pages from piling up
 
@@ -309,28 +315,38 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
         threshold: float | None,
         sigma: float,
         references: References,
+        knowledge: KnowledgeBase | None,
+        owner: bool,
     ) -> Detection:
         """The model call, the only GPU work of a request (``spaces.GPU`` on ZeroGPU Spaces).
 
         It takes the model's name, not the model: the model is already loaded (and cached) by
-        the caller. ``threshold`` None: the class's calibrated one, else the default.
+        the caller. ``threshold`` None: the class's calibrated one, else the default. The
+        visitor's own ``knowledge`` base (None: the shared one) serves this call only.
         """
-        model = registry.get(model_choice)
+        model = registry.get(model_choice, owner=owner)
         with compute_slot(model):
-            return model.detect(image, class_name, threshold=threshold, sigma=sigma, references=references)
+            return model.detect(
+                image, class_name, threshold=threshold, sigma=sigma, references=references, knowledge=knowledge
+            )
 
     @gpu
     def run_add_references(
-        model_choice: str | None, class_name: str, images: list[Image.Image], store: References
+        model_choice: str | None, class_name: str, images: list[Image.Image], store: References, owner: bool
     ) -> ReferenceSet:
         """The reference images' forward passes and calibration, into the session's ``store``."""
-        model = registry.get(model_choice)
+        model = registry.get(model_choice, owner=owner)
         with compute_slot(model):
             return model.add_references(class_name, images, store=store)
 
-    def session_for(model_choice: str | None, stores: dict[ModelKey, References] | None) -> tuple[KAnoCLIP, References]:
-        model = registry.get(model_choice)
-        return model, session_store({} if stores is None else stores, registry.key(model_choice), model)
+    def session_for(
+        model_choice: str | None, stores: dict[ModelKey, References] | None, owner: bool = False
+    ) -> tuple[KAnoCLIP, References]:
+        model = registry.get(model_choice, owner=owner)
+        return model, session_store({} if stores is None else stores, registry.key(model_choice, owner=owner), model)
+
+    def owner_of(state: Session | None, profile: gr.OAuthProfile | None) -> bool:
+        return config.access.is_owner(state is not None and state.signed_in, profile)
 
     def describe_references(model: KAnoCLIP, session: References, model_choice: str | None, name: str) -> str:
         return references_markdown(model, session, name, registry.reference_problems.get(registry.key(model_choice)))
@@ -344,6 +360,8 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
         sigma: float = SCORING.sigma,
         calibrated: bool = True,
         stores: dict[ModelKey, References] | None = None,
+        state: Session | None = None,
+        profile: gr.OAuthProfile | None = None,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[Any, ...]:
         """One detection; ``calibrated``: the class's calibrated threshold wins over the slider."""
@@ -353,11 +371,13 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
         t, s = check_controls(threshold, sigma)
         pil = decode(image)
         progress(0.1, desc="loading the model")
-        model, session = session_for(model_choice, stores)
+        state = state or Session()
+        owner = owner_of(state, profile)
+        model, session = session_for(model_choice, stores, owner)
         store, refs, whose = serving_references(model, session, name)
         chosen = chosen_threshold(model, refs, t, calibrated)
         progress(0.3, desc="detecting")
-        det = run_detection(model_choice, pil, name, chosen, s, store)
+        det = run_detection(model_choice, pil, name, chosen, s, store, state.kb, owner)
         progress(0.8, desc="drawing")
         outputs = render(model, pil, det, from_slider=chosen is not None, references=whose).outputs()
         memory.tick()
@@ -369,6 +389,8 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
         class_name: str | None,
         model_choice: str | None,
         stores: dict[ModelKey, References] | None,
+        state: Session | None,
+        profile: gr.OAuthProfile | None,
     ) -> tuple[str, None, dict[ModelKey, References]]:
         """Add the uploaded good images to the session's references of the class (cleared from the upload box)."""
         if not files:
@@ -377,11 +399,17 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
                 "then press 'Add as references'"
             )
         name = required_class_name(class_name, "pick the class the reference images show, e.g. 'bottle'")
+        owner = owner_of(state, profile)
+        limits = config.access.limits
+        if config.public and len(files) > limits.max_images:
+            raise InputError(f"{len(files)} images in one upload; this public app takes at most {limits.max_images}")
         stores = {} if stores is None else stores
-        model, session = session_for(model_choice, stores)
+        model, session = session_for(model_choice, stores, owner)
         canonical = model.canonical_class(name)[0]
         have = model.references(canonical, store=session)
         count, limit = (have.count if have is not None else 0), model.config.references.max_per_class
+        if config.public:
+            limit = min(limit, limits.max_references)
         if count + len(files) > limit:  # checked before any image is decoded
             room = f"upload at most {limit - count} more" if count < limit else "clear them first"
             raise InputError(
@@ -390,7 +418,7 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
         images = [decode(path) for path in files]  # every file decoded (and named when bad) before any is added
         # kept from the returned set: on ZeroGPU the call runs in a worker, whose changes to its
         # copy of the store would not come back
-        session.sets[canonical] = run_add_references(model_choice, canonical, images, session)
+        session.sets[canonical] = run_add_references(model_choice, canonical, images, session, owner)
         return describe_references(model, session, model_choice, canonical), None, stores
 
     @user_errors
@@ -522,7 +550,7 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
                 )
         button.click(
             detect,
-            inputs=[image, class_name, model, threshold, sigma, calibrated, stores],
+            inputs=[image, class_name, model, threshold, sigma, calibrated, stores, visitor],
             outputs=[summary, score, decision, overlay, region, gallery, guidance],
             api_name="detect",
             concurrency_limit=config.concurrency,
@@ -530,7 +558,7 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
         )
         add_button.click(
             add_references,
-            inputs=[reference_files, class_name, model, stores],
+            inputs=[reference_files, class_name, model, stores, visitor],
             outputs=[reference_status, reference_files, stores],
             api_name="add_references",
             concurrency_limit=config.concurrency,

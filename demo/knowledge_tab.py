@@ -1,26 +1,35 @@
 """The Knowledge tab: browse, edit, save and extend the LLM-VQA knowledge base (paper §2.2.1).
 
-The app has one knowledge base (``--kb``, else the built-in one), shared by every model it
-loads. Every description shows its true source (LLM, VQA, built-in = hand-written by the
-kanoclip authors, hand-written = typed here by a user). The editor holds a class's general
-descriptions (all but VQA): lines kept keep their source, new lines are hand-written
-(``manual``). Edits apply at once to every loaded model; *Save* writes it atomically to the ``--kb``
-file or to a ``.json`` under the knowledge-base folder (``--kb-dir``), nowhere else.
+The app has one shared knowledge base (``--kb``, else the built-in one), used by every model
+it loads. On a public app (:mod:`demo.access`) a visitor's edits, uploads and generated
+descriptions go to their own session copy (:class:`~demo.state.Session`), used for their
+detections only; shared edits and *Save* are the owner's. Every description shows its true
+source (LLM, VQA, built-in = hand-written by the kanoclip authors, hand-written = typed here by
+a user). The editor holds a class's general descriptions (all but VQA): lines kept keep their
+source, new lines are hand-written (``manual``). Shared edits apply at once to every loaded
+model; *Save* writes the shared one atomically to the ``--kb`` file or to a ``.json`` under the
+knowledge-base folder (``--kb-dir``), nowhere else.
 *Generate* asks an OpenAI-compatible LLM (or a VQA model with an image) for new descriptions
-through :mod:`kanoclip.knowledge.generate`; the API key is read from an environment variable
-of the server, named here, and only from the allowed ones (``KANOCLIP_API_KEY_ENVS``), so a
-visitor cannot make the server send an unrelated secret to an address of their choosing.
+through :mod:`kanoclip.knowledge.generate`, at an endpoint the owner configured
+(``KANOCLIP_ENDPOINTS``: name, URL, model and the variable holding its key, which goes to that
+URL only) or at a typed URL. A typed URL gets only a key typed with it (used for that request,
+never stored or shown). On a private app it may also take a key from an allowed server variable
+(``KANOCLIP_API_KEY_ENVS``), as before; on a public app typed URLs are the owner's unless
+``KANOCLIP_VISITOR_URLS=1``, and then a visitor's URL must resolve to public addresses only.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
+from demo.access import ENDPOINTS_ENV, VISITOR_URLS_ENV, AccessConfig, owner_only
 from demo.components import (
     class_choices,
     class_name_text,
@@ -30,7 +39,7 @@ from demo.components import (
     unknown_class_hint,
     user_errors,
 )
-from demo.state import AppContext, KnowledgeStore
+from demo.state import AppContext, Session
 from kanoclip.errors import InputError
 from kanoclip.knowledge import (
     LLM_TEMPLATE,
@@ -104,100 +113,189 @@ def _lines(text: str | None) -> list[str]:
     return [" ".join(line.split()) for line in (text or "").splitlines() if line.strip()]
 
 
+def open_client(
+    access: AccessConfig,
+    owner: bool,
+    endpoint: str | None,
+    url: str | None,
+    model: str | None,
+    key_env: str | None,
+    typed_key: str | None,
+) -> gen.ChatClient:
+    """The chat client of one generation request, sending each key only where it may go.
+
+    An empty ``url`` means the configured ``endpoint`` (its URL, model and key, nothing typed).
+    A typed ``url`` gets the ``typed_key`` (this request only); on a private app it may instead
+    take a key from an allowed server variable (``key_env``). On a public app a typed URL is the
+    owner's unless ``KANOCLIP_VISITOR_URLS=1``; a visitor's must resolve to public addresses only,
+    and no server variable is ever sent to it. Answers are capped in size and time.
+    """
+    timeout = 60.0 if access.public else 120.0
+    target = (url or "").strip()
+    if not target:
+        chosen = access.endpoint((endpoint or "").strip())
+        if chosen is None:
+            names = ", ".join(e.name for e in access.endpoints)
+            raise InputError(
+                f"pick one of the configured endpoints ({names})"
+                if names
+                else f"no endpoint is configured (the owner sets {ENDPOINTS_ENV}); type an endpoint URL"
+            )
+        return gen.ChatClient(chosen.url, chosen.model, api_key=chosen.api_key(), timeout=timeout, retries=2)
+    if not access.public:
+        key = (typed_key or "").strip() or api_key(key_env)
+        return gen.ChatClient(target, (model or "").strip(), api_key=key, timeout=timeout, retries=2)
+    if not owner and not access.visitor_urls:
+        raise InputError(
+            "typing an endpoint URL is off on this public app: leave the URL empty and pick a configured endpoint "
+            f"(the owner allows visitors' own URLs with {VISITOR_URLS_ENV}=1)"
+        )
+    if (key_env or "").strip():
+        raise InputError(
+            "server-side keys go only to the endpoints they are bound to: leave the key variable empty and type "
+            "your own key for your URL, or pick a configured endpoint"
+        )
+    return gen.ChatClient(
+        target, (model or "").strip(), api_key=(typed_key or "").strip() or None, timeout=timeout, retries=1,
+        public_only=not owner,
+    )  # fmt: skip
+
+
+def recorded_endpoint(url: str) -> str:
+    """The endpoint as provenance records it: scheme, host and path (no user info, query or fragment)."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
+
+
 def generate_descriptions(
-    store: KnowledgeStore,
+    client: gen.ChatClient,
+    current: KnowledgeBase,
     class_name: str,
     kind: str,
-    url: str,
-    model: str,
-    key_env: str | None,
     n: int,
     image: str | None,
-) -> tuple[int, KnowledgeBase]:
-    """Ask the endpoint for ``n`` new descriptions of ``class_name`` and add them; returns (added, kb)."""
+    limit: int = MAX_GENERATED,
+) -> Callable[[KnowledgeBase], int]:
+    """Ask ``client`` for ``n`` new descriptions of ``class_name``; returns the change adding them to a knowledge base.
+
+    ``current`` is the knowledge base they must not repeat; ``limit`` caps ``n``.
+    """
     name = required_class_name(class_name, "pick or type the class to describe")
     count = int(n or 0)
-    if not 1 <= count <= MAX_GENERATED:
-        raise InputError(f"number of descriptions must be between 1 and {MAX_GENERATED}")
+    if not 1 <= count <= limit:
+        raise InputError(f"number of descriptions must be between 1 and {limit}")
     if kind == "VQA" and not image:
         raise InputError("VQA needs an image of the class; upload one")
-    key = api_key(key_env)
-    current = store.snapshot()
     existing = [d.text for d in current.descriptions(name)] if current.is_known(name) else []
-    with gen.ChatClient((url or "").strip(), (model or "").strip(), api_key=key, timeout=120.0, retries=2) as client:
-        today = dt.date.today().isoformat()
-        if kind == "VQA":
-            texts = gen.generate_vqa(client, name, image, count, avoid=existing)
-            provenance = Provenance(model=client.model, endpoint=client.url, date=today, template=VQA_TEMPLATE)
-            digest, image_name = image_sha256(image), os.path.basename(str(image))
-            return store.edit(lambda kb: kb.add_vqa(name, digest, image_name, texts, provenance))
-        texts = gen.generate_llm(client, name, count, avoid=existing)
-        provenance = Provenance(model=client.model, endpoint=client.url, date=today, template=LLM_TEMPLATE)
-        return store.edit(lambda kb: kb.add_llm(name, texts, provenance))
+    today = dt.date.today().isoformat()
+    endpoint = recorded_endpoint(client.url)
+    if kind == "VQA":
+        texts = gen.generate_vqa(client, name, image, count, avoid=existing)
+        provenance = Provenance(model=client.model, endpoint=endpoint, date=today, template=VQA_TEMPLATE)
+        digest, image_name = image_sha256(image), os.path.basename(str(image))
+        return lambda kb: kb.add_vqa(name, digest, image_name, texts, provenance)
+    texts = gen.generate_llm(client, name, count, avoid=existing)
+    provenance = Provenance(model=client.model, endpoint=endpoint, date=today, template=LLM_TEMPLATE)
+    return lambda kb: kb.add_llm(name, texts, provenance)
 
 
-def build_knowledge_tab(ctx: AppContext, class_inputs: list[gr.Dropdown]) -> None:
-    store = ctx.knowledge
+def build_knowledge_tab(ctx: AppContext, class_inputs: list[gr.Dropdown], session: gr.State) -> None:
+    """The tab; ``session`` is the app's per-visitor :class:`~demo.state.Session` state."""
+    store, config = ctx.knowledge, ctx.config
 
-    def refreshed(kb: KnowledgeBase, class_name: str | None, message: str) -> tuple[Any, ...]:
+    def owner_of(state: Session | None, profile: gr.OAuthProfile | None) -> bool:
+        return config.access.is_owner(state is not None and state.signed_in, profile)
+
+    def whose(owner: bool) -> str:
+        return "every loaded model uses them now" if owner else "your own detections use them (this session only)"
+
+    def refreshed(kb: KnowledgeBase, class_name: str | None, message: str, state: Session) -> tuple[Any, ...]:
         llm, table, note = class_view(kb, class_name)
         # this tab's dropdown shows each class with its dataset; the other tabs' keep plain names,
         # so that a typed name stays what their box shows
         updates = [dropdown_update(class_choices(kb)), *(dropdown_update(kb.classes()) for _ in class_inputs)]
-        return (counts_table(kb), llm, table, f"{message} {note}".strip(), *updates)
+        return (counts_table(kb), llm, table, f"{message} {note}".strip(), *updates, state)
 
     @user_errors
-    def select(class_name: str | None) -> tuple[Any, ...]:
-        llm, table, note = class_view(store.snapshot(), class_name)
+    def select(class_name: str | None, state: Session | None) -> tuple[Any, ...]:
+        llm, table, note = class_view((state or Session()).knowledge(store), class_name)
         return llm, table, note
 
     @user_errors
-    def apply(class_name: str | None, text: str | None) -> tuple[Any, ...]:
+    def apply(
+        class_name: str | None, text: str | None, state: Session | None, profile: gr.OAuthProfile | None
+    ) -> tuple[Any, ...]:
         name = required_class_name(class_name, "pick or type the class whose descriptions you edit")
         lines = _lines(text)
-        _, kb = store.edit(lambda kb: kb.set_general(name, lines))
-        return refreshed(
-            kb,
-            name,
-            f"Applied: `{name}` has {len(set(lines))} general descriptions (new lines are hand-written); "
-            "every loaded model uses them now.",
-        )
+        state = state or Session()
+        owner = owner_of(state, profile)
+        _, kb = state.edit(store, owner, lambda kb: kb.set_general(name, lines))
+        count = len(set(lines))
+        message = f"Applied: `{name}` has {count} general descriptions (new lines are hand-written); {whose(owner)}."
+        return refreshed(kb, name, message, state)
 
     @user_errors
-    def save(path: str | None) -> str:
+    def save(path: str | None, state: Session | None, profile: gr.OAuthProfile | None) -> str:
+        if not owner_of(state, profile):
+            raise owner_only("saving the knowledge base", config.access)
         written = store.save(path)
         return f"Saved the knowledge base to `{written}`."
 
     @user_errors
-    def load(file: str | None, class_name: str | None) -> tuple[Any, ...]:
+    def load(
+        file: str | None, class_name: str | None, state: Session | None, profile: gr.OAuthProfile | None
+    ) -> tuple[Any, ...]:
         if not file:
             raise InputError("no file: upload a knowledge-base .json file")
         kb = KnowledgeBase.load(file)
-        store.replace(kb)
-        return refreshed(store.snapshot(), class_name, f"Loaded a knowledge base with {len(kb.classes())} classes.")
+        state = state or Session()
+        if owner_of(state, profile):
+            store.replace(kb)
+            state.kb = None
+        else:
+            state.kb = kb
+        message = f"Loaded a knowledge base with {len(kb.classes())} classes."
+        return refreshed(state.knowledge(store), class_name, message, state)
 
     @user_errors
     def generate(
         class_name: str | None,
         kind: str,
-        url: str,
-        model: str,
-        key_env: str,
+        url: str | None,
+        model: str | None,
+        key_env: str | None,
         n: float,
         image: str | None,
+        endpoint: str | None = None,
+        typed_key: str | None = None,
+        state: Session | None = None,
+        profile: gr.OAuthProfile | None = None,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[Any, ...]:
-        progress(0.1, desc=f"asking {model or 'the model'} at {url or '?'}")
-        added, kb = generate_descriptions(store, class_name or "", kind, url, model, key_env, int(n or 0), image)
-        return refreshed(kb, class_name, f"Generated {added} new {kind} descriptions.")
+        state = state or Session()
+        owner = owner_of(state, profile)
+        limit = min(MAX_GENERATED, config.access.limits.max_generated) if config.public else MAX_GENERATED
+        with open_client(config.access, owner, endpoint, url, model, key_env, typed_key) as client:
+            progress(0.1, desc=f"asking {client.model} at {recorded_endpoint(client.url)}")
+            change = generate_descriptions(
+                client, state.knowledge(store), class_name or "", kind, int(n or 0), image, limit
+            )
+        added, kb = state.edit(store, owner, change)
+        return refreshed(kb, class_name, f"Generated {added} new {kind} descriptions; {whose(owner)}.", state)
 
     snapshot = store.snapshot()
+    scope = (
+        "On this public app your edits, uploads and generated descriptions are yours: they serve your own "
+        "detections in this session only; the owner edits and saves the shared one."
+        if config.public
+        else "It is shared by every model of this app; edits apply at once. Save it to keep it."
+    )
+    endpoints = [e.name for e in config.access.endpoints]
     with gr.Tab("Knowledge", id="knowledge"):
         gr.Markdown(
             "The **LLM-VQA knowledge base** guides the prompts (KnPL): per class, general anomaly descriptions "
             "from an LLM and image-specific ones from a VQA model. The built-in one was written by hand by the "
-            "kanoclip authors (source *built-in*); lines you type are *hand-written*. It is shared by every model "
-            "of this app; edits apply at once. Save it to keep it."
+            f"kanoclip authors (source *built-in*); lines you type are *hand-written*. {scope}"
         )
         with gr.Row():
             with gr.Column(scale=2):
@@ -233,8 +331,9 @@ def build_knowledge_tab(ctx: AppContext, class_inputs: list[gr.Dropdown]) -> Non
                 note = gr.Markdown(elem_id="kb-note")
                 with gr.Row():
                     path = gr.Textbox(
-                        value=ctx.config.default_kb_path(),
-                        label="Save to (.json under the knowledge-base folder, or the --kb file)",
+                        value=config.default_kb_path(),
+                        label="Save to (.json under the knowledge-base folder, or the --kb file)"
+                        + (" — the owner's" if config.public else ""),
                         scale=3,
                     )
                     save_button = gr.Button("Save", scale=1)
@@ -242,21 +341,48 @@ def build_knowledge_tab(ctx: AppContext, class_inputs: list[gr.Dropdown]) -> Non
         with gr.Accordion("Generate descriptions with an LLM / VQA endpoint (OpenAI-compatible)", open=False):
             with gr.Row():
                 kind = gr.Radio(["LLM", "VQA"], value="LLM", label="Kind")
-                url = gr.Textbox(label="Endpoint URL", placeholder="http://127.0.0.1:11434/v1", scale=2)
-                model = gr.Textbox(label="Model", placeholder="llama3.1")
-                key_env = gr.Textbox(value=DEFAULT_KEY_ENV, label="API key environment variable (on the server)")
-                n = gr.Number(value=5, precision=0, minimum=1, maximum=MAX_GENERATED, label="How many")
+                endpoint = gr.Dropdown(
+                    choices=endpoints,
+                    value=endpoints[0] if endpoints else "",
+                    label="Configured endpoint (used when the URL is empty)",
+                    allow_custom_value=True,  # an unknown name gets the app's own message
+                    visible=bool(endpoints),
+                )
+                url = gr.Textbox(
+                    label="Endpoint URL (empty: the configured endpoint)",
+                    placeholder="http://127.0.0.1:11434/v1",
+                    scale=2,
+                    visible=not config.public or config.access.visitor_urls or bool(config.access.owner_token),
+                )
+                model = gr.Textbox(label="Model (for a typed URL)", placeholder="llama3.1")
+                key_env = gr.Textbox(
+                    value="" if config.public else DEFAULT_KEY_ENV,
+                    label="API key environment variable (on the server)",
+                    visible=not config.public,
+                )
+                typed_key = gr.Textbox(
+                    label="Your API key for a typed URL (this request only; never stored)", type="password"
+                )
+                n = gr.Number(
+                    value=5,
+                    precision=0,
+                    minimum=1,
+                    maximum=config.access.limits.max_generated if config.public else MAX_GENERATED,
+                    label="How many",
+                )
             image = image_input(label="Image (VQA only)", height=200, sources=["upload", "clipboard"])
             generate_button = gr.Button("Generate")
 
-        class_outputs = [counts, llm_text, table, note, class_name, *class_inputs]
-        class_name.change(select, inputs=class_name, outputs=[llm_text, table, note], api_visibility="private")
-        apply_button.click(apply, inputs=[class_name, llm_text], outputs=class_outputs, api_name="kb_apply")
-        save_button.click(save, inputs=path, outputs=saved, api_name="kb_save")
-        upload.upload(load, inputs=[upload, class_name], outputs=class_outputs, api_visibility="private")
+        class_outputs = [counts, llm_text, table, note, class_name, *class_inputs, session]
+        class_name.change(
+            select, inputs=[class_name, session], outputs=[llm_text, table, note], api_visibility="private"
+        )
+        apply_button.click(apply, inputs=[class_name, llm_text, session], outputs=class_outputs, api_name="kb_apply")
+        save_button.click(save, inputs=[path, session], outputs=saved, api_name="kb_save")
+        upload.upload(load, inputs=[upload, class_name, session], outputs=class_outputs, api_visibility="private")
         generate_button.click(
             generate,
-            inputs=[class_name, kind, url, model, key_env, n, image],
+            inputs=[class_name, kind, url, model, key_env, n, image, endpoint, typed_key, session],
             outputs=class_outputs,
             api_name="kb_generate",
             concurrency_limit=2,

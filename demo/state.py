@@ -8,6 +8,8 @@ stored on it (each request gets its own :class:`~kanoclip.detection.Detection`).
   small LRU cache; loading is serialised by a lock so two visitors never load the same model twice.
 * :class:`KnowledgeStore` — the app's knowledge base, edited in the Knowledge tab and pushed
   to every loaded model.
+* :class:`Session` — one visitor's own state (a ``gr.State``): whether they gave the owner
+  token, and on a public app their own copy of the knowledge base, which only their requests use.
 
 A visitor's own normal references are not here: they live in that visitor's session
 (``gr.State``, see :mod:`demo.detect_tab`). Only the references saved with ``--references`` are
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from demo.access import MODELS_ENV, AccessConfig
 from demo.uploads import confine
 from kanoclip import KAnoCLIP, KnowledgeBase
 from kanoclip.backbone import Backbone
@@ -79,11 +82,14 @@ class AppConfig:
     training: bool = field(
         default_factory=lambda: os.environ.get("KANOCLIP_TRAINING", "on").lower() not in ("0", "off", "false", "no")
     )
+    # roles, endpoints and limits (demo.access); the default is private, as on loopback
+    access: AccessConfig = field(default_factory=AccessConfig)
 
     @classmethod
     def from_env(cls, **overrides) -> AppConfig:
         """Defaults from ``KANOCLIP_*`` variables, with ``overrides`` (``None`` values ignored) on top."""
         config = cls(
+            access=overrides.pop("access", None) or AccessConfig.from_env(),
             backbone=os.environ.get("KANOCLIP_BACKBONE") or None,
             checkpoint=os.environ.get("KANOCLIP_CHECKPOINT") or None,
             kb=Path(os.environ["KANOCLIP_KB"]) if os.environ.get("KANOCLIP_KB") else None,
@@ -102,6 +108,15 @@ class AppConfig:
     def start_choice(self) -> str:
         return self.checkpoint or TRAINING_FREE
 
+    @property
+    def public(self) -> bool:
+        return self.access.public
+
+    @property
+    def show_training(self) -> bool:
+        """Whether the app has a Train tab: on, and on a public app only where the owner enables it."""
+        return self.training and (not self.public or self.access.public_training)
+
     def default_kb_path(self) -> str:
         return str(self.kb) if self.kb else str(self.kb_dir / DEFAULT_KB_NAME)
 
@@ -119,18 +134,21 @@ def list_checkpoints(checkpoints_dir: Path) -> list[str]:
 
 
 def model_choices(config: AppConfig) -> list[str]:
-    """What the model dropdowns offer: training-free, the start checkpoint, the local checkpoints."""
+    """What the model dropdowns offer: training-free, the start checkpoint, the listed hub ids, local checkpoints."""
     choices = [TRAINING_FREE]
-    if config.checkpoint and config.checkpoint not in choices:
-        choices.append(config.checkpoint)
+    for listed in (config.checkpoint, *config.access.models):
+        if listed and listed not in choices:
+            choices.append(listed)
     return choices + [c for c in list_checkpoints(config.checkpoints_dir) if c not in choices]
 
 
-def resolve_choice(config: AppConfig, choice: str | None) -> str | None:
+def resolve_choice(config: AppConfig, choice: str | None, *, owner: bool = False) -> str | None:
     """The checkpoint (folder or hub id) a dropdown value means; ``None`` for training-free.
 
     Accepted: ``training-free``, the start checkpoint, ``checkpoints/<name>`` (a folder under
-    the checkpoints folder — no other local path), or a hub id ``user/name``.
+    the checkpoints folder — no other local path), or a hub id ``user/name``. On a public app a
+    hub id must be listed (``KANOCLIP_MODELS``) unless ``owner``: an unlisted one is refused
+    here, before anything is downloaded.
     """
     text = (choice or "").strip()
     if not text or text == TRAINING_FREE:
@@ -143,6 +161,11 @@ def resolve_choice(config: AppConfig, choice: str | None) -> str | None:
     # a hub id only: the library would load a local folder of that name first, and no local
     # path outside the checkpoints folder may be opened from the app
     if _HUB_ID.fullmatch(text) and ".." not in text and not Path(text).exists():
+        if config.public and not owner and text not in config.access.models:
+            raise InputError(
+                f"model {text!r} is not offered on this public app; pick one from the list "
+                f"(the owner lists hub ids in {MODELS_ENV})"
+            )
         return text
     raise InputError(
         f"model {text!r} is not '{TRAINING_FREE}', a checkpoint under {config.checkpoints_dir}/ "
@@ -223,12 +246,15 @@ class ModelRegistry:
         # Models of the same backbone share it (frozen, never written): one copy in memory.
         self._backbones: dict[tuple[str, str], Backbone] = {}
 
-    def key(self, choice: str | None) -> tuple[str | None, str | None]:
-        return resolve_choice(self.config, choice), self.config.backbone
+    def key(self, choice: str | None, *, owner: bool = False) -> tuple[str | None, str | None]:
+        return resolve_choice(self.config, choice, owner=owner), self.config.backbone
 
-    def get(self, choice: str | None) -> KAnoCLIP:
-        """The model for a dropdown value, loading it if needed (raises the load's :class:`KAnoCLIPError`)."""
-        key = self.key(choice)
+    def get(self, choice: str | None, *, owner: bool = False) -> KAnoCLIP:
+        """The model for a dropdown value, loading it if needed (raises the load's :class:`KAnoCLIPError`).
+
+        ``owner``: the request comes from an owner, who may load a hub id that is not listed.
+        """
+        key = self.key(choice, owner=owner)
         model = self._cached(key)
         if model is not None:
             return model
@@ -287,10 +313,10 @@ class ModelRegistry:
                 self._models.move_to_end(key)
             return model
 
-    def peek(self, choice: str | None) -> KAnoCLIP | KAnoCLIPError | None:
+    def peek(self, choice: str | None, *, owner: bool = False) -> KAnoCLIP | KAnoCLIPError | None:
         """The loaded model, or the error of its last failed load, or ``None`` (never loads)."""
         try:
-            key = self.key(choice)
+            key = self.key(choice, owner=owner)
         except KAnoCLIPError as exc:
             return exc
         with self._lock:
@@ -374,6 +400,37 @@ class KnowledgeStore:
         snapshot = self.snapshot()
         snapshot.save(path)
         return path
+
+
+@dataclass
+class Session:
+    """One visitor's own state, kept in a ``gr.State`` (never on a shared object).
+
+    ``kb`` is the visitor's own knowledge base on a public app: made from the shared one on
+    their first edit, changed by their edits and generations only, and passed to their own
+    detections (``KAnoCLIP.detect(knowledge=...)``). ``None``: the shared one serves.
+    """
+
+    signed_in: bool = False  # gave the owner token (demo.access.AccessConfig.token_matches)
+    kb: KnowledgeBase | None = None
+
+    def knowledge(self, store: KnowledgeStore) -> KnowledgeBase:
+        """The knowledge base this visitor sees: their own copy, else a snapshot of the shared one."""
+        return self.kb.copy() if self.kb is not None else store.snapshot()
+
+    def edit(self, store: KnowledgeStore, owner: bool, change: Callable[[KnowledgeBase], T]) -> tuple[T, KnowledgeBase]:
+        """Apply ``change``: an owner's to the shared knowledge base, a visitor's to their own copy.
+
+        An owner's edit also drops their own copy, so their detections see what everyone sees.
+        Returns what ``change`` returned and a snapshot of the edited knowledge base.
+        """
+        if owner:
+            self.kb = None
+            return store.edit(change)
+        work = self.knowledge(store)
+        result = change(work)
+        self.kb = work  # swapped in whole: a detection running meanwhile keeps the copy it was given
+        return result, work.copy()
 
 
 @dataclass

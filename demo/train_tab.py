@@ -7,6 +7,10 @@ visitor leaves. The finished checkpoint is written to ``checkpoints/<name>`` and
 model lists of the Detect and Prompts tabs. The loss curve is drawn per training step (each
 step reports the running means of its epoch), so a 1-epoch run is a curve, not one dot.
 An uploaded zip is deleted as soon as it is extracted (or refused).
+
+On a public app (:mod:`demo.access`) training is the owner's: the tab exists only where the
+owner enables it (``KANOCLIP_PUBLIC_TRAINING=1``), stays hidden until an owner signs in, and
+``/train`` refuses everyone else.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from typing import Any
 import gradio as gr
 from gradio.utils import get_upload_folder
 
+from demo.access import owner_only
 from demo.components import dropdown_update, user_errors
-from demo.state import CHECKPOINTS_PREFIX, AppContext, list_checkpoints, model_choices
+from demo.state import CHECKPOINTS_PREFIX, AppContext, Session, list_checkpoints, model_choices
 from demo.uploads import ZipLimits, confine, discard_upload, extract_zip
 from kanoclip.data import KINDS, detect_kind, load_dataset, summarize
 from kanoclip.errors import InputError
@@ -321,8 +326,14 @@ def _outcome(checkpoints_dir: Path, run: TrainingRun) -> tuple[str, str | None, 
     return text, choice, plot_loss_curves(run.history or result.history, "Training loss")
 
 
-def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], train_fn: TrainFn = train) -> None:
-    """The tab; ``train_fn`` runs a training (:func:`kanoclip.training.train`; tests pass a scripted one)."""
+def build_train_tab(
+    ctx: AppContext, model_dropdowns: list[gr.Dropdown], session: gr.State, train_fn: TrainFn = train
+) -> gr.Tab:
+    """The tab (hidden on a public app until an owner signs in); returns it.
+
+    ``session`` is the app's per-visitor :class:`~demo.state.Session` state; ``train_fn`` runs a
+    training (:func:`kanoclip.training.train`; tests pass a scripted one).
+    """
     config = ctx.config
     manager = TrainingManager()
 
@@ -344,9 +355,13 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], train_f
         batch_size: float,
         lr: float,
         image_size: float,
+        state: Session | None,
         request: gr.Request,
+        profile: gr.OAuthProfile | None,
         progress: gr.Progress = gr.Progress(),
     ) -> Iterator[tuple[Any, ...]]:
+        if not config.access.is_owner(state is not None and state.signed_in, profile):
+            raise owner_only("training", config.access)
         hyper = check_hyper(epochs, batch_size, lr, image_size)
         checkpoint_name, out = check_name(config.checkpoints_dir, name)
         run = manager.begin(getattr(request, "session_hash", None) or "anonymous")
@@ -379,7 +394,7 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], train_f
     def cancel(request: gr.Request) -> str:
         return manager.cancel(getattr(request, "session_hash", None) or "anonymous")
 
-    with gr.Tab("Train", id="train"):
+    with gr.Tab("Train", id="train", visible=not config.public) as tab:
         gr.Markdown(
             "Train the prompts, Bi-CMCI and the Conv-Adapter on an auxiliary dataset (paper §2.5). "
             f"Data comes from a folder under the data root (`{config.data_root}`) or from an uploaded zip in one of "
@@ -422,7 +437,7 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], train_f
         curves = gr.Plot(label="Loss curves", format="png")
         start.click(
             train,
-            inputs=[source, folder, kind, zip_file, name, epochs, batch_size, lr, image_size],
+            inputs=[source, folder, kind, zip_file, name, epochs, batch_size, lr, image_size, session],
             outputs=[status, curves, *model_dropdowns],
             api_name="train",
             concurrency_limit=4,
@@ -431,3 +446,4 @@ def build_train_tab(ctx: AppContext, model_dropdowns: list[gr.Dropdown], train_f
         stop.click(cancel, outputs=status, api_name="cancel_training", queue=False)
         folder.focus(lambda: dropdown_update(data_folders(config.data_root)), outputs=folder, api_visibility="private")
         source.change(source_inputs, inputs=source, outputs=[folder, zip_file], api_name="train_source", queue=False)
+    return tab

@@ -14,6 +14,8 @@ are about to be trained (trained mode, fresh weights).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
@@ -33,7 +35,7 @@ from kanoclip.config import BACKBONE_ENV, KAnoCLIPConfig, with_overrides
 from kanoclip.detection import Detection, Guidance, class_per_image, upsample_maps
 from kanoclip.errors import CheckpointError, InputError
 from kanoclip.images import ImageInput, describe, load_image, preprocess
-from kanoclip.knowledge import KnowledgeBase
+from kanoclip.knowledge import Description, KnowledgeBase
 from kanoclip.modeling.model import KAnoCLIPModel, KAnoCLIPOutput
 from kanoclip.modeling.prompts import mean_direction
 from kanoclip.modeling.vv_attention import VisualFeatures
@@ -74,8 +76,9 @@ class KAnoCLIP(nn.Module):
         self.checkpoint_name: str | None = None
         # Per-class text caches, bounded (LRU, config.cache) and emptied in one place: _invalidate.
         max_classes = model.config.cache.max_classes
-        self._text_cache: LRUCache[str, _ClassText] = LRUCache(max_classes)
-        self._knowledge_cache: LRUCache[str, torch.Tensor] = LRUCache(max_classes)
+        # keyed by (class, digest of its descriptions): a per-call knowledge base never changes another's entries
+        self._text_cache: LRUCache[tuple[str, str], _ClassText] = LRUCache(max_classes)
+        self._knowledge_cache: LRUCache[tuple[str, str], torch.Tensor] = LRUCache(max_classes)
         self.reference_store = References(self.reference_fingerprint())  # add_references fills it
 
     # ------------------------------------------------------------------ construction
@@ -331,6 +334,7 @@ class KAnoCLIP(nn.Module):
         *,
         sigma: float | None = None,
         references: References | None = None,
+        knowledge: KnowledgeBase | None = None,
     ) -> KAnoCLIPOutput:
         """Maps and scores from CLIP-VV features for each image's (canonical) class.
 
@@ -339,6 +343,7 @@ class KAnoCLIP(nn.Module):
         output are set for the loss); otherwise the text side comes from the per-class cache.
         Images of a class with normal references (``references``, default the model's own
         :attr:`reference_store`) get the fused map and score (:mod:`kanoclip.references`).
+        ``knowledge`` (default :attr:`knowledge`) is the knowledge base of this call only.
         """
         classes = list(dict.fromkeys(class_names))
         index = torch.tensor([classes.index(c) for c in class_names], device=self.device)
@@ -347,7 +352,7 @@ class KAnoCLIP(nn.Module):
             prompts = self.model.learned_prompts(classes)
             text = prompts.state_features()[index]  # (B, 2, C)
         else:  # inference: each class's text features are computed once and cached
-            text = torch.stack([self._class_text(c).state for c in classes])[index]
+            text = torch.stack([self._class_text(c, knowledge).state for c in classes])[index]
         out = replace(self.model(visual, text, sigma=sigma), prompts=prompts, classes=classes)
         store = self.reference_store if references is None else references
         sets = [store.get(c) for c in class_names]
@@ -387,39 +392,53 @@ class KAnoCLIP(nn.Module):
         """
         return torch.stack([self.description_features(name).mean(dim=0, keepdim=True) for name in class_names])
 
-    def description_features(self, class_name: str) -> torch.Tensor:
+    def description_features(self, class_name: str, knowledge: KnowledgeBase | None = None) -> torch.Tensor:
         """Raw CLIP text features of a class's knowledge-base descriptions, ``(D, C)``, encoded once.
 
         Shared by the knowledge-distillation target (eq. 3) and the text side of inference, so
-        training never encodes the same descriptions twice.
+        training never encodes the same descriptions twice. Cached by the descriptions' text, so a
+        per-call ``knowledge`` (default :attr:`knowledge`) reuses what matches and adds only its own.
         """
+        texts = [d.text for d in (knowledge or self.knowledge).descriptions(class_name)]
 
         def encode() -> torch.Tensor:
             with torch.no_grad():
-                return self.model.text_encoder.encode([d.text for d in self.knowledge.descriptions(class_name)]).float()
+                return self.model.text_encoder.encode(texts).float()
 
-        return self._knowledge_cache.get_or_compute(class_name, encode)
+        return self._knowledge_cache.get_or_compute((class_name, _digest(texts)), encode)
 
     # ------------------------------------------------------------------ text side (cached per class)
-    def canonical_class(self, class_name: str) -> tuple[str, bool]:
-        """(the class to use, whether the knowledge base knows it) for a user's class text."""
+    def canonical_class(self, class_name: str, knowledge: KnowledgeBase | None = None) -> tuple[str, bool]:
+        """(the class to use, whether the knowledge base knows it) for a user's class text.
+
+        ``knowledge``: the knowledge base to look in (default :attr:`knowledge`).
+        """
         if not isinstance(class_name, str) or not class_name.strip():
             raise InputError("class name is empty; type what the image shows, e.g. 'bottle'")
         text = " ".join(class_name.split())[:MAX_CLASS_CHARS]
-        resolved = self.knowledge.resolve(text)
+        resolved = (knowledge or self.knowledge).resolve(text)
         return (resolved, True) if resolved else (text, False)
 
-    def _class_text(self, class_name: str) -> _ClassText:
+    def _class_text(self, class_name: str, knowledge: KnowledgeBase | None = None) -> _ClassText:
+        """The class's text side under ``knowledge`` (default :attr:`knowledge`).
+
+        Keyed by the class and its descriptions (text and source), not by the knowledge base:
+        a visitor's own copy shares the entries it agrees on and never changes another's.
+        """
+        descriptions = (knowledge or self.knowledge).descriptions(class_name)
+
         def build() -> _ClassText:
             with torch.no_grad():
-                return self._build_class_text(class_name)
+                return self._build_class_text(class_name, descriptions, knowledge)
 
-        return self._text_cache.get_or_compute(class_name, build)
+        key = (class_name, _digest([f"{d.source}\t{d.text}" for d in descriptions]))
+        return self._text_cache.get_or_compute(key, build)
 
-    def _build_class_text(self, class_name: str) -> _ClassText:
-        descriptions = self.knowledge.descriptions(class_name)
+    def _build_class_text(
+        self, class_name: str, descriptions: list[Description], knowledge: KnowledgeBase | None
+    ) -> _ClassText:
         kb_texts = [(d.text, d.source, "abnormal") for d in descriptions]
-        kb_features = self.description_features(class_name)
+        kb_features = self.description_features(class_name, knowledge)
         if self.trained:
             prompts = self.model.learned_prompts([class_name])
             state = prompts.state_features()[0]
@@ -595,6 +614,7 @@ class KAnoCLIP(nn.Module):
         *,
         sigma: float | None = None,
         references: References | None = None,
+        knowledge: KnowledgeBase | None = None,
     ) -> tuple[KAnoCLIPOutput, VisualFeatures]:
         """Inference on decoded RGB images of canonical classes: eval mode, the backbone at :attr:`precision`.
 
@@ -603,7 +623,7 @@ class KAnoCLIP(nn.Module):
         if self.training:
             self.eval()
         visual = self.encode_image(self.pixel_values(images))
-        return self.forward(visual, class_names, sigma=sigma, references=references), visual
+        return self.forward(visual, class_names, sigma=sigma, references=references, knowledge=knowledge), visual
 
     def detect(
         self,
@@ -613,9 +633,12 @@ class KAnoCLIP(nn.Module):
         threshold: float | None = None,
         sigma: float | None = None,
         references: References | None = None,
+        knowledge: KnowledgeBase | None = None,
     ) -> Detection:
         """Detect anomalies in one image of ``class_name`` (see :class:`~kanoclip.detection.Detection`)."""
-        return self.detect_batch([image], [class_name], threshold=threshold, sigma=sigma, references=references)[0]
+        return self.detect_batch(
+            [image], [class_name], threshold=threshold, sigma=sigma, references=references, knowledge=knowledge
+        )[0]
 
     @torch.inference_mode()
     def detect_batch(
@@ -626,28 +649,31 @@ class KAnoCLIP(nn.Module):
         threshold: float | None = None,
         sigma: float | None = None,
         references: References | None = None,
+        knowledge: KnowledgeBase | None = None,
     ) -> list[Detection]:
         """Detect anomalies in several images; ``class_names`` is one name or one per image.
 
         ``threshold`` (default: the class's calibrated one, else ``scoring.threshold``) decides
         ``is_anomalous``; ``references`` (default the model's own store) adds each class's normal
-        references to its images' maps and scores.
+        references to its images' maps and scores. ``knowledge`` (default the model's
+        :attr:`knowledge`) is the knowledge base of this call only (e.g. an app visitor's own copy):
+        the model's is left as it is.
         """
         class_names = class_per_image(images, class_names)
         if not images:
             return []
         store = self.reference_store if references is None else references
-        resolved = [self.canonical_class(name) for name in class_names]
+        resolved = [self.canonical_class(name, knowledge) for name in class_names]
         pil_images = [load_image(image) for image in images]
         classes = [c for c, _ in resolved]
-        out, visual = self.infer(pil_images, classes, sigma=sigma, references=store)
+        out, visual = self.infer(pil_images, classes, sigma=sigma, references=store, knowledge=knowledge)
         # One device-to-host copy of each output per batch, not one per image (on a GPU, many
         # small copies and synchronisations would cost more than the maps themselves).
         scores = out.score.float().clamp(0, 1).cpu().tolist()
         anomaly_maps = out.anomaly_map.float().cpu()
         reference_maps_ = out.reference_map.float().cpu() if out.reference_map is not None else None
         model_maps = torch.cat([out.grid_maps, out.stage_maps[:, :, 1]], dim=1).cpu().numpy()  # (B, 2 + n, h, w)
-        guidance = self._guidance(classes, out, visual)
+        guidance = self._guidance(classes, out, visual, knowledge)
         detections = []
         for i, (pil, (name, known)) in enumerate(zip(pil_images, resolved)):
             refs = store.get(name)
@@ -678,7 +704,13 @@ class KAnoCLIP(nn.Module):
             )
         return detections
 
-    def _guidance(self, classes: Sequence[str], out: KAnoCLIPOutput, visual: VisualFeatures) -> list[list[Guidance]]:
+    def _guidance(
+        self,
+        classes: Sequence[str],
+        out: KAnoCLIPOutput,
+        visual: VisualFeatures,
+        knowledge: KnowledgeBase | None = None,
+    ) -> list[list[Guidance]]:
         """Each image's prompts ranked by similarity to the image and to its most anomalous patches."""
         image = F.normalize(out.global_feature.float(), dim=-1)  # (B, C)
         patches = visual.stages[-1]  # (B, L, C)
@@ -687,7 +719,7 @@ class KAnoCLIP(nn.Module):
         region = torch.gather(patches, 1, top[..., None].expand(-1, -1, patches.shape[-1])).mean(dim=1)
         # (B, 2, C) to the CPU at once; the similarities to a class's ~20 prompts are tiny products
         features = torch.stack([image, F.normalize(region, dim=-1)], dim=1).cpu()
-        prompts = {name: self._class_text(name) for name in dict.fromkeys(classes)}
+        prompts = {name: self._class_text(name, knowledge) for name in dict.fromkeys(classes)}
         prompt_features = {name: texts.guidance_features.float().cpu() for name, texts in prompts.items()}
         ranked = []
         for name, feature in zip(classes, features):
@@ -698,6 +730,11 @@ class KAnoCLIP(nn.Module):
             ]
             ranked.append(sorted(items, key=lambda g: g.image_similarity, reverse=True))
         return ranked
+
+
+def _digest(texts: Sequence[str]) -> str:
+    """A cache key for a list of texts (their SHA-256)."""
+    return hashlib.sha256(json.dumps(list(texts)).encode("utf-8")).hexdigest()
 
 
 def _knowledge_from(kb: str | os.PathLike[str] | KnowledgeBase | None, checkpoint_folder: Path | None) -> KnowledgeBase:

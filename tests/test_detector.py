@@ -391,3 +391,22 @@ def test_from_pretrained_names_its_own_arguments(missing, tiny_backbone, tmp_pat
     with pytest.raises(BackboneError) as info:
         KAnoCLIP.from_pretrained(backbone="./no-such-clip", device="cpu")
     assert "no such folder" in str(info.value) and "backbone=" in str(info.value) and "--" not in str(info.value)
+
+
+def test_a_per_call_knowledge_base_serves_that_call_only(small_config, bottle_image):
+    """``knowledge=`` changes one call's guidance and scores; the model's own knowledge base and results stay."""
+    model = fresh_model(small_config)
+    shared = model.detect(str(bottle_image), "bottle")
+    own = model.knowledge.copy()
+    mine = ["A bottle painted bright green all over its body.", "A bottle with a label glued upside down."]
+    own.set_general("bottle", mine)
+    own.set_general("gizmo", ["A gizmo with a bent antenna."])
+    edited = model.detect(str(bottle_image), "bottle", knowledge=own)
+    assert {g.text for g in edited.guidance if g.source == "manual"} == set(mine)
+    assert edited.score != pytest.approx(shared.score, abs=1e-7)  # the descriptions join the abnormal side
+    assert model.detect(str(bottle_image), "gizmo", knowledge=own).known_class  # only in the per-call copy
+    assert not model.detect(str(bottle_image), "gizmo").known_class
+    again = model.detect(str(bottle_image), "bottle")  # after the per-call one: nothing of it remains
+    assert not {g.text for g in again.guidance} & set(mine)
+    assert again.score == pytest.approx(shared.score, abs=1e-7)
+    assert model.detect(str(bottle_image), "bottle", knowledge=own).score == pytest.approx(edited.score, abs=1e-7)

@@ -319,3 +319,41 @@ def test_client_arguments(url, model, match):
         return
     with pytest.raises(InputError, match=match):
         gen.ChatClient(url, model)
+
+
+def test_redirects_are_not_followed_and_answers_are_capped(server):
+    messages = [{"role": "user", "content": "hi"}]
+    server.queue(Reply(status=302, headers={"Location": server.url + "/elsewhere/chat/completions"}))
+    with client(server) as llm, pytest.raises(GenerationError, match="a redirect; redirects are not followed"):
+        llm.complete(messages)
+    assert len(server.requests) == 1  # neither followed nor retried
+    server.queue(Reply.text("1. " + "a very long answer " * 200))
+    with client(server, max_response_bytes=1000) as llm, pytest.raises(GenerationError, match="exceeds 1000 bytes"):
+        llm.complete(messages)
+
+
+def test_public_only_refuses_inward_addresses_before_sending(server, monkeypatch):
+    with client(server, public_only=True) as llm, pytest.raises(InputError, match="a loopback address"):
+        llm.complete([{"role": "user", "content": "hi"}])
+    assert server.requests == []
+
+    # a name with one public and one private address is refused; an all-public one is requested at its address
+    answers = {"mixed.example": ["93.184.216.34", "10.0.0.7"], "api.example": ["93.184.216.34"]}
+    monkeypatch.setattr(
+        gen.socket, "getaddrinfo", lambda host, port, **kw: [(2, 1, 6, "", (a, port)) for a in answers[host]]
+    )
+    with pytest.raises(InputError, match="10.0.0.7, a private address"):
+        gen.public_addresses("mixed.example", 443)
+    llm = gen.ChatClient("https://api.example:8443/v1", "m", public_only=True)
+    url, headers, extensions = llm._target()
+    assert url == "https://93.184.216.34:8443/v1/chat/completions"
+    assert headers == {"Host": "api.example:8443"} and extensions == {"sni_hostname": "api.example"}
+
+
+def test_an_error_answer_echoing_the_key_does_not_show_it(server):
+    server.queue(Reply(status=401, body=b'{"error": "invalid key sk-echoed-SECRET-123"}'))
+    with client(server, api_key="sk-echoed-SECRET-123") as llm, pytest.raises(GenerationError) as excinfo:
+        llm.complete([{"role": "user", "content": "hi"}])
+    assert "HTTP 401" in str(excinfo.value) and "invalid key ***" in str(excinfo.value)
+    assert "sk-echoed-SECRET-123" not in str(excinfo.value)
+    assert server.requests[0].headers["Authorization"] == "Bearer sk-echoed-SECRET-123"

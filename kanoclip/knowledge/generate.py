@@ -17,12 +17,15 @@ import base64
 import datetime as _dt
 import email.utils
 import io
+import ipaddress
 import json
 import os
 import queue
 import re
+import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +45,50 @@ DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 _MAX_BACKOFF_S = 30.0
 _MAX_RETRY_AFTER_S = 120.0
+#: The largest answer read (a chat answer is a few kB); a bigger one is cut off and refused.
+DEFAULT_MAX_RESPONSE_BYTES = 1 << 20
+
+
+# ----------------------------------------------------------------------------- outbound addresses
+def public_addresses(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to, after checking that each one is public.
+
+    Refused (:class:`InputError`, naming the host and the address): loopback, private, link-local,
+    shared (CGNAT), multicast, reserved and unspecified addresses, IPv4-mapped IPv6 forms of
+    those, and a host that does not resolve. All resolved addresses are checked, not just the
+    first, so a name with one public and one private address is refused too.
+
+    Args:
+        host: a host name or IP literal (IPv6 without brackets).
+        port: the port the request will go to.
+
+    Returns:
+        The resolved addresses, in resolver order.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise InputError(f"endpoint host {host!r} does not resolve ({exc}); check the URL") from None
+    addresses = list(dict.fromkeys(info[4][0].split("%")[0] for info in infos))
+    for text in addresses:
+        address = ipaddress.ip_address(text)
+        mapped = getattr(address, "ipv4_mapped", None)
+        if mapped is not None:
+            address = mapped
+        if not address.is_global or address.is_multicast:
+            kind = next(
+                (
+                    name
+                    for name in ("loopback", "link_local", "unspecified", "multicast", "reserved", "private")
+                    if getattr(address, f"is_{name}")
+                ),
+                "non-public",
+            ).replace("_", "-")
+            raise InputError(
+                f"endpoint host {host!r} resolves to {text}, a {kind} address; "
+                "only endpoints on public addresses may be requested from here"
+            )
+    return addresses
 
 
 # ----------------------------------------------------------------------------- client
@@ -51,7 +98,15 @@ class ChatClient:
     ``retries`` is the number of retries after the first attempt. A retry follows a
     5xx or 429 answer (honouring ``Retry-After`` seconds), a timeout, a connection
     error, a malformed JSON body or an empty answer; the wait doubles each time
-    starting at ``backoff`` seconds. Other 4xx answers fail at once.
+    starting at ``backoff`` seconds. Other 4xx answers fail at once, and so does a redirect
+    (3xx): it is never followed, since it could lead the request (and its key) elsewhere.
+
+    ``timeout`` bounds each attempt as a whole (connecting, waiting and reading), and
+    ``max_response_bytes`` the answer's size: a server that drips or floods is cut off.
+    With ``public_only`` (a public app sending a visitor's URL) the host is resolved before
+    each attempt, every address must be public (:func:`public_addresses`), and the request
+    goes to the checked address itself (the TLS name and ``Host`` header stay the URL's),
+    so a name cannot be re-pointed inward between the check and the connection.
     """
 
     def __init__(
@@ -64,12 +119,14 @@ class ChatClient:
         retries: int = 3,
         backoff: float = 1.0,
         temperature: float | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        public_only: bool = False,
     ) -> None:
         if not base_url or not base_url.startswith(("http://", "https://")):
             raise InputError(f"endpoint URL {base_url!r} is not an http(s) URL; pass e.g. http://127.0.0.1:11434/v1")
         if not model or not model.strip():
             raise InputError(f"no model named for {base_url}; pass the model name (e.g. --llm-model llama3.1)")
-        if timeout <= 0 or retries < 0 or backoff < 0:
+        if timeout <= 0 or retries < 0 or backoff < 0 or max_response_bytes < 1:
             raise InputError("timeout must be > 0 and retries, backoff >= 0; fix --timeout/--retries")
         base = base_url.rstrip("/")
         self.url = base if base.endswith("/chat/completions") else f"{base}/chat/completions"
@@ -78,8 +135,11 @@ class ChatClient:
         self.retries = int(retries)
         self.backoff = float(backoff)
         self.temperature = temperature
+        self.max_response_bytes = int(max_response_bytes)
+        self.public_only = public_only
+        self._api_key = api_key  # only for the header, and to scrub it from an echoing server's error text
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(timeout=self.timeout, headers=headers)
+        self._http = httpx.Client(timeout=self.timeout, headers=headers, follow_redirects=False)
 
     def close(self) -> None:
         """Close the underlying HTTP connections."""
@@ -101,24 +161,28 @@ class ChatClient:
         for attempt in range(1, attempts + 1):
             retry_after: float | None = None
             try:
-                response = self._http.post(self.url, json=body)
+                status, headers, raw = self._post(body)
             except httpx.TimeoutException:
                 failure = f"no answer within {self.timeout:g} s"
             except httpx.TransportError as exc:
                 failure = f"connection failed ({type(exc).__name__}: {_one_line(str(exc)) or 'no detail'})"
             else:
-                status = response.status_code
                 if status == 429 or status >= 500:
                     failure = f"HTTP {status}"
-                    retry_after = _retry_after_seconds(response.headers.get("Retry-After"))
+                    retry_after = _retry_after_seconds(headers.get("Retry-After"))
+                elif 300 <= status < 400:
+                    raise GenerationError(
+                        f"{self.url}: HTTP {status}, a redirect; redirects are not followed, "
+                        "give the URL the server answers on"
+                    )
                 elif status >= 400:
                     raise GenerationError(
-                        f"{self.url}: HTTP {status} ({_one_line(response.text)[:200]}); "
+                        f"{self.url}: HTTP {status} ({self._scrub(raw.decode('utf-8', 'replace'))[:200]}); "
                         f"check the URL, the model name {self.model!r} and the API key"
                     )
                 else:
                     try:
-                        return _answer_text(response.json())
+                        return _answer_text(json.loads(raw))
                     except json.JSONDecodeError as exc:
                         failure = f"malformed JSON response ({exc.msg} at character {exc.pos})"
                     except ValueError as exc:
@@ -133,6 +197,42 @@ class ChatClient:
             f"{self.url}: {failure} after {attempts} {noun}; check that the server is up and serves "
             f"model {self.model!r}, or raise --retries/--timeout"
         )
+
+    def _scrub(self, text: str) -> str:
+        """``text`` on one line, with the API key (should a server echo it back) masked."""
+        line = _one_line(text)
+        return line.replace(self._api_key, "***") if self._api_key else line
+
+    def _target(self) -> tuple[str, dict[str, str], dict[str, Any]]:
+        """(URL to request, extra headers, httpx extensions): the URL itself, or its checked public address."""
+        if not self.public_only:
+            return self.url, {}, {}
+        parts = urllib.parse.urlsplit(self.url)
+        host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+        address = public_addresses(host, port)[0]
+        literal = f"[{address}]" if ":" in address else address
+        netloc = f"{literal}:{parts.port}" if parts.port else literal
+        pinned = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+        return pinned, {"Host": parts.netloc.rsplit("@", 1)[-1]}, {"sni_hostname": host}
+
+    def _post(self, body: dict[str, Any]) -> tuple[int, httpx.Headers, bytes]:
+        """One attempt: (status, headers, body), the body cut off at ``max_response_bytes`` and the whole
+        attempt at ``timeout`` seconds (``httpx.ReadTimeout`` then)."""
+        url, headers, extensions = self._target()
+        deadline = time.monotonic() + self.timeout
+        with self._http.stream("POST", url, json=body, headers=headers, extensions=extensions) as response:
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > self.max_response_bytes:
+                    raise GenerationError(
+                        f"{self.url}: the answer exceeds {self.max_response_bytes} bytes; "
+                        "a chat answer is a few kB, check the URL"
+                    )
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout("the whole answer took too long")
+                chunks.append(chunk)
+            return response.status_code, response.headers, b"".join(chunks)
 
 
 def _one_line(text: str) -> str:
