@@ -36,7 +36,7 @@ from demo.components import (
     user_errors,
 )
 from demo.memory import MemoryKeeper
-from demo.state import AppContext, compute_slot, describe_model, model_choices
+from demo.state import AppContext, compute_slot, describe_model, model_choices, serve_detection
 from kanoclip import KAnoCLIP
 from kanoclip.config import ScoringConfig
 from kanoclip.detection import Detection, upsample_maps
@@ -300,9 +300,8 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
         It takes the model's name, not the model: the model is already loaded (and cached) by
         the caller. ``threshold`` None: the class's calibrated one, else the default.
         """
-        model = registry.get(model_choice)
-        with compute_slot(model):
-            return model.detect(image, class_name, threshold=threshold, sigma=sigma, references=references)
+        model = registry.get(model_choice)  # batched with other visitors' requests where batching is on
+        return serve_detection(model, image, class_name, threshold=threshold, sigma=sigma, references=references)
 
     @gpu
     def run_add_references(

@@ -114,6 +114,18 @@ class VisualFeatures:
     stages: list[torch.Tensor]  # n_stages x (B, L, C) projected V-V patch tokens
     grid: tuple[int, int]  # (h, w) patch grid, h * w == L
 
+    def select(self, rows: Sequence[int]) -> VisualFeatures:
+        """The features of some images of the batch.
+
+        Args:
+            rows: batch indices, in the order wanted.
+
+        Returns:
+            :class:`VisualFeatures` of ``len(rows)`` images.
+        """
+        index = torch.as_tensor(list(rows), device=self.global_feature.device)
+        return VisualFeatures(self.global_feature[index], [stage[index] for stage in self.stages], self.grid)
+
 
 class CLIPVV:
     """A view of CLIP's frozen vision tower that adds the V-V dual path.
