@@ -12,6 +12,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, TOKENIZER, require_shared
 
 
@@ -73,3 +75,28 @@ def test_gpu_benchmark_runs_on_cpu_and_reports_every_figure(tmp_path):
     assert "batch 2: bare" in summary and "batch 3: bare" in summary and "detect_batch" in summary
     assert "precision bf16 (bf16): detect_batch" in summary and "with 4 references" in summary
     assert "skipped" in result["onnx_cuda"] and "onnx (CUDA provider):" in summary  # no CUDA provider on a CPU machine
+
+
+def test_visitors_benchmark_runs_on_cpu_and_reports_each_client_count(tmp_path):
+    """``bench_visitors.py`` (gpu_check.sh's visitors/s through the app) on the tiny backbone: the app
+    comes up with batching on, 1 and 2 clients are served, and every figure is there."""
+    require_shared(TOKENIZER)
+    pytest.importorskip("gradio_client")
+    from test_app import free_port
+
+    out = tmp_path / "visitors.json"
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "bench_visitors.py"), "--tokenizer", str(TOKENIZER),
+        "--device", "cpu", "--architecture", "tiny", "--clients", "1,2", "--requests", "1", "--batching", "on",
+        "--image-size", "64", "--port", str(free_port()), "--json-out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["batching_on"]["batch_size"] == 8 and "batching_off" not in result
+    rows = result["batching_on"]["clients"]
+    assert set(rows) == {"1", "2"}
+    for n, row in rows.items():
+        assert row["visitors_per_s"] == pytest.approx(int(n) * 1 / row["seconds"], rel=0.02)
+        assert row["mean_latency_s"] > 0
+    assert "batching on (batch size 8): 1 clients" in done.stdout.split("== visitors/s through the app ==", 1)[1]
