@@ -379,9 +379,13 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
                 f"{count + len(files)} reference images of {canonical!r} exceed the limit of {limit} per class; {room}"
             )
         images = [decode(path) for path in files]  # every file decoded (and named when bad) before any is added
-        # kept from the returned set: on ZeroGPU the call runs in a worker, whose changes to its
-        # copy of the store would not come back
-        session.sets[canonical] = run_add_references(model_choice, canonical, images, session)
+        # kept from the returned set where the call ran on a copy of the store (on ZeroGPU, in a
+        # worker whose changes would not come back); in-process the model merged it already, and a
+        # concurrent addition of this session may have merged after it
+        before = session.get(canonical)
+        added = run_add_references(model_choice, canonical, images, session)
+        if session.get(canonical) is before:
+            session.sets[canonical] = added
         return describe_references(model, session, model_choice, canonical), None, stores
 
     @user_errors

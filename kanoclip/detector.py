@@ -7,6 +7,13 @@ or the training-free ensemble, with the knowledge base's descriptions), cached p
 bounded caches it owns, and the guidance and results built from a forward. It is an
 ``nn.Module`` too (its parameters are the model's), so training can wrap it in DDP.
 
+One model may be shared by any number of threads (a threaded server, the app on a GPU, models
+sharing a backbone through ``backbone_cache``): each call's backbone capture is its own
+(:mod:`~kanoclip.modeling.vv_attention`), the text caches compute each class once and keep nothing
+computed across an invalidation (:class:`~kanoclip.cache.LRUCache`), a detection reads each class's
+references once, and additions to one class's references merge under a lock. For batching
+concurrent callers into one forward, see :mod:`kanoclip.serving`.
+
 The mode comes from what was loaded: :meth:`from_pretrained` with a checkpoint gives the trained
 mode, without one the training-free mode; :meth:`for_training` builds a model whose learned parts
 are about to be trained (trained mode, fresh weights).
