@@ -40,7 +40,7 @@ from demo.components import (
     user_errors,
 )
 from demo.memory import MemoryKeeper
-from demo.state import AppContext, Session, compute_slot, describe_model, model_choices
+from demo.state import AppContext, Session, compute_slot, describe_model, model_choices, serve_detection
 from kanoclip import KAnoCLIP
 from kanoclip.config import ScoringConfig
 from kanoclip.detection import Detection, upsample_maps
@@ -324,11 +324,10 @@ def build_detect_tab(ctx: AppContext, visitor: gr.State) -> DetectTab:
         the caller. ``threshold`` None: the class's calibrated one, else the default. The
         visitor's own ``knowledge`` base (None: the shared one) serves this call only.
         """
-        model = registry.get(model_choice, owner=owner)
-        with compute_slot(model):
-            return model.detect(
-                image, class_name, threshold=threshold, sigma=sigma, references=references, knowledge=knowledge
-            )
+        model = registry.get(model_choice, owner=owner)  # batched with other visitors' requests where batching is on
+        return serve_detection(
+            model, image, class_name, threshold=threshold, sigma=sigma, references=references, knowledge=knowledge
+        )
 
     @gpu
     def run_add_references(
@@ -416,9 +415,13 @@ def build_detect_tab(ctx: AppContext, visitor: gr.State) -> DetectTab:
                 f"{count + len(files)} reference images of {canonical!r} exceed the limit of {limit} per class; {room}"
             )
         images = [decode(path) for path in files]  # every file decoded (and named when bad) before any is added
-        # kept from the returned set: on ZeroGPU the call runs in a worker, whose changes to its
-        # copy of the store would not come back
-        session.sets[canonical] = run_add_references(model_choice, canonical, images, session, owner)
+        # kept from the returned set where the call ran on a copy of the store (on ZeroGPU, in a
+        # worker whose changes would not come back); in-process the model merged it already, and a
+        # concurrent addition of this session may have merged after it
+        before = session.get(canonical)
+        added = run_add_references(model_choice, canonical, images, session, owner)
+        if session.get(canonical) is before:
+            session.sets[canonical] = added
         return describe_references(model, session, model_choice, canonical), None, stores
 
     @user_errors

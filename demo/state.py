@@ -20,15 +20,19 @@ has none of that class.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+
+from PIL import Image
 
 from demo.access import MODELS_ENV, AccessConfig
 from demo.uploads import confine
@@ -36,10 +40,12 @@ from kanoclip import KAnoCLIP, KnowledgeBase
 from kanoclip.backbone import Backbone
 from kanoclip.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from kanoclip.config import DEFAULT_BACKBONE
+from kanoclip.detection import Detection
 from kanoclip.detector import resolve_device
 from kanoclip.errors import CheckpointError, InputError, KAnoCLIPError
 from kanoclip.precision import explain_precision
 from kanoclip.references import INDEX_NAME, TENSORS_NAME, References
+from kanoclip.serving import BatchingConfig, MicroBatcher
 
 log = logging.getLogger("kanoclip.app")
 TRAINING_FREE = "training-free"
@@ -177,6 +183,14 @@ def resolve_choice(config: AppConfig, choice: str | None, *, owner: bool = False
 _CPU_COMPUTE = threading.Lock()
 
 
+def one_pass_at_a_time(model: KAnoCLIP) -> bool:
+    """Whether the model's passes are serialised by :func:`compute_slot`: on the CPU, not on a GPU.
+
+    The one place the choice is made, so that a test can take the GPU's path on a CPU.
+    """
+    return model.device.type == "cpu"
+
+
 @contextlib.contextmanager
 def compute_slot(model: KAnoCLIP) -> Iterator[None]:
     """Held around a model's forward pass: on the CPU one pass at a time, on a GPU no wait.
@@ -184,13 +198,61 @@ def compute_slot(model: KAnoCLIP) -> Iterator[None]:
     On the CPU torch already spreads one pass over every core, so running two at once gains
     nothing, and concurrent passes there can differ in the last digits (thread scheduling
     changes the order of float sums); serialising them keeps every visitor's result identical
-    to a direct ``model.detect``. Decoding and drawing still run concurrently.
+    to a direct ``model.detect``. Decoding and drawing still run concurrently. On a GPU passes
+    run concurrently (the model is thread-safe) and are batched by :func:`serve_detection`.
     """
-    if model.device.type != "cpu":
+    if not one_pass_at_a_time(model):
         yield
         return
     with _CPU_COMPUTE:
         yield
+
+
+# Each loaded model's batcher, made on its first batched request. Weak keys, and the batcher
+# holds a proxy of its model, so a model evicted from the registry takes its batcher with it.
+_BATCHERS: weakref.WeakKeyDictionary[KAnoCLIP, MicroBatcher] = weakref.WeakKeyDictionary()
+_BATCHERS_LOCK = threading.Lock()
+
+
+def batcher_for(model: KAnoCLIP) -> MicroBatcher | None:
+    """The model's micro-batcher, or None where batching is off (``KANOCLIP_BATCH_SIZE``, default: on a GPU).
+
+    Raises:
+        InputError: ``KANOCLIP_BATCH_SIZE`` or ``KANOCLIP_BATCH_WAIT_MS`` is not a valid setting.
+    """
+    config = BatchingConfig.from_env(serialised=one_pass_at_a_time(model))
+    if not config.enabled:
+        return None
+    with _BATCHERS_LOCK:
+        batcher = _BATCHERS.get(model)
+        if batcher is None or batcher.config != config:
+            proxy = weakref.proxy(model)
+            batcher = _BATCHERS[model] = MicroBatcher(proxy, config, slot=functools.partial(compute_slot, proxy))
+        return batcher
+
+
+def serve_detection(
+    model: KAnoCLIP,
+    image: Image.Image,
+    class_name: str,
+    *,
+    threshold: float | None,
+    sigma: float,
+    references: References,
+    knowledge: KnowledgeBase | None = None,
+) -> Detection:
+    """One visitor's ``model.detect``: batched with other visitors' concurrent requests where batching
+    is on (:func:`batcher_for`), else alone in :func:`compute_slot`. Either way the result is the
+    visitor's own, with their references and threshold."""
+    batcher = batcher_for(model)
+    if batcher is None:
+        with compute_slot(model):
+            return model.detect(
+                image, class_name, threshold=threshold, sigma=sigma, references=references, knowledge=knowledge
+            )
+    return batcher.detect(
+        image, class_name, threshold=threshold, sigma=sigma, references=references, knowledge=knowledge
+    )
 
 
 # ---------------------------------------------------------------------------- status text

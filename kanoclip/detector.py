@@ -7,6 +7,13 @@ or the training-free ensemble, with the knowledge base's descriptions), cached p
 bounded caches it owns, and the guidance and results built from a forward. It is an
 ``nn.Module`` too (its parameters are the model's), so training can wrap it in DDP.
 
+One model may be shared by any number of threads (a threaded server, the app on a GPU, models
+sharing a backbone through ``backbone_cache``): each call's backbone capture is its own
+(:mod:`~kanoclip.modeling.vv_attention`), the text caches compute each class once and keep nothing
+computed across an invalidation (:class:`~kanoclip.cache.LRUCache`), a detection reads each class's
+references once, and additions to one class's references merge under a lock. For batching
+concurrent callers into one forward, see :mod:`kanoclip.serving`.
+
 The mode comes from what was loaded: :meth:`from_pretrained` with a checkpoint gives the trained
 mode, without one the training-free mode; :meth:`for_training` builds a model whose learned parts
 are about to be trained (trained mode, fresh weights).
@@ -17,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,6 +52,9 @@ from kanoclip.references import References, ReferenceSet, bank_from_stages, f1_m
 
 MAX_CLASS_CHARS = 1000  # longer names are cut before tokenising (the tokenizer cuts to 77 tokens anyway)
 _SHARED_PASS_KEYS = {"backbone", "image_size", "vv.stage_layers", "vv.position_interpolation"}
+# Held while a backbone is looked up in, loaded into or quantised into a backbone cache: two models
+# built at once on one cache (or its int8 copy) load it once.
+_BACKBONE_CACHE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -80,6 +91,9 @@ class KAnoCLIP(nn.Module):
         self._text_cache: LRUCache[tuple[str, str], _ClassText] = LRUCache(max_classes)
         self._knowledge_cache: LRUCache[tuple[str, str], torch.Tensor] = LRUCache(max_classes)
         self.reference_store = References(self.reference_fingerprint())  # add_references fills it
+        # Held while a class's references or threshold are read, merged and written back into a store
+        # (any store: the model's or a session's), so concurrent additions to one class lose none.
+        self._references_lock = threading.Lock()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -186,12 +200,13 @@ class KAnoCLIP(nn.Module):
         # an int8 backbone is a quantised copy, cached apart: models sharing the fp32 one never see it
         key = (config.backbone, f"{torch_device}:int8") if int8 else fp32_key
         cache = backbone_cache if backbone_cache is not None else {}
-        loaded = cache.get(key)
-        if loaded is None:
-            loaded = cache.get(fp32_key) or load_backbone(config.backbone, device=torch_device, cache_dir=cache_dir)
-            if int8:
-                loaded = replace(loaded, model=int8_vision_copy(loaded.model))
-            cache[key] = loaded
+        with _BACKBONE_CACHE_LOCK:
+            loaded = cache.get(key)
+            if loaded is None:
+                loaded = cache.get(fp32_key) or load_backbone(config.backbone, device=torch_device, cache_dir=cache_dir)
+                if int8:
+                    loaded = replace(loaded, model=int8_vision_copy(loaded.model))
+                cache[key] = loaded
         return cls(_model_on(loaded, config, trained=trained, precision=precision), loaded, knowledge).to(torch_device)
 
     def variant(self, overrides: Mapping[str, Any]) -> KAnoCLIP:
@@ -499,28 +514,35 @@ class KAnoCLIP(nn.Module):
         """
         store = self.reference_store if store is None else store
         name = self.canonical_class(class_name)[0]
-        old = store.get(name)
-        limit = self.config.references.max_per_class
         if isinstance(images, (str, bytes, os.PathLike, np.ndarray, Image.Image)) or not len(images):
             raise InputError("images must be a non-empty list of normal images (paths, PIL images, arrays or bytes)")
-        have = old.count if old is not None else 0
-        if have + len(images) > limit:
-            raise InputError(
-                f"{have + len(images)} references for {name!r} exceed the limit of {limit} per class "
-                f"(references.max_per_class): each takes memory for all its patch features; keep the most typical"
-            )
+        self._check_reference_limit(store.get(name), name, len(images))
         decoded = [load_image(_finite(image)) for image in images]  # all decoded before any is added
         stages, model_scores, grid = self._reference_features(name, decoded)
-        if old is not None and old.count:
-            stages = [torch.cat([b, n]) for b, n in zip(old.bank, stages)]
-            model_scores = old.model_scores + model_scores
-        names = (old.image_names if old is not None else []) + [describe(image) for image in images]
-        refs = ReferenceSet(name, stages, names, grid=grid, model_scores=model_scores)
-        if refs.count >= 2:
-            refs.threshold = self._leave_one_out_threshold(refs)
-            refs.calibration = f"leave-one-out on its {refs.count} references"
-        store.sets[name] = refs
+        # The forward passes above run concurrently; the merge reads the class's set again under the
+        # lock, so a concurrent addition to the same class is kept, not overwritten.
+        with self._references_lock:
+            old = store.get(name)
+            self._check_reference_limit(old, name, len(images))
+            if old is not None and old.count:
+                stages = [torch.cat([b, n]) for b, n in zip(old.bank, stages)]
+                model_scores = old.model_scores + model_scores
+            names = (old.image_names if old is not None else []) + [describe(image) for image in images]
+            refs = ReferenceSet(name, stages, names, grid=grid, model_scores=model_scores)
+            if refs.count >= 2:
+                refs.threshold = self._leave_one_out_threshold(refs)
+                refs.calibration = f"leave-one-out on its {refs.count} references"
+            store.sets[name] = refs
         return refs
+
+    def _check_reference_limit(self, old: ReferenceSet | None, name: str, adding: int) -> None:
+        """Refuse ``adding`` more references of ``name`` beyond ``references.max_per_class``."""
+        have, limit = (old.count if old is not None else 0), self.config.references.max_per_class
+        if have + adding > limit:
+            raise InputError(
+                f"{have + adding} references for {name!r} exceed the limit of {limit} per class "
+                f"(references.max_per_class): each takes memory for all its patch features; keep the most typical"
+            )
 
     def references(self, class_name: str, *, store: References | None = None) -> ReferenceSet | None:
         """The class's references and threshold, or None."""
@@ -530,7 +552,8 @@ class KAnoCLIP(nn.Module):
     def remove_references(self, class_name: str, *, store: References | None = None) -> None:
         """Forget the class's references and its calibrated threshold."""
         store = self.reference_store if store is None else store
-        store.sets.pop(self.canonical_class(class_name)[0], None)
+        with self._references_lock:
+            store.sets.pop(self.canonical_class(class_name)[0], None)
 
     def save_references(self, folder: str | os.PathLike[str]) -> Path:
         """Write the model's references to ``folder`` (load them with ``from_pretrained(references=folder)``)."""
@@ -563,9 +586,9 @@ class KAnoCLIP(nn.Module):
         else:
             threshold = f1_max_threshold(scores, np.asarray(labels))
             how = f"on {len(images)} labelled images (F1-max)"
-        refs = store.get(name) or ReferenceSet(name, [], [])
-        refs.threshold, refs.calibration = threshold, how
-        store.sets[name] = refs
+        with self._references_lock:  # a new set, so a detect reading the old one sees it whole
+            old = store.get(name) or ReferenceSet(name, [], [])
+            store.sets[name] = replace(old, threshold=threshold, calibration=how)
         return threshold
 
     @torch.inference_mode()
@@ -620,9 +643,7 @@ class KAnoCLIP(nn.Module):
 
         The tensor-level path shared by :meth:`detect_batch` and evaluation; maps are S×S.
         """
-        if self.training:
-            self.eval()
-        visual = self.encode_image(self.pixel_values(images))
+        visual = self.encode_images(images)
         return self.forward(visual, class_names, sigma=sigma, references=references, knowledge=knowledge), visual
 
     def detect(
@@ -662,11 +683,62 @@ class KAnoCLIP(nn.Module):
         class_names = class_per_image(images, class_names)
         if not images:
             return []
+        pil_images = [load_image(image) for image in images]
+        visual = self.encode_images(pil_images)
+        return self.detect_features(
+            visual, pil_images, class_names, threshold=threshold, sigma=sigma, references=references,
+            knowledge=knowledge, sources=[describe(image) for image in images],
+        )  # fmt: skip
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Image.Image]) -> VisualFeatures:
+        """CLIP-VV features of decoded RGB images in eval mode: the backbone forward of a detection.
+
+        Args:
+            images: decoded RGB images (any sizes; each is resized to :attr:`image_size`).
+
+        Returns:
+            fp32 :class:`~kanoclip.modeling.vv_attention.VisualFeatures` of the batch.
+        """
+        if self.training:
+            self.eval()
+        return self.encode_image(self.pixel_values(images))
+
+    @torch.inference_mode()
+    def detect_features(
+        self,
+        visual: VisualFeatures,
+        images: Sequence[Image.Image],
+        class_names: Sequence[str],
+        *,
+        threshold: float | None = None,
+        sigma: float | None = None,
+        references: References | None = None,
+        knowledge: KnowledgeBase | None = None,
+        sources: Sequence[str] | None = None,
+    ) -> list[Detection]:
+        """:meth:`detect_batch` from the images' features (:meth:`encode_images`), one class per image.
+
+        So that a server can run one backbone forward for the images of several callers and
+        build each caller's results with their own threshold, σ and references
+        (:class:`kanoclip.serving.MicroBatcher`). Each class's references are read once, at the
+        start: a concurrent :meth:`add_references` changes a later call, never half of this one.
+
+        Args:
+            visual: the images' features, batch order as ``images``.
+            images: the decoded images (their sizes are the maps' sizes).
+            class_names: one per image.
+            threshold, sigma, references, knowledge: as for :meth:`detect_batch`.
+            sources: how each result names its image (default: described from ``images``).
+
+        Returns:
+            One :class:`~kanoclip.detection.Detection` per image.
+        """
         store = self.reference_store if references is None else references
         resolved = [self.canonical_class(name, knowledge) for name in class_names]
-        pil_images = [load_image(image) for image in images]
         classes = [c for c, _ in resolved]
-        out, visual = self.infer(pil_images, classes, sigma=sigma, references=store, knowledge=knowledge)
+        store = References(store.fingerprint, {c: refs for c in dict.fromkeys(classes) if (refs := store.get(c))})
+        out = self.forward(visual, classes, sigma=sigma, references=store, knowledge=knowledge)
         # One device-to-host copy of each output per batch, not one per image (on a GPU, many
         # small copies and synchronisations would cost more than the maps themselves).
         scores = out.score.float().clamp(0, 1).cpu().tolist()
@@ -674,8 +746,9 @@ class KAnoCLIP(nn.Module):
         reference_maps_ = out.reference_map.float().cpu() if out.reference_map is not None else None
         model_maps = torch.cat([out.grid_maps, out.stage_maps[:, :, 1]], dim=1).cpu().numpy()  # (B, 2 + n, h, w)
         guidance = self._guidance(classes, out, visual, knowledge)
+        sources = [describe(image) for image in images] if sources is None else sources
         detections = []
-        for i, (pil, (name, known)) in enumerate(zip(pil_images, resolved)):
+        for i, (pil, (name, known)) in enumerate(zip(images, resolved)):
             refs = store.get(name)
             count = out.reference_counts[i] if out.reference_counts else 0
             default = self.config.scoring.threshold
@@ -695,7 +768,7 @@ class KAnoCLIP(nn.Module):
                     known_class=known,
                     mode=self.mode,
                     guidance=guidance[i],
-                    image=describe(images[i]),
+                    image=sources[i],
                     model_maps=model_maps[i],
                     reference_map=upsample_maps(reference_maps_[i : i + 1], size)[0] if count else None,
                     reference_count=count,

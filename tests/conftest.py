@@ -161,3 +161,20 @@ def bottle_clip(bottle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> t
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode(None))
     return clip, root / "good"
+
+
+@pytest.fixture(scope="session")
+def bottle_images(bottle_dir: Path) -> list:
+    """8 distinct real MVTec-AD bottle test images (4 kinds of defect and good ones), shrunk to 128 px:
+    the tiny model's input is 112 px, so tests of many detections stay fast."""
+    from PIL import Image
+
+    kinds = ("broken_large", "broken_small", "contamination", "good")
+    names = [f"{kind}/{i:03d}.png" for kind in kinds for i in (0, 1)]
+    return [Image.open(bottle_dir / "test" / name).convert("RGB").resize((128, 128), Image.BILINEAR) for name in names]
+
+
+@pytest.fixture(scope="session")
+def good_bottle_paths(bottle_dir: Path) -> list[Path]:
+    """The real good bottle test images, by name (normal references for tests)."""
+    return sorted((bottle_dir / "test" / "good").glob("*.png"))

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from kanoclip.precision import parse_cpuinfo
 
 from conftest import REPO, TOKENIZER, require_shared
@@ -98,3 +100,28 @@ def test_video_benchmark_runs_on_the_tiny_architecture_and_reports_every_figure(
         assert row["clip"]["frames_per_s"] == row["clip"]["frames"] / row["clip"]["seconds"] > 0
         assert row["live"]["frames"] == 2 and row["live"]["frames_per_s"] > 0 and row["live"]["median_latency_ms"] > 0
     assert "tiny int8: clip" in done.stdout
+
+
+def test_visitors_benchmark_runs_on_cpu_and_reports_each_client_count(tmp_path):
+    """``bench_visitors.py`` (gpu_check.sh's visitors/s through the app) on the tiny backbone: the app
+    comes up with batching on, 1 and 2 clients are served, and every figure is there."""
+    require_shared(TOKENIZER)
+    pytest.importorskip("gradio_client")
+    from test_app import free_port
+
+    out = tmp_path / "visitors.json"
+    command = [
+        sys.executable, str(REPO / "benchmarks" / "bench_visitors.py"), "--tokenizer", str(TOKENIZER),
+        "--device", "cpu", "--architecture", "tiny", "--clients", "1,2", "--requests", "1", "--batching", "on",
+        "--image-size", "64", "--port", str(free_port()), "--json-out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["batching_on"]["batch_size"] == 8 and "batching_off" not in result
+    rows = result["batching_on"]["clients"]
+    assert set(rows) == {"1", "2"}
+    for n, row in rows.items():
+        assert row["visitors_per_s"] == pytest.approx(int(n) * 1 / row["seconds"], rel=0.02)
+        assert row["mean_latency_s"] > 0
+    assert "batching on (batch size 8): 1 clients" in done.stdout.split("== visitors/s through the app ==", 1)[1]

@@ -16,7 +16,7 @@ LAYERS = [
     ("service", {"kanoclip.backbone", "kanoclip.checkpoint", "kanoclip.detection", "kanoclip.references",
                  "kanoclip.knowledge", "kanoclip.detector", "kanoclip.viz", "kanoclip.viz_prompts", "kanoclip.data",
                  "kanoclip.onnx", "kanoclip.distributed", "kanoclip"}),
-    ("uses", {"kanoclip.training", "kanoclip.evaluation", "kanoclip.video"}),
+    ("uses", {"kanoclip.training", "kanoclip.evaluation", "kanoclip.video", "kanoclip.serving"}),
     ("entry", {"kanoclip.cli", "kanoclip.__main__", "demo"}),
 ]  # fmt: skip
 

@@ -15,6 +15,7 @@ one dataset apply to any class name a user types.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,10 @@ from kanoclip.config import PromptConfig
 from kanoclip.knowledge.classes import display_name as class_text  # metal_nut -> "metal nut"
 
 _PLACEHOLDER = "X"
+
+# A tokenizers-backed tokenizer sets its padding and truncation on itself for each call, so calls
+# from several threads (models sharing one backbone's tokenizer) could use each other's settings.
+_TOKENIZER_LOCK = threading.Lock()
 
 
 def causal_mask(text_model: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -138,9 +143,10 @@ class TextEncoder:
         Returns:
             (N, 77) token ids on :attr:`device`.
         """
-        batch = self.tokenizer(
-            list(texts), padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
-        )
+        with _TOKENIZER_LOCK:
+            batch = self.tokenizer(
+                list(texts), padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
+            )
         return batch.input_ids.to(self.device)
 
     def eot_index(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,14 @@ state at the input of the first replaced block. ``V_l`` is exactly the value pro
 original attention computes, so it is captured from the original forward (a hook on the
 block's ``v_proj``) rather than computed twice. ``Project_l`` is the block's ``out_proj``.
 
+The capture belongs to the call, so that any number of threads may share one backbone (and
+several CLIP-VV views of it, e.g. models sharing it through ``backbone_cache``): the hooks are
+installed once per module and stay; each call puts its own :class:`_Capture` record in a
+``contextvars.ContextVar`` for the length of its forward, and a hook writes only into the
+record of the context it fires in (PyTorch fires every hook of a module, whichever thread runs
+it, and a thread's context is its own). With no record (a plain backbone forward, another
+thread's call between two of ours) the hooks do nothing.
+
 Input sizes other than the backbone's (``KAnoCLIPConfig.image_size``, e.g. 518 on a 336
 backbone) resize the position embeddings of the patch grid: bicubically like transformers'
 ``interpolate_pos_encoding=True``, or bilinearly like CLIP Surgery and AnomalyCLIP
@@ -26,10 +34,12 @@ Outputs (C = the joint embedding width, L = number of patches):
 
 from __future__ import annotations
 
+import contextvars
 import math
+import threading
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +52,79 @@ POSITION_CACHE_SIZE = 4  # resized position tables kept by a CLIPVV (one per inp
 
 
 @dataclass
+class _Capture:
+    """What one call records from the original forward, and which modules it reads it from.
+
+    ``wanted`` maps a module of the backbone (a block, or a block's ``v_proj``) to where its
+    tensor goes: ``("start", l)`` the input of block l, ``("values", l)`` block l's ``V_l``,
+    ``("outputs", l)`` block l's output. Keyed by module, so a record only ever takes tensors of
+    the modules its own call asked for.
+    """
+
+    wanted_inputs: dict[torch.nn.Module, int]  # block -> l, whose input is kept as start[l]
+    wanted_outputs: dict[torch.nn.Module, tuple[str, int]]  # block or v_proj -> (kind, l)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    start: dict[int, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+# The calling context's record (None: not capturing). A ContextVar, not a thread-local: a value
+# set in one thread (or asyncio task) is never seen by another.
+_RECORD: contextvars.ContextVar[_Capture | None] = contextvars.ContextVar("kanoclip_vv_capture", default=None)
+_INSTALL_LOCK = threading.Lock()  # two views built at once on one backbone install its hooks once
+
+
+def _keep_input(module: torch.nn.Module, args: tuple) -> None:
+    """Forward pre-hook of every block: its input, when the calling context's record wants it."""
+    record = _RECORD.get()
+    if record is not None and module in record.wanted_inputs:
+        record.start[record.wanted_inputs[module]] = args[0]
+
+
+def _keep_output(module: torch.nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+    """Forward hook of every block and ``v_proj``: its output, when the calling context's record wants it."""
+    record = _RECORD.get()
+    if record is not None:
+        wanted = record.wanted_outputs.get(module)
+        if wanted is not None:
+            kind, layer = wanted
+            getattr(record, kind)[layer] = output
+
+
+def _install_hooks(layers: Sequence[torch.nn.Module]) -> None:
+    """The capture hooks on every block and ``v_proj`` that lacks them (once per module, for good).
+
+    A module copied with its hooks (``copy.deepcopy``, as the int8 copy is made) keeps them, and
+    a module replaced afterwards (the int8 copy's quantised ``v_proj``) gets its own.
+    """
+    with _INSTALL_LOCK:
+        for layer in layers:
+            if _keep_input not in layer._forward_pre_hooks.values():
+                layer.register_forward_pre_hook(_keep_input)
+            for module in (layer, layer.self_attn.v_proj):
+                if _keep_output not in module._forward_hooks.values():
+                    module.register_forward_hook(_keep_output)
+
+
+@dataclass
 class VisualFeatures:
     """What CLIP-VV gives the rest of the model."""
 
     global_feature: torch.Tensor  # (B, C) projected CLS of the original path
     stages: list[torch.Tensor]  # n_stages x (B, L, C) projected V-V patch tokens
     grid: tuple[int, int]  # (h, w) patch grid, h * w == L
+
+    def select(self, rows: Sequence[int]) -> VisualFeatures:
+        """The features of some images of the batch.
+
+        Args:
+            rows: batch indices, in the order wanted.
+
+        Returns:
+            :class:`VisualFeatures` of ``len(rows)`` images.
+        """
+        index = torch.as_tensor(list(rows), device=self.global_feature.device)
+        return VisualFeatures(self.global_feature[index], [stage[index] for stage in self.stages], self.grid)
 
 
 class CLIPVV:
@@ -70,6 +147,7 @@ class CLIPVV:
         self.depth = len(self.vision_model.encoder.layers)
         self.first_replaced, self.stage_layers = config.resolve(self.depth)
         self.patch_size = int(clip.config.vision_config.patch_size)
+        _install_hooks(self.vision_model.encoder.layers)
         self.position_interpolation = config.position_interpolation
         self._positions: LRUCache[tuple, torch.Tensor] = LRUCache(POSITION_CACHE_SIZE)  # resized position tables
         # With the V-V path off the "stages" are the original path's tokens: the ablation
@@ -98,43 +176,29 @@ class CLIPVV:
 
     @contextmanager
     def _capture(self, starts: set[int]):
-        """Record, during the original forward, what the V-V paths and the stages need.
+        """Record, during the original forward of this call only, what the V-V paths and the stages need.
 
         ``starts`` holds the first replaced layer of each V-V path wanted (empty: none).
         ``values[l]``: block l's value projection ``V_l``; ``start[f]``: the input of block f;
         ``outputs[l]``: the original path's output of block l, for stages that some path takes
         from the original path. Hooks rather than ``output_hidden_states``, which would keep
-        every layer's tokens (measurably slower on ViT-L).
+        every layer's tokens (measurably slower on ViT-L); the record is the calling context's
+        own (see the module docstring).
         """
         layers = self.vision_model.encoder.layers
-        captured: dict[str, dict[int, torch.Tensor]] = {"values": {}, "start": {}, "outputs": {}}
-        handles = []
-
-        def keep(kind: str, layer: int):
-            def hook(_module, _inputs, output):
-                captured[kind][layer] = output
-
-            return hook
-
-        def keep_input(layer: int):
-            def hook(_module, args):
-                captured["start"][layer] = args[0]
-
-            return hook
-
-        for first in starts:
-            handles.append(layers[first - 1].register_forward_pre_hook(keep_input(first)))
+        outputs: dict[torch.nn.Module, tuple[str, int]] = {}
         if starts:
             for layer in range(min(starts), self.stage_layers[-1] + 1):
-                handles.append(layers[layer - 1].self_attn.v_proj.register_forward_hook(keep("values", layer)))
+                outputs[layers[layer - 1].self_attn.v_proj] = ("values", layer)
         for layer in self.stage_layers:
             if not starts or layer < max(starts):
-                handles.append(layers[layer - 1].register_forward_hook(keep("outputs", layer)))
+                outputs[layers[layer - 1]] = ("outputs", layer)
+        record = _Capture(wanted_inputs={layers[first - 1]: first for first in starts}, wanted_outputs=outputs)
+        token = _RECORD.set(record)
         try:
-            yield captured
+            yield record
         finally:
-            for handle in handles:
-                handle.remove()
+            _RECORD.reset(token)
 
     def _vv_attention(self, layer: int, values: torch.Tensor) -> torch.Tensor:
         """``Project_l(softmax(V Vᵀ · scale) V)`` for one block; ``values``: (B, T, width)."""
@@ -235,24 +299,22 @@ class CLIPVV:
 
     def _path(
         self,
-        captured: dict[str, dict[int, torch.Tensor]],
+        captured: _Capture,
         first: int,
         global_feature: torch.Tensor,
         grid: tuple[int, int],
     ) -> VisualFeatures:
         """One V-V path, starting at block ``first``, from the captured original forward."""
         stages = {
-            layer: captured["outputs"][layer][:, 1:]
-            for layer in self.stage_layers
-            if not self.vv_enabled or layer < first
+            layer: captured.outputs[layer][:, 1:] for layer in self.stage_layers if not self.vv_enabled or layer < first
         }
         if self.vv_enabled:
             # Out-of-place additions only: each stored stage is its own tensor, so later
             # blocks cannot overwrite it (the bug that made public implementations' 4
             # "stages" all equal the last one).
-            state = captured["start"][first]  # S_{l-1} at the first replaced block, (B, T, width)
+            state = captured.start[first]  # S_{l-1} at the first replaced block, (B, T, width)
             for layer in range(first, self.stage_layers[-1] + 1):
-                state = state + self._vv_attention(layer, captured["values"][layer])
+                state = state + self._vv_attention(layer, captured.values[layer])
                 if layer in self.stage_layers:
                     stages[layer] = state[:, 1:]
         # One LN + projection over all stages' tokens (per-token ops, so the same as one each).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -91,12 +93,28 @@ def test_vv_path_follows_eq_8(clip, pixels):
     torch.testing.assert_close(view(pixels).stages[0], expected, atol=1e-5, rtol=1e-5)
 
 
+def hook_counts(clip) -> list[tuple[int, int, int]]:
+    """Per block: (its forward pre-hooks, its forward hooks, its v_proj's forward hooks)."""
+    return [
+        (len(layer._forward_pre_hooks), len(layer._forward_hooks), len(layer.self_attn.v_proj._forward_hooks))
+        for layer in clip.vision_model.encoder.layers
+    ]
+
+
 def test_vv_leaves_the_original_path_untouched(clip, pixels):
     before = clip.vision_model(pixel_values=pixels).last_hidden_state
     CLIPVV(clip, VVConfig())(pixels)
     after = clip.vision_model(pixel_values=pixels).last_hidden_state
     assert torch.equal(before, after)
-    assert all(not layer.self_attn.v_proj._forward_hooks for layer in clip.vision_model.encoder.layers)
+
+
+def test_capture_hooks_are_installed_once_per_module(clip, pixels):
+    CLIPVV(clip, VVConfig())(pixels)
+    installed = hook_counts(clip)
+    assert all(counts == (1, 1, 1) for counts in installed)  # one of each, on every block
+    for replaced in (2, 5, 8):  # more views of the same backbone, and more calls, add none
+        CLIPVV(clip, VVConfig(num_replaced_blocks=replaced))(pixels)
+    assert hook_counts(clip) == installed
 
 
 def test_other_input_sizes_interpolate_positions(clip):
@@ -189,4 +207,38 @@ def test_vv_path_runs_at_a_bilinear_size(clip):
     torch.manual_seed(2)
     features = CLIPVV(clip, VVConfig(position_interpolation="bilinear"))(torch.randn(1, 3, 168, 168))
     assert features.grid == (12, 12) and all(s.shape == (1, 144, 32) for s in features.stages)
-    assert all(not layer.self_attn.v_proj._forward_hooks for layer in clip.vision_model.encoder.layers)
+
+
+# ---------------------------------------------------------------------------- concurrent calls
+def run_in_threads(jobs: list, count: int) -> list:
+    """Each job (a no-argument callable) ``count`` times, all started together behind a barrier."""
+    barrier = threading.Barrier(len(jobs))
+    results: list = [None] * len(jobs)
+
+    def work(i: int) -> None:
+        barrier.wait()
+        results[i] = [jobs[i]() for _ in range(count)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_concurrent_calls_on_views_sharing_a_backbone_get_their_own_features(clip):
+    """Two views of one backbone (different V-V paths), 4 threads, each its own image: every
+    thread's features equal its call run alone (the hooks fire in every thread's forward)."""
+    views = [CLIPVV(clip, VVConfig(num_replaced_blocks=7)), CLIPVV(clip, VVConfig(num_replaced_blocks=4))]
+    torch.manual_seed(3)
+    images = [torch.randn(1, 3, 112, 112) for _ in range(4)]
+    jobs = [(views[i % 2], images[i]) for i in range(4)]
+    with torch.no_grad():
+        alone = [view(image) for view, image in jobs]
+        together = run_in_threads([lambda view=view, image=image: view(image) for view, image in jobs], count=5)
+    for expected, runs in zip(alone, together):
+        for got in runs:
+            torch.testing.assert_close(got.global_feature, expected.global_feature, atol=1e-6, rtol=0)
+            for a, b in zip(got.stages, expected.stages):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
