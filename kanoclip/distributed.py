@@ -74,7 +74,10 @@ class Processes:
         if self._accelerator is None and self.state is not None:
             from accelerate import Accelerator
 
-            self._accelerator = Accelerator(cpu=self._cpu)
+            # precision is the project's own setting (kanoclip.precision): pinned, so that
+            # ACCELERATE_MIXED_PRECISION or an accelerate config cannot wrap the trainer in
+            # autocast (without a loss scaler for fp16)
+            self._accelerator = Accelerator(cpu=self._cpu, mixed_precision="no")
         return self._accelerator
 
     def barrier(self) -> None:
