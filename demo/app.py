@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import gradio as gr
 
 from demo.components import dropdown_update
 from demo.detect_tab import build_detect_tab
+from demo.gpu import ZERO_GPU
 from demo.knowledge_tab import build_knowledge_tab
 from demo.prompts_tab import build_prompts_tab
 from demo.state import AppConfig, AppContext, model_choices
@@ -13,6 +16,7 @@ from demo.train_tab import TrainFn, build_train_tab
 from demo.uploads import ZipLimits
 from kanoclip.training import train
 
+log = logging.getLogger("kanoclip.app")
 TITLE = "KAnoCLIP — zero-shot anomaly detection"
 INTRO = (
     "Upload an image, name what it shows, and KAnoCLIP marks what looks anomalous: CLIP with "
@@ -51,7 +55,9 @@ def build_app(
             build_knowledge_tab(ctx, [detect.class_name])
             prompts_model = build_prompts_tab(ctx, ctx.knowledge.snapshot().classes())
             model_lists = [detect.model, prompts_model]
-            if config.training:  # KANOCLIP_TRAINING=off / --no-training hides it (e.g. on a public Space)
+            if config.training and ZERO_GPU:  # it trains in a background thread: no GPU there (demo.gpu)
+                log.warning("the Train tab is off on ZeroGPU: train elsewhere, then start with --checkpoint")
+            elif config.training:  # KANOCLIP_TRAINING=off / --no-training hides it (e.g. on a public Space)
                 build_train_tab(ctx, model_lists, train_fn)
         demo.load(lambda: ctx.registry.status(config.start_choice), outputs=status, api_name="status")
 

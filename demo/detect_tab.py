@@ -29,12 +29,12 @@ from PIL import Image
 from demo.components import (
     class_name_text,
     dropdown_update,
-    gpu,
     image_input,
     required_class_name,
     unknown_class_hint,
     user_errors,
 )
+from demo.gpu import gpu, move
 from demo.memory import MemoryKeeper
 from demo.state import AppContext, compute_slot, describe_model, model_choices
 from kanoclip import KAnoCLIP
@@ -43,6 +43,7 @@ from kanoclip.detection import Detection, upsample_maps
 from kanoclip.errors import ImageError, InputError
 from kanoclip.images import load_image
 from kanoclip.knowledge import SOURCE_LABELS as KNOWLEDGE_LABELS
+from kanoclip.knowledge import KnowledgeBase
 from kanoclip.references import References, ReferenceSet
 from kanoclip.viz import colorize, overlay_with_colorbar
 
@@ -294,24 +295,32 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
         threshold: float | None,
         sigma: float,
         references: References,
+        knowledge: tuple[int, KnowledgeBase],
     ) -> Detection:
         """The model call, the only GPU work of a request (``spaces.GPU`` on ZeroGPU Spaces).
 
         It takes the model's name, not the model: the model is already loaded (and cached) by
-        the caller. ``threshold`` None: the class's calibrated one, else the default.
+        the caller. ``threshold`` None: the class's calibrated one, else the default. The
+        references come and go on the CPU, the knowledge base with its version (:mod:`demo.gpu`).
         """
-        model = registry.get(model_choice)
+        model = registry.get(model_choice, knowledge)
         with compute_slot(model):
-            return model.detect(image, class_name, threshold=threshold, sigma=sigma, references=references)
+            return model.detect(
+                image, class_name, threshold=threshold, sigma=sigma, references=move(references, model.device)
+            )
 
     @gpu
     def run_add_references(
-        model_choice: str | None, class_name: str, images: list[Image.Image], store: References
+        model_choice: str | None,
+        class_name: str,
+        images: list[Image.Image],
+        store: References,
+        knowledge: tuple[int, KnowledgeBase],
     ) -> ReferenceSet:
-        """The reference images' forward passes and calibration, into the session's ``store``."""
-        model = registry.get(model_choice)
+        """The reference images' forward passes and calibration, into (a copy of) the session's ``store``."""
+        model = registry.get(model_choice, knowledge)
         with compute_slot(model):
-            return model.add_references(class_name, images, store=store)
+            return model.add_references(class_name, images, store=move(store, model.device))
 
     def session_for(model_choice: str | None, stores: dict[ModelKey, References] | None) -> tuple[KAnoCLIP, References]:
         model = registry.get(model_choice)
@@ -349,7 +358,8 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
             else t
         )
         progress(0.3, desc="detecting")
-        det = run_detection(model_choice, pil, name, chosen, s, store)
+        serving = References(store.fingerprint, {} if refs is None else {refs.class_name: refs})  # what crosses
+        det = run_detection(model_choice, pil, name, chosen, s, serving, ctx.knowledge.versioned())
         progress(0.8, desc="drawing")
         outputs = render(model, pil, det, from_slider=chosen is not None, references=whose).outputs()
         memory.tick()
@@ -382,7 +392,9 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
         images = [decode(path) for path in files]  # every file decoded (and named when bad) before any is added
         # kept from the returned set: on ZeroGPU the call runs in a worker, whose changes to its
         # copy of the store would not come back
-        session.sets[canonical] = run_add_references(model_choice, canonical, images, session)
+        session.sets[canonical] = run_add_references(
+            model_choice, canonical, images, session, ctx.knowledge.versioned()
+        )
         return describe_references(model, session, model_choice, canonical), None, stores
 
     @user_errors
