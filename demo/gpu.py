@@ -58,7 +58,9 @@ def move(value: Any, device: torch.device | str) -> Any:
     """
     if isinstance(value, torch.Tensor):
         return value.to(device)
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(move(v, device) for v in value))
+    if isinstance(value, (list, tuple)):
         return type(value)(move(v, device) for v in value)
     if isinstance(value, dict):
         return {k: move(v, device) for k, v in value.items()}

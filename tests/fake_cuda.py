@@ -63,6 +63,17 @@ def _index(tensor: torch.Tensor, index: object) -> torch.Tensor:
     return out
 
 
+def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):  # noqa: ANN001, ANN202
+    """Scaled dot-product attention by its definition (the fused kernel's entry asks for a device guard)."""
+    scores = query @ key.transpose(-2, -1) * (scale if scale is not None else query.shape[-1] ** -0.5)
+    if is_causal:
+        length = query.shape[-2], key.shape[-2]
+        scores = scores.masked_fill(torch.ones(length, dtype=torch.bool, device=query.device).triu(1), float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return scores.softmax(dim=-1) @ value
+
+
 class FakeCuda(TorchFunctionMode):
     """The Python entry points a CPU-only torch refuses for CUDA tensors, done with ATen ops."""
 
@@ -92,6 +103,14 @@ class FakeCuda(TorchFunctionMode):
             return _index(args[0], args[1])
         elif func is torch.Tensor.__getitem__ and isinstance(args[1], torch.Tensor) and _on_cuda(args[1]):
             raise RuntimeError(f"indices are on {args[1].device}, the indexed tensor on {args[0].device}")
+        elif func is torch.Tensor.contiguous and _on_cuda(args[0]):
+            return (
+                args[0]
+                if args[0].is_contiguous()
+                else torch.ops.aten.clone.default(args[0], memory_format=torch.contiguous_format)
+            )
+        elif func is torch.nn.functional.scaled_dot_product_attention and _on_cuda(args[0]):
+            return _attention(*args, **kwargs)
         elif func in _READS and _on_cuda(args[0]):
             self.syncs.append(func.__name__)
             return _READS[func]

@@ -66,7 +66,7 @@ def zerogpu_app(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory):
         "GRADIO_TEMP_DIR": str(tmp / "gradio"),
     }
     args = ("--backbone", str(tiny_backbone), "--device", "cpu")
-    with app_py(tmp, *args, env=env) as (client, _, output):
+    with app_py(tmp, *args, env=env, start_s=300) as (client, _, output):
         yield client, log, output
 
 
