@@ -74,6 +74,17 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     return scores.softmax(dim=-1) @ value
 
 
+def _grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=None):  # noqa: A002, ANN001, ANN202
+    """``F.grid_sample``'s output, by shape: (N, C) of ``input``, (H, W) of ``grid``, on their device.
+
+    Its Python entry asks for a device guard and fake tensors run its decomposition, which indexes
+    (another device guard); a fake tensor holds no values, so the shape and device are all there is.
+    """
+    if input.device != grid.device:
+        raise RuntimeError(f"grid_sample: input on {input.device}, grid on {grid.device}")
+    return input.new_empty(input.shape[0], input.shape[1], grid.shape[1], grid.shape[2])
+
+
 class FakeCuda(TorchFunctionMode):
     """The Python entry points a CPU-only torch refuses for CUDA tensors, done with ATen ops."""
 
@@ -103,6 +114,10 @@ class FakeCuda(TorchFunctionMode):
             return _index(args[0], args[1])
         elif func is torch.Tensor.__getitem__ and isinstance(args[1], torch.Tensor) and _on_cuda(args[1]):
             raise RuntimeError(f"indices are on {args[1].device}, the indexed tensor on {args[0].device}")
+        elif func is torch.Tensor.new_tensor and _on_cuda(args[0]):
+            return torch.tensor(args[1], dtype=kwargs.get("dtype", args[0].dtype), device=args[0].device)
+        elif func is torch.nn.functional.grid_sample and _on_cuda(args[0]):
+            return _grid_sample(*args, **kwargs)
         elif func is torch.Tensor.contiguous and _on_cuda(args[0]):
             return (
                 args[0]
