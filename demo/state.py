@@ -456,6 +456,8 @@ class AppContext:
             except KAnoCLIPError as exc:
                 log.error("the %s could not be loaded: %s", what, exc)
                 ctx.startup = "No model is loaded: the message at the top of the page says why and how to fix it."
+                if ZERO_GPU:
+                    ctx.preload_for_zero_gpu()
                 return ctx
             log.info("loaded %s on %s", model.backbone_name, model.device)
         if ZERO_GPU:
