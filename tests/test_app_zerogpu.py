@@ -102,6 +102,14 @@ def test_detect_references_and_knowledge_cross_a_reused_worker(zerogpu_app, bott
     assert all(d == "cpu" for c in calls for d in c["arguments"] + c["result"])
 
 
+def test_prompts_cross_the_worker_too(zerogpu_app):
+    client, log, _ = zerogpu_app
+    header, *_ = client.predict("training-free", "bottle", api_name="/prompts")
+    assert "training-free" in header
+    last = crossings(log)[-1]
+    assert last["function"].endswith("inspect_prompts") and all(d == "cpu" for d in last["arguments"] + last["result"])
+
+
 def test_training_is_off_and_no_model_is_loaded_after_the_start(zerogpu_app, bottle_image):
     client, _, output = zerogpu_app
     assert "/train" not in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
