@@ -9,6 +9,10 @@ GPU memory. Target: at least 1,000 images/s. (``gpu_check.sh`` runs this, then l
 weights on the machine's disk.)
 
     python benchmarks/bench_gpu.py --tokenizer DIR [--batches 64,128,256] [--json-out FILE]
+    python benchmarks/bench_gpu.py --versions     # the library versions and the GPU, nothing else
+
+The JSON file is rewritten each time a figure is measured, so a run cut short by a time limit
+keeps every figure it reached.
 
 ``--device cpu --architecture tiny`` runs the same code on a CPU in seconds: the test suite
 uses it so that the script is known to work before a GPU session spends time on it.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,6 +37,40 @@ from _common import machine
 
 # NVIDIA's H200 datasheet: 989 TFLOPS dense BF16 (1,979 with sparsity).
 H200_BF16_DENSE_TFLOPS = 989.0
+
+
+class Results(dict):
+    """The figures measured so far, written to ``path`` (when given) whenever one is added."""
+
+    def __init__(self, path: Path | None) -> None:
+        super().__init__()
+        self.path = path
+
+    def __setitem__(self, key: str, value: object) -> None:
+        super().__setitem__(key, value)
+        self.save()
+
+    def save(self) -> None:
+        """Write the file (through a temporary one: a kill while writing leaves the previous one)."""
+        if self.path is None:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self, indent=2))
+        os.replace(tmp, self.path)
+
+
+def versions() -> dict[str, str]:
+    """The versions a GPU result depends on: torch and its CUDA, the GPU, and the libraries."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"torch": torch.__version__, "cuda": torch.version.cuda or "none (a CPU build)"}
+    found["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    for package in ("transformers", "huggingface_hub", "accelerate", "gradio", "onnxruntime", "onnxruntime-gpu"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
 
 
 def sync(device: torch.device) -> None:
@@ -74,22 +113,22 @@ def flops_per_image(fn: Callable[[torch.Tensor], None], pixels: torch.Tensor) ->
     return float(counter.get_total_flops())
 
 
-def precision_grid(models: dict[str, object], batch: int, size: int, repeats: int, device: torch.device) -> dict:
+def precision_grid(
+    models: dict[str, object], batch: int, size: int, repeats: int, device: torch.device, grid: dict, save: Callable
+) -> None:
     """``detect_batch`` images/s of each precision's model (trained mode), without references and with 4 of the
-    class."""
+    class, into ``grid`` (``save()`` after each figure)."""
     images = [
         np.random.default_rng(1000 + i).integers(0, 256, (size, size, 3), dtype=np.uint8) for i in range(batch + 4)
     ]
-    grid = {}
     for precision, model in models.items():
-        row = {"in_force": model.precision}
+        row = grid[precision] = {"in_force": model.precision}
         for k in (0, 4):
             if k:
                 model.add_references("bottle", images[batch:])
             rate = batch / timed(lambda m=model: m.detect_batch(images[:batch], "bottle"), max(1, repeats // 2), device)
             row[f"detect_batch_images_per_s_{k}_references"] = rate
-        grid[precision] = row
-    return grid
+            save()
 
 
 def onnx_cuda(model, batch: int, size: int, repeats: int) -> dict:
@@ -143,7 +182,8 @@ def summary(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer", required=True, help="a CLIP tokenizer folder (../shared/clip_tokenizer)")
+    parser.add_argument("--tokenizer", help="a CLIP tokenizer folder (../shared/clip_tokenizer)")
+    parser.add_argument("--versions", action="store_true", help="print the library versions and the GPU, then stop")
     parser.add_argument("--batches", default="64,128,256")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda")
@@ -153,13 +193,21 @@ def main() -> None:
     parser.add_argument("--json-out", type=Path, help="also write the result here")
     parser.add_argument("--grid-batch", type=int, default=64, help="batch of the precision x references grid")
     args = parser.parse_args()
+    found = versions()
+    print("versions:", ", ".join(f"{k} {v}" for k, v in found.items()), flush=True)
+    if args.versions:
+        return
+    if not args.tokenizer:
+        parser.error("--tokenizer is required")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device (pass --device cpu for a smoke run)")
     from kanoclip import KAnoCLIP
     from kanoclip.backbone import make_random_backbone
 
-    result: dict = {"machine": machine(), "architecture": args.architecture, "device": str(device)}
+    result = Results(args.json_out)
+    result.update(machine=machine(), versions=found, architecture=args.architecture, device=str(device))
+    result.save()
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_random_backbone(tmp, args.tokenizer, architecture=args.architecture)
         shared: dict = {}  # one backbone in memory for every model below
@@ -176,7 +224,7 @@ def main() -> None:
         "bare_vision": flops_per_image(lambda p: bare_forward(model, p), probe),
         "model": flops_per_image(lambda p: model_forward(model, p), probe),
     }
-    rows = {}
+    rows = result["throughput"] = {}
     for batch in (int(b) for b in args.batches.split(",")):
         pixels = torch.randn(batch, 3, size, size, device=device)
         images = [np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8) for i in range(batch)]
@@ -192,13 +240,11 @@ def main() -> None:
             "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0,
         }
         rows[batch]["share_of_h200_bf16_peak"] = rows[batch]["model_tflops"] / H200_BF16_DENSE_TFLOPS
-    result["throughput"] = rows
-    result["precisions"] = precision_grid(grid_models, args.grid_batch, size, args.repeats, device)
+        result.save()
+    result["precisions"] = {}
+    precision_grid(grid_models, args.grid_batch, size, args.repeats, device, result["precisions"], result.save)
     result["onnx_cuda"] = onnx_cuda(grid_models["fp32"], args.grid_batch, size, args.repeats)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        args.json_out.write_text(text)
+    print(json.dumps(result, indent=2))
     print("== summary ==")
     print(summary(result))
 

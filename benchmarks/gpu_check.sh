@@ -6,14 +6,15 @@
 # On the device machine: carry the tokenizer in an ignored folder, e.g.
 #   mkdir -p .bench && cp -r ../shared/clip_tokenizer .bench/   (and run with carry [".bench"])
 #   bash benchmarks/gpu_check.sh .bench/clip_tokenizer
-# The JSON result is written to $OUT/gpu_bench.json (or /tmp).
+# The JSON result is written to $OUT/gpu_bench.json (or /tmp), rewritten as each figure is measured:
+# a run cut short by its time limit keeps what it reached.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 TOKENIZER="${1:-.bench/clip_tokenizer}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT_DIR="${OUT:-/tmp}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT_DIR/gpu.txt"
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+python3 benchmarks/bench_gpu.py --versions | tee "$OUT_DIR/versions.txt"  # also in the JSON
 timeout 240 python3 benchmarks/bench_gpu.py --tokenizer "$TOKENIZER" --json-out "$OUT_DIR/gpu_bench.json"
 status=$?
 # ---- video (issue 23): a 30 s 720p clip at 30 frames/s end to end (decode, detect_batch of 32,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,7 @@ from demo.access import OWNER_TOKEN_ENV, AccessConfig
 from demo.batch_tab import build_batch_tab
 from demo.components import dropdown_update, user_errors
 from demo.detect_tab import build_detect_tab
+from demo.gpu import ZERO_GPU
 from demo.knowledge_tab import build_knowledge_tab
 from demo.live_tab import build_live_tabs
 from demo.prompts_tab import build_prompts_tab
@@ -21,6 +23,7 @@ from demo.uploads import ZipLimits
 from kanoclip.errors import InputError
 from kanoclip.training import train
 
+log = logging.getLogger("kanoclip.app")
 TITLE = "KAnoCLIP — zero-shot anomaly detection"
 INTRO = (
     "Upload an image, name what it shows, and KAnoCLIP marks what looks anomalous: CLIP with "
@@ -76,8 +79,11 @@ def build_app(
             build_knowledge_tab(ctx, [detect.class_name, batch.class_name], session)
             prompts_model = build_prompts_tab(ctx, ctx.knowledge.snapshot().classes())
             model_lists = [detect.model, prompts_model]
-            # KANOCLIP_TRAINING=off / --no-training hides it; a public app needs KANOCLIP_PUBLIC_TRAINING=1
-            train_tab = build_train_tab(ctx, model_lists, session, train_fn) if config.show_training else None
+            train_tab = None
+            if config.training and ZERO_GPU:  # it trains in a background thread: no GPU there (demo.gpu)
+                log.warning("the Train tab is off on ZeroGPU: train elsewhere, then start with --checkpoint")
+            elif config.show_training:  # KANOCLIP_TRAINING=off hides it; a public app needs KANOCLIP_PUBLIC_TRAINING=1
+                train_tab = build_train_tab(ctx, model_lists, session, train_fn)
         if config.public:  # a signed-in owner sees the Train tab
             sign_in.wire(demo, access, session, [train_tab] if train_tab is not None else [])
         demo.load(lambda: ctx.registry.status(config.start_choice), outputs=status, api_name="status")

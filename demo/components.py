@@ -1,4 +1,4 @@
-"""UI building blocks shared by the tabs: error reporting, the image input, class choices, the GPU decorator."""
+"""UI building blocks shared by the tabs: error reporting, the image input, class choices."""
 
 from __future__ import annotations
 
@@ -16,15 +16,6 @@ from kanoclip.knowledge import KnowledgeBase
 from kanoclip.knowledge import classes as catalog
 
 log = logging.getLogger("kanoclip.app")
-
-try:  # Hugging Face ZeroGPU: GPU work must run inside functions decorated with spaces.GPU
-    import spaces  # type: ignore[import-not-found]
-
-    gpu: Callable[..., Any] = spaces.GPU
-except ImportError:  # anywhere else: a no-op, usable as @gpu or @gpu(duration=...)
-
-    def gpu(fn: Callable[..., Any] | None = None, **_: Any) -> Any:
-        return fn if fn is not None else (lambda f: f)
 
 
 def app_error(message: str) -> gr.Error:

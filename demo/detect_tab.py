@@ -33,12 +33,12 @@ from PIL import Image
 from demo.components import (
     class_name_text,
     dropdown_update,
-    gpu,
     image_input,
     required_class_name,
     unknown_class_hint,
     user_errors,
 )
+from demo.gpu import gpu, move
 from demo.memory import MemoryKeeper
 from demo.state import AppContext, Session, compute_slot, describe_model, model_choices, serve_detection
 from kanoclip import KAnoCLIP
@@ -317,26 +317,34 @@ def build_detect_tab(ctx: AppContext, visitor: gr.State) -> DetectTab:
         references: References,
         knowledge: KnowledgeBase | None,
         owner: bool,
+        shared: tuple[int, KnowledgeBase],
     ) -> Detection:
         """The model call, the only GPU work of a request (``spaces.GPU`` on ZeroGPU Spaces).
 
         It takes the model's name, not the model: the model is already loaded (and cached) by
         the caller. ``threshold`` None: the class's calibrated one, else the default. The
-        visitor's own ``knowledge`` base (None: the shared one) serves this call only.
+        visitor's own ``knowledge`` base (None: the shared one) serves this call only. References
+        come and go on the CPU, the ``shared`` knowledge base with its version (:mod:`demo.gpu`).
         """
-        model = registry.get(model_choice, owner=owner)  # batched with other visitors' requests where batching is on
+        model = registry.get(model_choice, shared, owner=owner)  # batched with other visitors' where batching is on
         return serve_detection(
-            model, image, class_name, threshold=threshold, sigma=sigma, references=references, knowledge=knowledge
-        )
+            model, image, class_name, threshold=threshold, sigma=sigma, references=move(references, model.device),
+            knowledge=knowledge,
+        )  # fmt: skip
 
     @gpu
     def run_add_references(
-        model_choice: str | None, class_name: str, images: list[Image.Image], store: References, owner: bool
+        model_choice: str | None,
+        class_name: str,
+        images: list[Image.Image],
+        store: References,
+        owner: bool,
+        shared: tuple[int, KnowledgeBase],
     ) -> ReferenceSet:
-        """The reference images' forward passes and calibration, into the session's ``store``."""
-        model = registry.get(model_choice, owner=owner)
+        """The reference images' forward passes and calibration, into (a copy of) the session's ``store``."""
+        model = registry.get(model_choice, shared, owner=owner)
         with compute_slot(model):
-            return model.add_references(class_name, images, store=store)
+            return model.add_references(class_name, images, store=move(store, model.device))
 
     def session_for(
         model_choice: str | None, stores: dict[ModelKey, References] | None, owner: bool = False
@@ -376,7 +384,8 @@ def build_detect_tab(ctx: AppContext, visitor: gr.State) -> DetectTab:
         store, refs, whose = serving_references(model, session, name)
         chosen = chosen_threshold(model, refs, t, calibrated)
         progress(0.3, desc="detecting")
-        det = run_detection(model_choice, pil, name, chosen, s, store, state.kb, owner)
+        serving = References(store.fingerprint, {} if refs is None else {refs.class_name: refs})  # what crosses
+        det = run_detection(model_choice, pil, name, chosen, s, serving, state.kb, owner, ctx.knowledge.versioned())
         progress(0.8, desc="drawing")
         outputs = render(model, pil, det, from_slider=chosen is not None, references=whose).outputs()
         memory.tick()
@@ -419,7 +428,7 @@ def build_detect_tab(ctx: AppContext, visitor: gr.State) -> DetectTab:
         # worker whose changes would not come back); in-process the model merged it already, and a
         # concurrent addition of this session may have merged after it
         before = session.get(canonical)
-        added = run_add_references(model_choice, canonical, images, session, owner)
+        added = run_add_references(model_choice, canonical, images, session, owner, ctx.knowledge.versioned())
         if session.get(canonical) is before:
             session.sets[canonical] = added
         return describe_references(model, session, model_choice, canonical), None, stores

@@ -12,9 +12,10 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from demo.components import dropdown_update, gpu, required_class_name, user_errors
+from demo.components import dropdown_update, required_class_name, user_errors
+from demo.gpu import gpu
 from demo.state import AppContext, compute_slot, describe_model, model_choices
-from kanoclip import KAnoCLIP
+from kanoclip import KAnoCLIP, KnowledgeBase
 from kanoclip.viz_prompts import PromptSet, pca_plot, prompt_set, set_kd_distances, similarity_heatmap
 
 TOP_K = 3
@@ -59,8 +60,8 @@ def build_prompts_tab(ctx: AppContext, class_choices: list[str]) -> gr.Dropdown:
     config, registry = ctx.config, ctx.registry
 
     @gpu
-    def inspect_prompts(model_choice: str | None, class_name: str) -> PromptSet:
-        model = registry.get(model_choice)  # already loaded by the caller
+    def inspect_prompts(model_choice: str | None, class_name: str, knowledge: tuple[int, KnowledgeBase]) -> PromptSet:
+        model = registry.get(model_choice, knowledge)  # already loaded by the caller
         with compute_slot(model):
             return prompt_set(model, class_name)
 
@@ -73,7 +74,7 @@ def build_prompts_tab(ctx: AppContext, class_choices: list[str]) -> gr.Dropdown:
         model = registry.get(model_choice)
         resolved, _ = model.canonical_class(name)
         progress(0.4, desc="encoding prompts")
-        prompts = inspect_prompts(model_choice, resolved)
+        prompts = inspect_prompts(model_choice, resolved, ctx.knowledge.versioned())
         header = describe_model(model)
         if model.mode == "training-free":
             header += "\n\n" + UNTRAINED_NOTE.format(std=model.config.prompts.ctx_init_std)

@@ -32,9 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import torch
 from PIL import Image
 
 from demo.access import MODELS_ENV, AccessConfig
+from demo.gpu import ZERO_GPU
 from demo.uploads import confine
 from kanoclip import KAnoCLIP, KnowledgeBase
 from kanoclip.backbone import Backbone
@@ -305,33 +307,62 @@ class ModelRegistry:
         self.reference_problems: dict[tuple[str | None, str | None], str] = {}
         self._lock = threading.Lock()  # guards _models and _errors
         self._load_lock = threading.Lock()  # serialises loading
-        # Models of the same backbone share it (frozen, never written): one copy in memory.
+        # Models of the same backbone share it (frozen, never written): one copy in memory,
+        # dropped with the last cached model that uses it.
         self._backbones: dict[tuple[str, str], Backbone] = {}
+        self._knowledge_versions: dict[tuple[str | None, str | None], int] = {}  # what each model holds
+        # ZeroGPU: the models are loaded at start, in the main thread (demo.gpu); no other later
+        self.loading_closed = False
 
     def key(self, choice: str | None, *, owner: bool = False) -> tuple[str | None, str | None]:
         return resolve_choice(self.config, choice, owner=owner), self.config.backbone
 
-    def get(self, choice: str | None, *, owner: bool = False) -> KAnoCLIP:
+    def get(
+        self, choice: str | None, knowledge: tuple[int, KnowledgeBase] | None = None, *, owner: bool = False
+    ) -> KAnoCLIP:
         """The model for a dropdown value, loading it if needed (raises the load's :class:`KAnoCLIPError`).
 
+        ``knowledge``: the app's (version, knowledge base) (:meth:`KnowledgeStore.versioned`), given
+        inside a ``@gpu`` function: a model holding an older version takes it. On ZeroGPU the
+        function runs in a forked worker, which never sees the app's later knowledge edits.
         ``owner``: the request comes from an owner, who may load a hub id that is not listed.
         """
         key = self.key(choice, owner=owner)
-        model = self._cached(key)
-        if model is not None:
-            return model
+        model = self._cached(key) or self._load(key, choice)
+        if knowledge is not None:
+            self._sync_knowledge(key, model, knowledge)
+        return model
+
+    def _sync_knowledge(
+        self, key: tuple[str | None, str | None], model: KAnoCLIP, knowledge: tuple[int, KnowledgeBase]
+    ) -> None:
+        version, kb = knowledge
+        with self._lock:
+            stale = self._knowledge_versions.get(key) != version
+            self._knowledge_versions[key] = version
+        if stale:
+            model.set_knowledge(kb.copy())
+
+    def _load(self, key: tuple[str | None, str | None], choice: str | None) -> KAnoCLIP:
         with self._load_lock:  # one load at a time; cached models stay usable meanwhile
             model = self._cached(key)
             if model is not None:
                 return model
+            if self.loading_closed:
+                loaded = ", ".join(f"'{m.checkpoint_name or TRAINING_FREE}'" for m in self.loaded())
+                raise InputError(
+                    f"model {choice or TRAINING_FREE!r} was not loaded when this ZeroGPU Space started and cannot be "
+                    f"loaded now; pick one of {loaded}, or restart the Space with it as --checkpoint"
+                )
             checkpoint, backbone = key
+            version, kb = self.knowledge.versioned()
             try:
                 model = KAnoCLIP.from_pretrained(
                     checkpoint,
                     backbone=backbone,
                     device=self.config.device,
                     precision=self.config.precision,
-                    kb=self.knowledge.snapshot(),
+                    kb=kb.copy(),
                     backbone_cache=self._backbones,
                 )
             except KAnoCLIPError as exc:
@@ -343,8 +374,13 @@ class ModelRegistry:
             with self._lock:
                 self._errors.pop(key, None)
                 self._models[key] = model
+                self._knowledge_versions[key] = version
                 while len(self._models) > self.config.max_models:
-                    self._models.popitem(last=False)
+                    evicted, _ = self._models.popitem(last=False)
+                    self._knowledge_versions.pop(evicted, None)
+                in_use = {id(m._backbone) for m in self._models.values()}
+                for name in [name for name, b in self._backbones.items() if id(b) not in in_use]:
+                    del self._backbones[name]  # its last model is gone: bounded with max_models
             return model
 
     def _load_shared_references(self, key: tuple[str | None, str | None], model: KAnoCLIP) -> None:
@@ -358,8 +394,9 @@ class ModelRegistry:
         if folder is None:
             return
         try:
+            # on the CPU: they are passed into the @gpu functions, which move them (demo.gpu)
             model.reference_store = References.load(
-                folder, fingerprint=model.reference_fingerprint(), device=model.device
+                folder, fingerprint=model.reference_fingerprint(), device=torch.device("cpu")
             )
         except CheckpointError as exc:
             log.warning("the shared references in %s do not serve %s: %s", folder, model.backbone_name, exc)
@@ -383,6 +420,13 @@ class ModelRegistry:
             return exc
         with self._lock:
             return self._models.get(key) or self._errors.get(key)
+
+    def refresh_knowledge(self, knowledge: tuple[int, KnowledgeBase]) -> None:
+        """Give every loaded model the knowledge base of ``knowledge`` (version, knowledge base)."""
+        with self._lock:
+            models = list(self._models.items())
+        for key, model in models:
+            self._sync_knowledge(key, model, knowledge)
 
     def loaded(self) -> list[KAnoCLIP]:
         with self._lock:
@@ -411,6 +455,7 @@ class KnowledgeStore:
     def __init__(self, config: AppConfig) -> None:
         self.config = config
         self._kb = KnowledgeBase.load_or_builtin(config.kb)
+        self.version = 0  # counts the edits: a model holding an older one is refreshed (ZeroGPU's workers)
         self._lock = threading.Lock()
         self.registry: ModelRegistry | None = None  # set by the app so edits reach loaded models
 
@@ -418,9 +463,15 @@ class KnowledgeStore:
         with self._lock:
             return self._kb.copy()
 
+    def versioned(self) -> tuple[int, KnowledgeBase]:
+        """The version and the master copy itself (never edited in place: an edit replaces it); read only."""
+        with self._lock:
+            return self.version, self._kb
+
     def replace(self, kb: KnowledgeBase) -> None:
         with self._lock:
             self._kb = kb.copy()
+            self.version += 1
         self._push()
 
     def edit(self, change: Callable[[KnowledgeBase], T]) -> tuple[T, KnowledgeBase]:
@@ -432,13 +483,13 @@ class KnowledgeStore:
             work = self._kb.copy()
             result = change(work)
             self._kb = work
+            self.version += 1
         self._push()
         return result, self.snapshot()
 
     def _push(self) -> None:
         if self.registry is not None:
-            for model in self.registry.loaded():
-                model.set_knowledge(self.snapshot())
+            self.registry.refresh_knowledge(self.versioned())
 
     def save_path(self, text: str | None) -> Path:
         """Where a save may write: the ``--kb`` file itself, or a ``.json`` under the KB folder."""
@@ -533,7 +584,24 @@ class AppContext:
             except KAnoCLIPError as exc:
                 log.error("the %s could not be loaded: %s", what, exc)
                 ctx.startup = "No model is loaded: the message at the top of the page says why and how to fix it."
+                if ZERO_GPU:
+                    ctx.preload_for_zero_gpu()
                 return ctx
             log.info("loaded %s on %s", model.backbone_name, model.device)
+        if ZERO_GPU:
+            ctx.preload_for_zero_gpu()
         ctx.startup = registry.status(config.start_choice)
         return ctx
+
+    def preload_for_zero_gpu(self) -> None:
+        """Load the models a visitor can pick (up to ``max_models``), then no other (:mod:`demo.gpu`).
+
+        ZeroGPU emulates CUDA in the main thread only: a model loaded later, in a request's
+        thread, would fail to move to the GPU.
+        """
+        for choice in model_choices(self.config)[: self.config.max_models]:
+            try:
+                self.registry.get(choice)
+            except KAnoCLIPError as exc:
+                log.error("ZeroGPU: the %s could not be loaded: %s", self.registry.describe_choice(choice), exc)
+        self.registry.loading_closed = True

@@ -13,11 +13,36 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
 
+from kanoclip.errors import InputError
+
 Item = TypeVar("Item")
+
+
+TIMEOUT_ENV = "KANOCLIP_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 1800
+
+
+def collective_timeout() -> timedelta:
+    """How long a process waits in a collective (gather, barrier) for the others: 30 minutes, or
+    ``$KANOCLIP_DIST_TIMEOUT`` seconds.
+
+    Set for both backends because torch's defaults differ: 30 minutes for gloo, 10 for NCCL. A
+    process waits while the main one computes a large class's pixel metrics or writes a
+    checkpoint; past the timeout the run stops with a collective timeout error.
+    """
+    text = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        seconds = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise InputError(f"{TIMEOUT_ENV}={text!r} is not a number of seconds; e.g. {TIMEOUT_ENV}=3600") from None
+    if not seconds > 0:
+        raise InputError(f"{TIMEOUT_ENV}={text!r} must be a positive number of seconds")
+    return timedelta(seconds=seconds)
 
 
 def _on_cpu(device: str) -> bool:
@@ -43,7 +68,7 @@ class Processes:
         if not alone and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState
 
-            self.state = PartialState(cpu=self._cpu)
+            self.state = PartialState(cpu=self._cpu, timeout=collective_timeout())
             self.rank, self.world = self.state.process_index, self.state.num_processes
         else:
             self.rank, self.world = 0, 1
@@ -74,7 +99,10 @@ class Processes:
         if self._accelerator is None and self.state is not None:
             from accelerate import Accelerator
 
-            self._accelerator = Accelerator(cpu=self._cpu)
+            # precision is the project's own setting (kanoclip.precision): pinned, so that
+            # ACCELERATE_MIXED_PRECISION or an accelerate config cannot wrap the trainer in
+            # autocast (without a loss scaler for fp16)
+            self._accelerator = Accelerator(cpu=self._cpu, mixed_precision="no")
         return self._accelerator
 
     def barrier(self) -> None:
@@ -98,6 +126,20 @@ class Processes:
         from accelerate.utils import gather_object
 
         return list(gather_object(list(items)))
+
+    def gather_to_main(self, items: Sequence[Item]) -> list[Item]:
+        """Every process's ``items``, concatenated in rank order, on the main process only ([] elsewhere).
+
+        What evaluation gathers (every image's S×S maps) is large: sent to the main process alone,
+        which computes the metrics, not to every process as :meth:`gather` does.
+        """
+        if self.state is None:
+            return list(items)
+        import torch.distributed as dist
+
+        parts: list[list[Item]] | None = [[] for _ in range(self.world)] if self.is_main else None
+        dist.gather_object(list(items), parts, dst=0)
+        return [item for part in parts for item in part] if parts is not None else []
 
     def broadcast(self, value: Item) -> Item:
         """The main process's ``value``, on every process (``value`` is ignored elsewhere)."""

@@ -121,8 +121,11 @@ class ReferenceTables(nn.Module):
         self.n_stages = stages
         for j, parts in enumerate(banks):
             self.register_buffer(f"bank{j}", torch.cat(parts))
-        self.register_buffer("row_class", torch.tensor(owners, dtype=torch.int64))
-        self.register_buffer("has_references", torch.tensor([r is not None and r.count > 0 for r in sets]))
+        device = banks[0][0].device if banks else torch.device("cpu")  # the tables sit beside the banks
+        self.register_buffer("row_class", torch.tensor(owners, dtype=torch.int64, device=device))
+        self.register_buffer(
+            "has_references", torch.tensor([r is not None and r.count > 0 for r in sets], device=device)
+        )
         self.weight, self.chunk, self.sigma = weight, chunk, sigma
 
     def forward(

@@ -894,17 +894,28 @@ def test_knowledge_generation_from_an_llm_endpoint(kb_app: Running, monkeypatch:
 
 # ---------------------------------------------------------------------------- the entry point
 @contextlib.contextmanager
-def app_py(tmp_path: Path, *args: str) -> Iterator[tuple[Client, int, Path]]:
-    """``python app.py ARGS`` offline with an empty HF_HOME on a free port: (client, port, its output file)."""
+def app_py(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, start_s: float = 120
+) -> Iterator[tuple[Client, int, Path]]:
+    """``python app.py ARGS`` offline with an empty HF_HOME on a free port: (client, port, its output file).
+
+    ``env``: more environment variables for the app; ``start_s``: how long it may take to come up.
+    """
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "HF_HOME": str(tmp_path / "hf")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HOME": str(tmp_path / "hf"),
+        **(env or {}),
+    }
     env.pop("KANOCLIP_BACKBONE", None)
     output = tmp_path / "app-output.txt"
     command = [sys.executable, str(REPO / "app.py"), *args, "--port", str(port), "--data-root", str(tmp_path)]
     with open(output, "wb") as sink:
         process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=sink, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + start_s
         client = None
         while time.time() < deadline and process.poll() is None:
             try:

@@ -78,6 +78,30 @@ def test_gpu_benchmark_runs_on_cpu_and_reports_every_figure(tmp_path):
     assert "batch 2: bare" in summary and "batch 3: bare" in summary and "detect_batch" in summary
     assert "precision bf16 (bf16): detect_batch" in summary and "with 4 references" in summary
     assert "skipped" in result["onnx_cuda"] and "onnx (CUDA provider):" in summary  # no CUDA provider on a CPU machine
+    import torch
+    import transformers
+
+    assert result["versions"]["torch"] == torch.__version__  # the versions a GPU figure depends on
+    assert result["versions"]["transformers"] == transformers.__version__ and result["versions"]["gpu"] == "none"
+    assert done.stdout.startswith(f"versions: torch {torch.__version__}, cuda ")
+
+
+def test_gpu_benchmark_writes_each_figure_as_it_is_measured(tmp_path):
+    """A GPU session's time limit may stop the script: what it measured is on disk already."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from bench_gpu import Results
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    path = tmp_path / "bench.json"
+    results = Results(path)
+    results["machine"] = "test"
+    assert json.loads(path.read_text()) == {"machine": "test"}
+    rows = results["throughput"] = {}
+    rows[64] = {"model_images_per_s": 1.0}
+    results.save()  # after each row of a nested table
+    assert json.loads(path.read_text())["throughput"] == {"64": {"model_images_per_s": 1.0}}
+    assert not path.with_name("bench.json.tmp").exists()
 
 
 def test_video_benchmark_runs_on_the_tiny_architecture_and_reports_every_figure(tmp_path):

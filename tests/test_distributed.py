@@ -142,3 +142,23 @@ def test_two_processes_evaluate_like_one(sweep, tiny_backbone, bottle_dir, tmp_p
     assert len(rows) == (2 if sweep else 1) and all((r["n_normal"], r["n_anomalous"]) == (3, 4) for r in rows)
     assert all(r["pixel_auroc"] is not None for r in rows)  # the maps were gathered, not only the scores
     assert_close(ours, single)
+
+
+def test_the_accelerator_ignores_accelerates_mixed_precision_setting():
+    """A user's ``ACCELERATE_MIXED_PRECISION`` (or accelerate config) would make accelerate wrap the
+    trainer in autocast; precision is the project's own setting, so the run's Accelerator pins "no"."""
+    script = (
+        "from accelerate import Accelerator\n"
+        "from accelerate.state import AcceleratorState\n"
+        "from kanoclip.distributed import Processes\n"
+        "print(Accelerator(cpu=True).mixed_precision)\n"  # the premise: accelerate itself follows the variable
+        "AcceleratorState._reset_state(True)\n"
+        "procs = Processes('cpu', alone=True)\n"
+        "procs.state = object()  # as with several processes, whose run builds the Accelerator\n"
+        "accelerator = procs.accelerator\n"
+        "print(accelerator.mixed_precision, accelerator.native_amp, accelerator.scaler)\n"
+    )
+    env = {**cli_env(), "ACCELERATE_MIXED_PRECISION": "bf16"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["bf16", "no False None"]

@@ -234,3 +234,29 @@ def test_an_export_with_references_equals_the_torch_model_with_them(
         np.testing.assert_allclose(g.anomaly_map, w.anomaly_map, atol=TOL, rtol=0)
     assert [g.reference_count for g in got] == [3, 0, 0]
     assert got[0].threshold == pytest.approx(refs.threshold) and got[1].threshold == model.config.scoring.threshold
+
+
+def test_reference_tables_of_cuda_banks_stay_on_cuda():
+    """``kanoclip export --references`` on a GPU: the class tags sit beside the banks, so the graph's
+    reference term mixes no devices (on fake CUDA, which raises on any op that mixes them)."""
+    import types
+
+    from fake_cuda import fake_cuda
+
+    from kanoclip.modeling.vv_attention import VisualFeatures
+    from kanoclip.onnx import ReferenceTables
+    from kanoclip.references import ReferenceSet
+
+    model = types.SimpleNamespace(stage_weight_values=lambda: [0.5, 0.5], image_size=16)
+    with fake_cuda() as (_, calls):
+        bank = [torch.randn(8, 16, device="cuda").half() for _ in range(2)]  # 2 images of a 2x2 grid
+        tables = ReferenceTables([ReferenceSet("bottle", bank, ["a", "b"], grid=(2, 2)), None], 0.5, 4, 1.0)
+        assert {b.device.type for b in tables.buffers()} == {"cuda"}
+        visual = VisualFeatures(torch.randn(2, 16, device="cuda"), [torch.randn(2, 4, 16, device="cuda")] * 2, (2, 2))
+        index = torch.tensor([0, 1], device="cuda")
+        fused_map, fused_score = tables(
+            model, visual, index, torch.rand(2, 16, 16, device="cuda"), torch.rand(2, device="cuda")
+        )
+        assert (fused_map.device.type, fused_score.device.type) == ("cuda", "cuda")
+        assert fused_map.shape == (2, 16, 16) and fused_score.shape == (2,)
+    assert calls.syncs == []  # the graph's term never waits for the device

@@ -20,7 +20,6 @@ from kanoclip import KAnoCLIP
 from kanoclip import precision as precision_module
 from kanoclip.config import BiCMCIConfig, KAnoCLIPConfig
 from kanoclip.errors import InputError
-from kanoclip.modeling.losses import kd_loss, total_loss
 from kanoclip.precision import CPUFeatures, explain_precision, keep_fp32_exact, parse_cpuinfo, resolve_precision
 
 
@@ -180,14 +179,11 @@ def test_a_training_step_under_bf16_autocast_has_finite_losses_and_fp32_gradient
     mask[0, 30:60, 30:60] = 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(visual, ["bottle", "bottle"])
-        kd = kd_loss(model.knowledge_features(out.classes), out.prompts.abnormal, out.prompts.normal)
-        terms = total_loss(
-            model.config.loss,
-            kd=kd,
-            score=out.score,
+        # as the trainer does: the losses run in their own fp32 region (on CUDA autocast refuses BCE)
+        terms = model.model.losses(
+            out,
+            model.knowledge_features(out.classes),
             label=torch.tensor([1, 0]),
-            normal=out.normal,
-            abnormal=out.abnormal,
             mask=mask,
             has_mask=torch.tensor([True, True]),
         )

@@ -26,7 +26,7 @@ from kanoclip.errors import DatasetError, InputError
 from kanoclip.modeling.vv_attention import VisualFeatures
 from kanoclip.training import TrainConfig, TrainProgress, train
 from kanoclip.training.feature_cache import MEMORY_ENV, FeatureCache, memory_limit_from_env
-from kanoclip.training.state import STATE_DIR, STATE_JSON
+from kanoclip.training.state import STATE_DIR, STATE_JSON, capture_rng, restore_rng
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 56  # model input size for quick runs: a 4x4 patch grid on the tiny backbone
@@ -306,12 +306,50 @@ def test_a_state_written_before_the_optimizer_options_resumes_with_the_defaults(
         ({"epochs": 0}, "epochs and batch_size must be at least 1, got 0 and 8"),
         ({"lr": float("nan")}, r"lr \(the learning rate\) must be a positive number"),
         ({"on_bad_sample": "ignore"}, "on_bad_sample must be 'stop' or 'skip'"),
+        ({"log_every": 0}, "log_every must be a whole number of steps >= 1, got 0"),
     ],
 )
 def test_bad_options_are_refused_naming_the_field(tmp_path, options, message):
     with pytest.raises(InputError, match=message) as info:
         train(TrainConfig(data=["mvtec=/nowhere"], out=tmp_path / "out", **options))
     assert "--" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_losses_are_read_every_log_every_steps_and_deterministic_is_scoped_to_the_run(
+    small_mvtec, tiny_backbone, tmp_path
+):
+    """8 samples in batches of 2: 4 steps. The running means are read at steps 1, 2 and 4 (the
+    first, every 2nd, the last); step 3 repeats step 2's. Deterministic algorithms are on during
+    the run only."""
+    reports: list[tuple[TrainProgress, bool]] = []
+    config = quick_config(small_mvtec, tmp_path / "out", tiny_backbone, epochs=1, batch_size=2, log_every=2)
+    config.deterministic = True
+    result = train(config, progress=lambda p: reports.append((p, torch.are_deterministic_algorithms_enabled())))
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back
+    assert all(on for _, on in reports)
+    steps = [p for p, _ in reports if p.epoch == 1 and not p.message]
+    assert [p.step for p in steps] == [1, 2, 3, 4]
+    assert steps[2].losses == steps[1].losses and steps[1].losses != steps[0].losses
+    assert steps[3].losses == pytest.approx({k: v for k, v in result.history[0].items() if k != "epoch"})
+
+
+def test_the_rng_state_holds_the_training_gpu_only(monkeypatch):
+    """No GPU here: torch.cuda's RNG calls are recorded. Reading every GPU's state would create a
+    CUDA context on each of them, from every process."""
+    calls: list[tuple] = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or torch.ones(3))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", int(state[0]), device)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's RNG state was read"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("every GPU's RNG state was set"))
+    gpu = torch.device("cuda:1")
+    rng = capture_rng(gpu)
+    assert set(rng) == {"cpu", "cuda"} and calls == [("get", gpu)]
+    assert set(capture_rng(torch.device("cpu"))) == {"cpu"} and len(calls) == 1
+    restore_rng(rng, gpu)
+    assert calls[-1] == ("set", 1, gpu)
+    # a state written when every GPU's was kept: the training GPU's own is restored
+    restore_rng({"cpu": torch.get_rng_state(), "cuda.0": torch.zeros(3), "cuda.1": torch.full((3,), 5.0)}, gpu)
+    assert calls[-1] == ("set", 5, gpu)
 
 
 def test_library_messages_name_fields_and_the_cli_names_flags():

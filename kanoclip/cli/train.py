@@ -79,6 +79,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--no-feature-cache", dest="feature_cache", action="store_false", help="encode the images again at every epoch"
     )
     parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic algorithms on a GPU (slower; see docs/training.md, Determinism)",
+    )
+    parser.add_argument(
         "--on-bad-sample",
         choices=("stop", "skip"),
         default="stop",
@@ -157,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         betas=args.betas,
         model=model,
         precision=args.precision,
+        deterministic=args.deterministic,
     )
     bars = _Bars()
     try:

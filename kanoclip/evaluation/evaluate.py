@@ -263,11 +263,16 @@ def _evaluate_models(
 def _gathered(
     procs: Processes, predictions: dict[str, tuple[np.ndarray, np.ndarray]]
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Every process's :func:`predict` results of its part, concatenated in rank order."""
+    """Every process's :func:`predict` results of its part, concatenated in rank order, on the main
+    process only (the others get an empty dict: they compute no metrics)."""
     if procs.world == 1:
         return predictions
-    parts = procs.gather([predictions])
-    return {name: tuple(np.concatenate([part[name][i] for part in parts]) for i in (0, 1)) for name in predictions}
+    parts = procs.gather_to_main([predictions])
+    return (
+        {name: tuple(np.concatenate([part[name][i] for part in parts]) for i in (0, 1)) for name in predictions}
+        if parts
+        else {}
+    )
 
 
 def _cell(value: float | None) -> str:

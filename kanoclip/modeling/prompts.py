@@ -115,7 +115,7 @@ class TextEncoder:
 
     A view that owns no parameters (not an ``nn.Module``): the weights stay in the ``CLIPModel``.
 
-    Shapes: token ids and embeddings are padded to CLIP's 77-token context; the output is
+    Shapes: token ids and embeddings are padded to the longest text, at most CLIP's 77-token context; the output is
     the projected EOT feature, ``(N, C)`` with C the joint embedding width.
 
     Args:
@@ -135,17 +135,21 @@ class TextEncoder:
         return self.text_projection.weight.device
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        """Token ids padded to the context; longer texts are cut to it, keeping the EOT token.
+        """Token ids padded to the longest text; a text longer than the context is cut to it, keeping its EOT.
+
+        Attention is causal, so padding after the last EOT never reaches an EOT feature: padding
+        to the longest text instead of the context (77) changes no output, runs ~20 tokens
+        instead of 77, and is decided on the host (no device sync to find the longest).
 
         Args:
             texts: N texts.
 
         Returns:
-            (N, 77) token ids on :attr:`device`.
+            (N, T) token ids on :attr:`device`, T <= 77 the longest text's length (with its EOT).
         """
         with _TOKENIZER_LOCK:
             batch = self.tokenizer(
-                list(texts), padding="max_length", truncation=True, max_length=self.context_length, return_tensors="pt"
+                list(texts), padding="longest", truncation=True, max_length=self.context_length, return_tensors="pt"
             )
         return batch.input_ids.to(self.device)
 
@@ -153,7 +157,7 @@ class TextEncoder:
         """Index of the first EOT token of each sequence (pad == EOT in CLIP's tokenizer).
 
         Args:
-            input_ids: (N, 77) token ids.
+            input_ids: (N, T) token ids.
 
         Returns:
             (N,) positions of each sequence's first EOT token.
@@ -164,10 +168,10 @@ class TextEncoder:
         """Word embeddings of token ids, before position embeddings.
 
         Args:
-            input_ids: (N, 77) token ids.
+            input_ids: (N, T) token ids.
 
         Returns:
-            (N, 77, D) embeddings, D the text tower's width.
+            (N, T, D) embeddings, D the text tower's width.
         """
         return self.text_model.embeddings.token_embedding(input_ids)
 
@@ -175,15 +179,12 @@ class TextEncoder:
         """Word embeddings (some of them learned) through the text tower to projected EOT features.
 
         Args:
-            embeds: (N, 77, D) word embeddings, before position embeddings.
+            embeds: (N, T, D) word embeddings, before position embeddings (T <= 77, :meth:`tokenize`).
             eot_index: (N,) each sequence's EOT position (:meth:`eot_index`).
 
         Returns:
             (N, C) projected EOT features (not normalised); gradients reach ``embeds``.
         """
-        # Attention is causal, so tokens after the last EOT never reach an EOT feature: cutting
-        # the padding there changes no output and runs ~20 tokens instead of 77.
-        embeds = embeds[:, : int(eot_index.max()) + 1]
         hidden = self.text_model.embeddings(inputs_embeds=embeds)
         mask = causal_mask(self.text_model, hidden)
         hidden = self.text_model.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
@@ -276,8 +277,8 @@ class PromptLearner(nn.Module):
 
     def _encode_state(self, class_names: Sequence[str], ctx: torch.Tensor, abnormal: bool) -> torch.Tensor:
         texts = [t for name in class_names for t in self.prompt_texts(name, abnormal)]
-        ids = self.text_encoder.tokenize(texts)  # (N, 77)
-        embeds = self.text_encoder.token_embeddings(ids)  # (N, 77, D)
+        ids = self.text_encoder.tokenize(texts)  # (N, T)
+        embeds = self.text_encoder.token_embeddings(ids)  # (N, T, D)
         k = self.config.n_ctx
         # Splice the context into positions 1..K (after SOT); concatenation, not in-place
         # assignment, so gradients flow to ctx and the frozen embeddings stay untouched.

@@ -39,7 +39,7 @@ class TrainingState:
     epoch: int
     weights: dict[str, torch.Tensor]  # trainable_state_dict() keys
     optimizer: dict[str, dict[str, torch.Tensor]]  # param name -> Adam(W) state
-    rng: dict[str, torch.Tensor]  # "cpu", "cuda.<i>"
+    rng: dict[str, torch.Tensor]  # "cpu", and "cuda" (the training GPU's) when training on one
     info: dict[str, Any]  # run settings, history, skipped samples
 
 
@@ -51,19 +51,31 @@ def has_state(out: Path) -> bool:
     return (state_folder(out) / STATE_JSON).is_file()
 
 
-def capture_rng() -> dict[str, torch.Tensor]:
-    """The torch RNG states (CPU and every CUDA device)."""
+def capture_rng(device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The torch RNG states: the CPU's and, when ``device`` is a GPU, that GPU's only.
+
+    Only the training device's generator is drawn from; asking for every GPU's state would
+    create a CUDA context on each of them (memory on GPUs other processes train on).
+    """
     rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    if device is not None and device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
     return rng
 
 
-def restore_rng(rng: dict[str, torch.Tensor]) -> None:
+def restore_rng(rng: dict[str, torch.Tensor], device: torch.device | None = None) -> None:
+    """Set the states :func:`capture_rng` took (a GPU's only when training on a GPU again).
+
+    A state written before only the training device was kept holds ``cuda.<i>`` for every GPU:
+    the one of ``device``'s index is restored.
+    """
     torch.set_rng_state(rng["cpu"])
-    cuda = [rng[key] for key in sorted((k for k in rng if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    if device is None or device.type != "cuda":
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    state = rng.get("cuda", rng.get(f"cuda.{index}"))
+    if state is not None:
+        torch.cuda.set_rng_state(state, device)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:

@@ -23,11 +23,13 @@ gradients averaged. Only the main process writes files and reports progress.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -144,6 +146,13 @@ class TrainConfig:
     # and ``image_size`` above, when given, take precedence over the ones in it.
     model: KAnoCLIPConfig | None = None
     precision: str = "auto"  # the backbone's (kanoclip.precision); maps and losses are fp32
+    # How often (in steps) the progress's running loss means are refreshed: reading them waits
+    # for the device, so not at every step (also at each epoch's first and last step).
+    log_every: int = 10
+    # torch.use_deterministic_algorithms(True, warn_only=True) for the run: on a GPU, the atomics
+    # of grid_sample's, interpolate's and SDPA's backward make runs differ in the last digits
+    # otherwise (docs/training.md "Determinism"); costs speed, so off by default.
+    deterministic: bool = False
 
 
 @dataclass
@@ -380,6 +389,10 @@ def _validate(config: TrainConfig) -> Path:
         raise OptionError(
             lambda name: f"{name('betas')} must be two numbers in [0, 1), e.g. (0.9, 0.999), got {config.betas!r}"
         )
+    if not isinstance(config.log_every, int) or config.log_every < 1:
+        raise OptionError(
+            lambda name: f"{name('log_every')} must be a whole number of steps >= 1, got {config.log_every!r}"
+        )
     out = Path(config.out).expanduser()
     if out.exists() and not out.is_dir():
         raise OptionError(lambda name: f"{name('out')} {out} is a file; pass a folder for the checkpoint")
@@ -446,7 +459,8 @@ def train(
     existed = out.exists()
     procs = Processes(config.device)
     report: ProgressFn = progress if (progress is not None and procs.is_main) else (lambda _p: None)
-    with torch.random.fork_rng(devices=[]):  # the caller's global RNG state is left alone
+    # the caller's global RNG state and determinism setting are left alone
+    with torch.random.fork_rng(devices=[]), deterministic_algorithms(config.deterministic):
         torch.manual_seed(config.seed)
         model = _build_model(config, procs.device)
         trainset = load_training_set(config.data, model, config.max_samples)
@@ -463,6 +477,29 @@ def train(
                 cache.clear(delete_files=procs.is_main)
             if procs.is_main and not existed and out.is_dir() and not any(out.iterdir()):
                 out.rmdir()  # cancelled or failed before the first checkpoint: leave no empty folder
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True, warn_only=True)`` inside (when ``enabled``), restored after.
+
+    warn_only: an op without a deterministic implementation warns instead of stopping the run.
+    cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` set before CUDA starts to be deterministic;
+    it is set here when missing, which is in time unless the process used CUDA before.
+    """
+    if not enabled:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def _run_info(config: TrainConfig, model: KAnoCLIP, trainset: _TrainSet) -> dict[str, Any]:
@@ -524,7 +561,7 @@ def _resume(run: _Run, optimizer: torch.optim.Optimizer, names: list[str]) -> in
         return 0
     run.model.load_trainable_state_dict(run.state.weights, source=str(run.out / STATE_DIR))
     load_optimizer_tensors(optimizer, names, run.state.optimizer)
-    restore_rng(run.state.rng)
+    restore_rng(run.state.rng, run.procs.device)
     run.history = list(run.state.info.get("history", []))
     run.progress(0, message=f"resuming {run.out} after epoch {run.state.epoch}")
     return run.state.epoch
@@ -596,7 +633,10 @@ def _train_epoch(
     global_batch = run.config.batch_size * procs.world
     order = [run.usable[i] for i in _epoch_order(len(run.usable), run.config.seed, epoch, procs.world)]
     steps = math.ceil(len(order) / global_batch)
-    sums = dict.fromkeys(LOSS_TERMS, 0.0)
+    # the terms' sums stay on the device (float64, as Python's floats were): reading them waits
+    # for the device, so only the main process reads them, every ``log_every`` steps
+    sums = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=procs.device)
+    means: dict[str, float] = {}
     for step in range(steps):
         if run.stop():
             return None
@@ -605,10 +645,11 @@ def _train_epoch(
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         optimizer.step()
-        for key in LOSS_TERMS:
-            sums[key] += float(terms[key].detach())
-        run.progress(epoch, step + 1, steps, {k: v / (step + 1) for k, v in sums.items()})
-    run.history.append({"epoch": epoch, **procs.mean({k: v / steps for k, v in sums.items()})})
+        sums += torch.stack([terms[key].detach() for key in LOSS_TERMS]).double()
+        if procs.is_main and (step == 0 or (step + 1) % run.config.log_every == 0 or step + 1 == steps):
+            means = dict(zip(LOSS_TERMS, (sums / (step + 1)).tolist()))
+        run.progress(epoch, step + 1, steps, means)
+    run.history.append({"epoch": epoch, **procs.mean(dict(zip(LOSS_TERMS, (sums / steps).tolist())))})
     return steps
 
 
@@ -619,7 +660,10 @@ def _write_checkpoint(run: _Run, optimizer: torch.optim.Optimizer, names: list[s
         skipped = [list(s) for s in run.skipped]
         info = {"run": run.info, "epochs": config.epochs, "lr": config.lr, "history": run.history, "skipped": skipped}
         weights = run.model.model.trainable_state_dict()
-        save_state(run.out, TrainingState(epoch, weights, optimizer_tensors(optimizer, names), capture_rng(), info))
+        save_state(
+            run.out,
+            TrainingState(epoch, weights, optimizer_tensors(optimizer, names), capture_rng(run.procs.device), info),
+        )
         _write_outputs(run, epoch)
     run.procs.barrier()
     losses = {k: v for k, v in run.history[-1].items() if k != "epoch"}

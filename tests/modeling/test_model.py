@@ -76,3 +76,31 @@ def test_a_config_that_does_not_fit_the_backbone_is_refused(backbone):
         build(backbone, trained=False, training_free=TrainingFreeConfig(stage_weights=(1, 1, 1)))
     with pytest.raises(ValueError, match=r"num_replaced_blocks must be in \[1, 8\]"):
         build(backbone, trained=False, training_free=TrainingFreeConfig(num_replaced_blocks=9))
+
+
+def test_image_features_prompts_and_losses_stay_on_cuda_without_host_syncs(tiny_backbone):
+    """On fake CUDA (tests/fake_cuda.py: any op mixing devices raises, and every read of a device
+    value on the host is recorded): CLIP-VV's features, the learned prompts through the text tower,
+    the knowledge features and the three losses stay on the GPU, and none of them waits for it.
+    Forward only: a CPU-only torch cannot accumulate gradients on a CUDA leaf."""
+    from fake_cuda import fake_cuda, to_fake_cuda
+
+    from kanoclip import KAnoCLIP
+    from kanoclip.modeling.losses import global_loss, kd_loss, local_loss
+
+    detector = KAnoCLIP.for_training(backbone=str(tiny_backbone), device="cpu")
+    detector.model.train()  # before the move: transformers' train() asks a CUDA GPU for its capability
+    size = detector.image_size
+    with fake_cuda() as (_, calls), torch.no_grad():
+        to_fake_cuda(detector.model)
+        visual = detector.model.encode_image(torch.randn(2, 3, size, size, device="cuda"))
+        prompts = detector.model.learned_prompts(["bottle", "screw"])
+        knowledge = detector.knowledge_features(["bottle", "screw"])
+        losses = [
+            kd_loss(knowledge, prompts.abnormal, prompts.normal),
+            global_loss(torch.rand(2, device="cuda"), torch.tensor([1.0, 0.0], device="cuda")),
+            local_loss(*(torch.rand(2, size, size, device="cuda") for _ in range(3)), 2.0),
+        ]
+        tensors = [visual.global_feature, *visual.stages, prompts.normal, prompts.abnormal, knowledge, *losses]
+        assert {t.device.type for t in tensors} == {"cuda"}
+    assert calls.syncs == []
