@@ -38,8 +38,9 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from demo.components import gpu, required_class_name, user_errors
+from demo.components import required_class_name, user_errors
 from demo.detect_tab import DetectTab, ModelKey, decode, gallery_size, serving_references, session_store
+from demo.gpu import gpu, move
 from demo.state import AppContext, compute_slot, describe_model
 from demo.uploads import MB, ZipLimits, check_zip, skipped_entry
 from kanoclip import KAnoCLIP
@@ -47,6 +48,7 @@ from kanoclip.data.sample import is_image
 from kanoclip.detection import Detection, upsample_maps
 from kanoclip.errors import ImageError, InputError
 from kanoclip.images import load_image
+from kanoclip.knowledge import KnowledgeBase
 from kanoclip.references import References
 from kanoclip.viz import overlay_with_colorbar
 
@@ -204,12 +206,17 @@ def build_batch_tab(ctx: AppContext, detect: DetectTab) -> BatchTab:
 
     @gpu
     def run_batch(
-        model_choice: str | None, images: list[Image.Image], class_name: str, store: References
+        model_choice: str | None,
+        images: list[Image.Image],
+        class_name: str,
+        store: References,
+        shared: tuple[int, KnowledgeBase],
     ) -> list[Detection]:
-        """One chunk's forward pass (the GPU work of a request), under the compute slot."""
-        model = registry.get(model_choice)
+        """One chunk's forward pass (the GPU work of a request), under the compute slot; references
+        come and go on the CPU, the knowledge base with its version (:mod:`demo.gpu`)."""
+        model = registry.get(model_choice, shared)
         with compute_slot(model):
-            return model.detect_batch(images, class_name, references=store)
+            return model.detect_batch(images, class_name, references=move(store, model.device))
 
     @user_errors
     def detect_many(
@@ -241,7 +248,7 @@ def build_batch_tab(ctx: AppContext, detect: DetectTab) -> BatchTab:
                     bad.append(str(exc))
             if not decoded:
                 continue
-            detections = run_batch(model_choice, [pil for _, pil in decoded], name, store)
+            detections = run_batch(model_choice, [pil for _, pil in decoded], name, store, ctx.knowledge.versioned())
             results += [Inspected.of(n, pil, det) for (n, pil), det in zip(decoded, detections)]
             note = detections[0].threshold_note
             del decoded, detections

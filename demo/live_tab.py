@@ -35,7 +35,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from demo.components import class_name_text, gpu, required_class_name, user_errors
+from demo.components import class_name_text, required_class_name, user_errors
 from demo.detect_tab import (
     SCORING,
     DetectTab,
@@ -45,9 +45,11 @@ from demo.detect_tab import (
     serving_references,
     session_store,
 )
+from demo.gpu import gpu, move
 from demo.state import AppContext, compute_slot
 from kanoclip.detection import Detection
 from kanoclip.errors import InputError
+from kanoclip.knowledge import KnowledgeBase
 from kanoclip.references import References
 from kanoclip.video import CSV_COLUMNS, VideoConfig, VideoResult, detect_video, write_frames_csv
 from kanoclip.viz import overlay_with_colorbar
@@ -185,12 +187,17 @@ def build_live_tabs(ctx: AppContext, detect: DetectTab) -> None:
 
     @gpu
     def run_frame(
-        model_choice: str | None, frame: Image.Image, name: str, threshold: float | None, store: References
+        model_choice: str | None,
+        frame: Image.Image,
+        name: str,
+        threshold: float | None,
+        store: References,
+        shared: tuple[int, KnowledgeBase],
     ) -> Detection:
         """One webcam frame's model call (the only GPU work of a live step)."""
-        model = registry.get(model_choice)
+        model = registry.get(model_choice, shared)
         with compute_slot(model):
-            return model.detect(frame, name, threshold=threshold, references=store)
+            return model.detect(frame, name, threshold=threshold, references=move(store, model.device))
 
     @user_errors
     def live_frame(
@@ -212,7 +219,9 @@ def build_live_tabs(ctx: AppContext, detect: DetectTab) -> None:
         t, _ = check_controls(threshold, None)
         started = time.perf_counter()
         model, store, refs, _ = serving(model_choice, stores, name)
-        det = run_frame(model_choice, frame, name, chosen_threshold(model, refs, t, calibrated), store)
+        det = run_frame(
+            model_choice, frame, name, chosen_threshold(model, refs, t, calibrated), store, ctx.knowledge.versioned()
+        )
         latency = time.perf_counter() - started
         weight = min(max(float(smoothing or 0.0), 0.0), 0.95)
         value = live.record(det.score, det.threshold, weight, time.perf_counter())
@@ -230,9 +239,11 @@ def build_live_tabs(ctx: AppContext, detect: DetectTab) -> None:
         video: VideoConfig,
         overlay: Path,
         progress: gr.Progress,
+        shared: tuple[int, KnowledgeBase],
     ) -> VideoResult:
         """A clip's decoding, model calls and encoding."""
-        model = registry.get(model_choice)
+        model = registry.get(model_choice, shared)
+        store = move(store, model.device)
 
         def tick(row) -> None:
             progress((row.frame + 1, None), desc=f"frame {row.frame} ({row.time:.1f} s)", unit="frames")
@@ -268,7 +279,7 @@ def build_live_tabs(ctx: AppContext, detect: DetectTab) -> None:
         stem = Path(video).stem or "clip"
         result = run_clip(
             model_choice, video, name, chosen_threshold(model, refs, t, calibrated), store, video_config,
-            folder / f"{stem}.overlay.mp4", progress,
+            folder / f"{stem}.overlay.mp4", progress, ctx.knowledge.versioned(),
         )  # fmt: skip
         if result.stopped:
             gr.Warning(result.stopped)
