@@ -214,16 +214,18 @@ SESSION_WHOSE = "yours: this session only"
 SHARED_WHOSE = "the app's shared references, loaded with --references"
 
 
-def session_store(stores: dict[ModelKey, References], key: ModelKey, model: KAnoCLIP) -> References:
-    """The session's store for the model of ``key``, made on first use.
+def session_store(
+    stores: dict[ModelKey, References], key: ModelKey, model: KAnoCLIP, max_images: int | None = None
+) -> References:
+    """The session's store for the model of ``key``, made on first use, holding at most ``max_images`` images.
 
     Made anew when the model's fingerprint changed (e.g. its checkpoint folder now holds a model
     of another backbone): features of another model cannot be searched.
     """
     fingerprint = model.reference_fingerprint()
     store = stores.get(key)
-    if store is None or store.fingerprint != fingerprint:
-        store = stores[key] = References(fingerprint)
+    if store is None or store.identity != fingerprint:
+        store = stores[key] = References(fingerprint, max_images=max_images)
     return store
 
 
@@ -257,7 +259,7 @@ def references_markdown(model: KAnoCLIP, session: References, class_name: str, p
         )
     else:
         text = f"**Normal references of `{name}`:** {refs.count} ({whose}) · {refs.describe(default)}"
-    shared = sorted(model.reference_store.sets)
+    shared = sorted(model.reference_store.classes)
     if shared:
         text += (
             f"\n\nShared references (loaded with `--references`) of {', '.join(f'`{c}`' for c in shared)} serve every "
@@ -315,7 +317,8 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
 
     def session_for(model_choice: str | None, stores: dict[ModelKey, References] | None) -> tuple[KAnoCLIP, References]:
         model = registry.get(model_choice)
-        return model, session_store({} if stores is None else stores, registry.key(model_choice), model)
+        cap = config.max_session_references
+        return model, session_store({} if stores is None else stores, registry.key(model_choice), model, cap)
 
     def describe_references(model: KAnoCLIP, session: References, model_choice: str | None, name: str) -> str:
         return references_markdown(model, session, name, registry.reference_problems.get(registry.key(model_choice)))
@@ -382,7 +385,8 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
         images = [decode(path) for path in files]  # every file decoded (and named when bad) before any is added
         # kept from the returned set: on ZeroGPU the call runs in a worker, whose changes to its
         # copy of the store would not come back
-        session.sets[canonical] = run_add_references(model_choice, canonical, images, session)
+        session.check_room(canonical, len(files), limit)  # the session's cap over all classes
+        session.keep(run_add_references(model_choice, canonical, images, session))
         return describe_references(model, session, model_choice, canonical), None, stores
 
     @user_errors
@@ -404,7 +408,8 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
         model = registry.peek(model_choice)
         if not name or not isinstance(model, KAnoCLIP):
             return REFERENCES_HELP
-        session = session_store({} if stores is None else stores, registry.key(model_choice), model)
+        cap = config.max_session_references
+        session = session_store({} if stores is None else stores, registry.key(model_choice), model, cap)
         return describe_references(model, session, model_choice, name)
 
     classes = ctx.knowledge.snapshot().classes()
@@ -460,7 +465,7 @@ def build_detect_tab(ctx: AppContext) -> DetectTab:
                             "Clear this class's references", size="sm", elem_id="detect-clear-references"
                         )
                     start = registry.peek(config.start_choice)
-                    shared = sorted(start.reference_store.sets) if isinstance(start, KAnoCLIP) else []
+                    shared = sorted(start.reference_store.classes) if isinstance(start, KAnoCLIP) else []
                     intro = REFERENCES_HELP + (
                         f" Shared references (`--references`) of {', '.join(f'`{c}`' for c in shared)} "
                         "serve every visitor without their own."

@@ -233,6 +233,13 @@ class References:
         self._sets: dict[str, ReferenceSet] = {}
         self._lock = threading.RLock()
 
+    def __getstate__(self) -> dict[str, Any]:  # a copy (pickle, deepcopy) gets a lock of its own
+        with self._lock:
+            return {**self.__dict__, "_sets": dict(self._sets), "_lock": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.RLock())
+
     # ------------------------------------------------------------------ reading
     @property
     def classes(self) -> list[str]:
@@ -283,8 +290,8 @@ class References:
             total = sum(refs.count for refs in self._sets.values())
             if self.max_images is not None and total + adding > self.max_images:
                 raise InputError(
-                    f"{total + adding} reference images over all classes exceed this store's limit of "
-                    f"{self.max_images}; clear the references of a class you no longer need first"
+                    f"{total + adding} reference images over all classes exceed the limit of {self.max_images} "
+                    "for one set of references; clear the references of a class you no longer need first"
                 )
 
     def add(
@@ -363,6 +370,11 @@ class References:
             )  # fmt: skip
             self._sets[class_name] = refs
             return refs
+
+    def keep(self, refs: ReferenceSet) -> None:
+        """Store a set computed on a copy of this store (the app's GPU worker adds to a copy)."""
+        with self._lock:
+            self._sets[refs.class_name] = refs
 
     def remove(self, class_name: str) -> None:
         """Forget the class's references and threshold."""
@@ -559,7 +571,7 @@ def nearest_distance(
 
     Args:
         patches: test patch features (any norm).
-        bank: ``(N, C)`` reference patches (any norm; fp16 as stored).
+        bank: ``(N, C)`` reference patches (any norm; fp16 as stored), or ``(B, N, C)``, each image's own.
         chunk: bank rows compared at a time.
         exclude: optional ``(B, N)`` bool, bank rows each image may not match (leave-one-out).
 
@@ -570,11 +582,11 @@ def nearest_distance(
     with full_precision(patches.device):
         queries = F.normalize(patches.float(), dim=-1)  # (B, L, C)
         best = torch.full((b, length), -1.0, device=patches.device)
-        for start in range(0, bank.shape[0], chunk):
+        for start in range(0, bank.shape[-2], chunk):
             # normalised in fp32: fp16 storage would move a unit vector's norm by ~1e-3, and so
             # an image's distance to itself
-            block = F.normalize(bank[start : start + chunk].float(), dim=-1)  # (n, C)
-            sims = queries @ block.T  # (B, L, n)
+            block = F.normalize(bank[..., start : start + chunk, :].float(), dim=-1)  # ([B,] n, C)
+            sims = queries @ block.transpose(-1, -2)  # (B, L, n)
             if exclude is not None:
                 sims = sims.masked_fill(exclude[:, None, start : start + chunk], -1.0)
             best = torch.maximum(best, sims.amax(dim=-1))
@@ -594,7 +606,8 @@ def reference_maps(
 ) -> torch.Tensor:
     """The reference map of a batch: ``(B, S, S)`` float32 in [0, 1] (see the module docstring).
 
-    ``stages``: n x (B, L, C) test features; ``bank``: n x (N, C); ``weights``: n numbers summing
+    ``stages``: n x (B, L, C) test features; ``bank``: n x (N, C) (or (B, N, C), each image's own);
+    ``weights``: n numbers summing
     to 1 (a stage of weight 0 is not searched and may be None in both). Runs in fp32 under any autocast.
     """
     first = next(s for s, w in zip(stages, weights) if w > 0)

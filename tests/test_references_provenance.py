@@ -224,7 +224,7 @@ def test_a_store_cap_over_all_classes_is_refused_in_one_line(tiny_backbone, good
     model = training_free(tiny_backbone)
     store = References(model.reference_fingerprint(), max_images=3)
     model.add_references("bottle", good[:2], store=store)
-    with pytest.raises(InputError, match="4 reference images over all classes exceed this store's limit of 3"):
+    with pytest.raises(InputError, match="4 reference images over all classes exceed the limit of 3"):
         model.add_references("screw", good[2:4], store=store)
     assert store.total == 2
 
