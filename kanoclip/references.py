@@ -431,31 +431,8 @@ class References:
             CheckpointError: no set there, a damaged one, another format, another model (what
                 differs is named), or a bank whose shape does not fit its grid and count.
         """
-        from safetensors import safe_open
-
         path = Path(folder).expanduser()
-        file = path / TENSORS_NAME
-        if not file.is_file():
-            raise CheckpointError(
-                f"{path} holds no saved references (expected {TENSORS_NAME}); "
-                "build them with add_references or `kanoclip references build`"
-            )
-        try:
-            with safe_open(str(file), "pt", device=str(device)) as handle:
-                index = json.loads((handle.metadata() or {}).get(INDEX_KEY, "null"))
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except Exception as exc:  # safetensors raises its own error types for a damaged file
-            raise CheckpointError(
-                f"{file} is damaged and cannot be read ({(str(exc) or type(exc).__name__).splitlines()[0]}); "
-                "build the references again"
-            ) from None
-        if not isinstance(index, dict) or index.get("format") != FORMAT:
-            raise CheckpointError(f"{file} holds no kanoclip references index; build the references again")
-        if index.get("version") != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{path} was saved in references format {index.get('version')}, which keeps no features to "
-                f"recompute thresholds from (this kanoclip reads format {FORMAT_VERSION}); build the references again"
-            )
+        index, tensors = _read(path, device)
         differs = identity_difference(index.get("identity") or {}, identity)
         if differs:
             raise CheckpointError(f"{path} was built for another model ({differs}): build the references again with it")
@@ -468,6 +445,49 @@ class References:
                 f"{path}: the references index is damaged ({exc}); build the references again"
             ) from None
         return store
+
+
+def read_index(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The index of a saved store (classes, counts, thresholds, provenance), its tensors left unread.
+
+    Raises:
+        CheckpointError: as :meth:`References.load`, for a missing, damaged or old folder.
+    """
+    return _read(Path(folder).expanduser(), None)[0]
+
+
+def _read(path: Path, device: torch.device | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(the index, the tensors on ``device``; none when None) of a saved store, checked to be one this code reads."""
+    from safetensors import safe_open
+
+    file = path / TENSORS_NAME
+    if not file.is_file():
+        raise CheckpointError(
+            f"{path} holds no saved references (expected {TENSORS_NAME}); "
+            "build them with add_references or `kanoclip references build`"
+        )
+    try:
+        with safe_open(str(file), "pt", device=str(device or "cpu")) as handle:
+            index = json.loads((handle.metadata() or {}).get(INDEX_KEY, "null"))
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()} if device is not None else {}
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        raise CheckpointError(
+            f"{file} is damaged and cannot be read ({(str(exc) or type(exc).__name__).splitlines()[0]}); "
+            "build the references again"
+        ) from None
+    if index is None and (path / INDEX_NAME).is_file():  # format 1 kept its index in the JSON file only
+        try:
+            index = json.loads((path / INDEX_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            index = None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise CheckpointError(f"{file} holds no kanoclip references index; build the references again")
+    if index.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was saved in references format {index.get('version')}, which keeps no features to "
+            f"recompute thresholds from (this kanoclip reads format {FORMAT_VERSION}); build the references again"
+        )
+    return index, tensors
 
 
 def _loaded_set(

@@ -267,3 +267,17 @@ def test_the_paper_image_token_is_the_vv_paths_cls(tiny_backbone, bottle_image):
     assert (paper.encode_image(pixels).global_feature - own).abs().max() > 1e-3
     with pytest.raises(ValueError, match="vv.image_token"):
         replace(base.vv, image_token="cls")
+
+
+def test_a_copied_store_is_independent_and_has_its_own_lock(tiny_backbone, good):
+    """The app's GPU worker gets a pickled copy of a session's store; the set it returns is kept."""
+    import pickle
+
+    model = training_free(tiny_backbone)
+    store = References(model.reference_fingerprint(), max_images=5)
+    model.add_references("bottle", good[:2], store=store)
+    copy = pickle.loads(pickle.dumps(store))
+    added = model.add_references("bottle", [good[2]], store=copy)
+    assert copy.total == 3 and store.total == 2 and copy.max_images == 5
+    store.keep(added)
+    assert store.total == 3 and model.references("bottle", store=store).threshold == added.threshold
