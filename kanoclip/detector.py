@@ -672,7 +672,9 @@ class KAnoCLIP(nn.Module):
         ``is_anomalous``; ``references`` (default the model's own store) adds each class's normal
         references to its images' maps and scores.
         """
-        if isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray)):
+        if isinstance(images, (str, bytes, os.PathLike, Image.Image)) or (
+            isinstance(images, np.ndarray) and images.ndim <= 3  # one image's array, not a (B, H, W, 3) batch
+        ):
             raise InputError(
                 "images: a list is expected (of paths, PIL images, arrays or bytes); for one image use detect"
             )
