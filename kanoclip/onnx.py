@@ -117,8 +117,8 @@ class ReferenceTables(nn.Module):
     def __init__(self, sets: Sequence[ReferenceSet | None], weight: float, chunk: int, sigma: float) -> None:
         super().__init__()
         held = [r for r in sets if r is not None and r.count]
-        rows = max(r.bank[-1].shape[0] for r in held if r.bank[-1] is not None)  # type: ignore[union-attr]
         self.read = [j for j, stage in enumerate(held[0].bank) if stage is not None]
+        rows = max(r.bank[self.read[0]].shape[0] for r in held)  # type: ignore[union-attr]
         self.n_stages = len(held[0].bank)
         for j in self.read:
             table = torch.zeros(len(sets), rows, held[0].bank[j].shape[1])  # type: ignore[union-attr]
