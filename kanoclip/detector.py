@@ -15,6 +15,7 @@ are about to be trained (trained mode, fresh weights).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
@@ -492,6 +493,9 @@ class KAnoCLIP(nn.Module):
             self._weights_digest = digest.hexdigest()[:16] if self.trained else "training-free"
         text = self._class_text(class_name).state.detach().float().cpu().numpy().tobytes()
         weights = tuple(self.model.stage_weight_values())
+        # the sections that shape the learned head's computation (e.g. bicmci.residual_logits) beside its weights
+        head = {k: v for k, v in config.to_dict().items() if k in ("bicmci", "adapter", "scoring")}
+        head["scoring"] = {k: v for k, v in head["scoring"].items() if k != "threshold"}
         fingerprint = {
             "mode": self.mode,
             "weights": self._weights_digest,
@@ -501,6 +505,7 @@ class KAnoCLIP(nn.Module):
             "temperature": config.scoring.temperature,
             "weight": config.references.weight,
             "margin": config.references.margin,
+            "head": hashlib.sha256(json.dumps(head, sort_keys=True, default=str).encode()).hexdigest()[:16],
         }
         if not self.trained:
             model = "the training-free model"
