@@ -30,9 +30,10 @@ what differs.
 
 **Provenance.** Each set records the *scoring fingerprint* its derived values were computed
 with (:class:`Scoring`: the trained weights' digest, the class's text features — so the knowledge
-base's descriptions —, the stage weights, σ, τ, ``references.weight`` and ``margin``, the head's config sections). When the
-model that serves the set has another fingerprint (a checkpoint loaded, trained weights loaded,
-``set_knowledge``, another config, another model loading a saved set), the set is brought up to
+base's descriptions —, the stage weights, σ, τ, ``references.weight`` and ``margin``, the head's
+config sections). When the model that serves the set has another fingerprint (a checkpoint
+loaded, trained weights loaded, ``set_knowledge``, another config, another model loading a saved
+set), the set is brought up to
 date before it is used (:meth:`References.serving`): each reference's own score and the
 leave-one-out threshold are recomputed from the kept features; a threshold from ``calibrate``
 cannot be (its images are not kept), so it is dropped and the set's ``note`` says so
