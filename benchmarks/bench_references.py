@@ -6,7 +6,13 @@ allocator keeps from the encoding batches' activations). Time: ``detect`` on a 9
 and with 4 (medians of interleaved rounds, one model each, sharing the backbone), in the
 training-free mode (the default) and the trained mode.
 
+``--calibrate N`` measures instead the peak resident memory of ``calibrate`` on N images (PNG
+files of the input size, 0.33 normal / 0.67 labelled anomalous) against the process's memory just
+before it (peak reset through ``/proc/self/clear_refs``), beside what N images' features would take
+if they were held: calibrate keeps only scores, so the peak should not grow with N.
+
     python benchmarks/bench_references.py [--runs 5] [--device cpu]
+    python benchmarks/bench_references.py --calibrate 500 [--device cpu]
 """
 
 from __future__ import annotations
@@ -15,9 +21,12 @@ import argparse
 import ctypes
 import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from kanoclip import KAnoCLIP
 
@@ -32,12 +41,45 @@ def rss_mb(trim: bool = False) -> float:
     return proc_status("self", "VmRSS") / 2**20
 
 
+def calibrate_memory(folder: Path, count: int, device: str) -> dict:
+    """Peak resident memory of ``calibrate`` on ``count`` images of the input size, read from files."""
+    model = KAnoCLIP.from_pretrained(backbone=str(folder), device=device)
+    rng = np.random.default_rng(1)
+    size = model.image_size
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i in range(count):
+            path = Path(tmp) / f"{i:04d}.png"
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+            paths.append(str(path))
+        labels = [int(i % 3 != 0) for i in range(count)]
+        model.calibrate("bottle", paths[:2], [0, 1])  # text features and a first forward, before measuring
+        before = rss_mb(trim=True)
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS from here
+        start = time.perf_counter()
+        model.calibrate("bottle", paths, labels)
+        seconds = time.perf_counter() - start
+        peak = proc_status("self", "VmHWM") / 2**20
+    per_image = sum(s.numel() for s in model.encode_image(model.pixel_values([Image.new("RGB", (size, size))])).stages)
+    return {
+        "images": count,
+        "rss_before_mb": before,
+        "peak_growth_mb": peak - before,
+        "features_if_held_mb": count * per_image * 4 / 2**20,  # fp32 stage tokens of every image
+        "seconds": seconds,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--calibrate", type=int, metavar="N", help="measure calibrate's peak memory on N images")
     args = parser.parse_args()
     folder = vit_l_backbone()
+    if args.calibrate:
+        print(json.dumps({"machine": machine(), "calibrate": calibrate_memory(folder, args.calibrate, args.device)}))
+        return
     base = np.asarray(np.random.default_rng(0).integers(0, 256, (900, 900, 3)), dtype=np.uint8)
     images = distinct_images(base, 64)
     shared: dict = {}
@@ -49,10 +91,10 @@ def main() -> None:
     refs = memory_model.add_references("bottle", images[:16])
     peak_growth = rss_mb() - before
     result["memory_16_references"] = {
-        "bank_mb": sum(t.numel() * t.element_size() for t in refs.bank) / 2**20,
+        "bank_mb": sum(t.numel() * t.element_size() for t in refs.bank if t is not None) / 2**20,
         "rss_growth_mb": peak_growth,  # includes the encoding batches' activations the allocator still holds
         "rss_growth_after_trim_mb": rss_mb(trim=True) - before,  # what the references keep
-        "stages": len(refs.bank),
+        "stages": sum(t is not None for t in refs.bank),  # the stages the mode reads
     }
 
     cells: dict[str, KAnoCLIP] = {}

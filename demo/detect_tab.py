@@ -229,16 +229,18 @@ SESSION_WHOSE = "yours: this session only"
 SHARED_WHOSE = "the app's shared references, loaded with --references"
 
 
-def session_store(stores: dict[ModelKey, References], key: ModelKey, model: KAnoCLIP) -> References:
-    """The session's store for the model of ``key``, made on first use.
+def session_store(
+    stores: dict[ModelKey, References], key: ModelKey, model: KAnoCLIP, max_images: int | None = None
+) -> References:
+    """The session's store for the model of ``key``, made on first use, holding at most ``max_images`` images.
 
     Made anew when the model's fingerprint changed (e.g. its checkpoint folder now holds a model
     of another backbone): features of another model cannot be searched.
     """
     fingerprint = model.reference_fingerprint()
     store = stores.get(key)
-    if store is None or store.fingerprint != fingerprint:
-        store = stores[key] = References(fingerprint)
+    if store is None or store.identity != fingerprint:
+        store = stores[key] = References(fingerprint, max_images=max_images)
     return store
 
 
@@ -272,7 +274,7 @@ def references_markdown(model: KAnoCLIP, session: References, class_name: str, p
         )
     else:
         text = f"**Normal references of `{name}`:** {refs.count} ({whose}) · {refs.describe(default)}"
-    shared = sorted(model.reference_store.sets)
+    shared = sorted(model.reference_store.classes)
     if shared:
         text += (
             f"\n\nShared references (loaded with `--references`) of {', '.join(f'`{c}`' for c in shared)} serve every "
@@ -350,7 +352,8 @@ def build_detect_tab(ctx: AppContext, visitor: gr.State) -> DetectTab:
         model_choice: str | None, stores: dict[ModelKey, References] | None, owner: bool = False
     ) -> tuple[KAnoCLIP, References]:
         model = registry.get(model_choice, owner=owner)
-        return model, session_store({} if stores is None else stores, registry.key(model_choice, owner=owner), model)
+        key, cap = registry.key(model_choice, owner=owner), config.max_session_references
+        return model, session_store({} if stores is None else stores, key, model, cap)
 
     def owner_of(state: Session | None, profile: gr.OAuthProfile | None) -> bool:
         return config.access.is_owner(state is not None and state.signed_in, profile)
@@ -424,13 +427,14 @@ def build_detect_tab(ctx: AppContext, visitor: gr.State) -> DetectTab:
                 f"{count + len(files)} reference images of {canonical!r} exceed the limit of {limit} per class; {room}"
             )
         images = [decode(path) for path in files]  # every file decoded (and named when bad) before any is added
+        session.check_room(canonical, len(files), limit)  # the session's cap over all classes
         # kept from the returned set where the call ran on a copy of the store (on ZeroGPU, in a
         # worker whose changes would not come back); in-process the model merged it already, and a
         # concurrent addition of this session may have merged after it
-        before = session.get(canonical)
+        before = session.stored(canonical)
         added = run_add_references(model_choice, canonical, images, session, owner, ctx.knowledge.versioned())
-        if session.get(canonical) is before:
-            session.sets[canonical] = added
+        if session.stored(canonical) is before:
+            session.keep(added)
         return describe_references(model, session, model_choice, canonical), None, stores
 
     @user_errors
@@ -452,7 +456,8 @@ def build_detect_tab(ctx: AppContext, visitor: gr.State) -> DetectTab:
         model = registry.peek(model_choice)
         if not name or not isinstance(model, KAnoCLIP):
             return REFERENCES_HELP
-        session = session_store({} if stores is None else stores, registry.key(model_choice), model)
+        cap = config.max_session_references
+        session = session_store({} if stores is None else stores, registry.key(model_choice), model, cap)
         return describe_references(model, session, model_choice, name)
 
     classes = ctx.knowledge.snapshot().classes()
@@ -508,7 +513,7 @@ def build_detect_tab(ctx: AppContext, visitor: gr.State) -> DetectTab:
                             "Clear this class's references", size="sm", elem_id="detect-clear-references"
                         )
                     start = registry.peek(config.start_choice)
-                    shared = sorted(start.reference_store.sets) if isinstance(start, KAnoCLIP) else []
+                    shared = sorted(start.reference_store.classes) if isinstance(start, KAnoCLIP) else []
                     intro = REFERENCES_HELP + (
                         f" Shared references (`--references`) of {', '.join(f'`{c}`' for c in shared)} "
                         "serve every visitor without their own."

@@ -23,6 +23,7 @@ Anywhere else ``gpu`` only adds the move to the CPU.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import os
@@ -30,6 +31,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from kanoclip.references import References
 
 ZERO_GPU = bool(os.environ.get("SPACES_ZERO_GPU"))
 
@@ -47,7 +50,7 @@ def _spaces_gpu() -> Callable[..., Any] | None:
 
 def move(value: Any, device: torch.device | str) -> Any:
     """``value`` with every tensor in it on ``device``: tensors, and those inside lists, tuples,
-    dicts and dataclasses (rebuilt where a tensor moved; the original is left as it is).
+    dicts, dataclasses and reference stores (rebuilt where a tensor moved; the original is left as it is).
 
     A value whose tensors are all on ``device`` already comes back as the same object, so an
     in-process call (the CPU, or a GPU model given GPU tensors) still merges into the caller's
@@ -62,6 +65,10 @@ def move(value: Any, device: torch.device | str) -> Any:
     """
     if isinstance(value, torch.Tensor):
         return value.to(device)
+    if isinstance(value, References):  # a store with a lock of its own: moved as a copy, set by set
+        moved = copy.copy(value)
+        moved.to(torch.device(device))
+        return value if all(moved.stored(c) is value.stored(c) for c in value.classes) else moved
     if isinstance(value, dict):
         items = {k: move(v, device) for k, v in value.items()}
         return value if all(items[k] is v for k, v in value.items()) else items

@@ -86,6 +86,8 @@ class AppConfig:
     live_time_limit: int = field(default_factory=lambda: _env_int("KANOCLIP_LIVE_TIME_LIMIT", 60))
     live_concurrency: int = field(default_factory=lambda: _env_int("KANOCLIP_LIVE_CONCURRENCY", 1))
     video_max_seconds: int = field(default_factory=lambda: _env_int("KANOCLIP_VIDEO_MAX_SECONDS", 120))
+    # reference images one session may hold over all its classes (each is ~0.9 MB per stage kept at ViT-L/14@336)
+    max_session_references: int = field(default_factory=lambda: _env_int("KANOCLIP_MAX_SESSION_REFERENCES", 32))
     preload: bool = True  # load the start model while building the app (to report its state)
     training: bool = field(
         default_factory=lambda: os.environ.get("KANOCLIP_TRAINING", "on").lower() not in ("0", "off", "false", "no")
@@ -396,14 +398,16 @@ class ModelRegistry:
         try:
             # on the CPU: they are passed into the @gpu functions, which move them (demo.gpu)
             model.reference_store = References.load(
-                folder, fingerprint=model.reference_fingerprint(), device=torch.device("cpu")
+                folder, identity=model.reference_fingerprint(), device=torch.device("cpu")
             )
         except CheckpointError as exc:
             log.warning("the shared references in %s do not serve %s: %s", folder, model.backbone_name, exc)
             self.reference_problems[key] = str(exc)
             return
         self.reference_problems.pop(key, None)
-        log.info("shared references loaded from %s: %s", folder, ", ".join(model.reference_store.sets) or "no classes")
+        log.info(
+            "shared references loaded from %s: %s", folder, ", ".join(model.reference_store.classes) or "no classes"
+        )
 
     def _cached(self, key: tuple[str | None, str | None]) -> KAnoCLIP | None:
         with self._lock:

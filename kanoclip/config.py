@@ -79,8 +79,14 @@ class VVConfig:
     # (clip_surgery_model.py, ``F.interpolate(..., mode='bilinear')``) and AnomalyCLIP, built on
     # it, do. The paper does not say; bicubic, the library's, is the default.
     position_interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    # The trained mode's image-level feature (eq. 12's global feature): "vv" is the paper's S_l[0],
+    # the V-V path's CLS token after its last stage (§2.3: "S_l[0] ... for image-level detection");
+    # "original" is the original path's CLS, CLIP's own image feature. A checkpoint saved before
+    # this field existed was trained with "original" and loads with it (KAnoCLIPConfig.from_dict).
+    image_token: Literal["vv", "original"] = "vv"
 
     def __post_init__(self) -> None:
+        _check_choice("vv.image_token", self.image_token, ("vv", "original"))
         if self.num_replaced_blocks is not None and self.num_replaced_blocks < 1:
             raise ValueError(f"vv.num_replaced_blocks must be at least 1 (or None), got {self.num_replaced_blocks}")
         if self.stage_layers is not None:
@@ -285,6 +291,9 @@ class TrainingFreeConfig:
     normal_states: tuple[str, ...] = NORMAL_STATES  # each with one ``{}`` for the class name
     abnormal_states: tuple[str, ...] = ABNORMAL_STATES
     use_descriptions: bool = True  # knowledge-base descriptions join the abnormal ensemble
+    # The image-level feature without training: the original path's CLS, which CLIP Surgery keeps for
+    # classification as the one aligned with the text ("vv": the V-V path's CLS, as vv.image_token)
+    image_token: Literal["vv", "original"] = "original"
 
     def __post_init__(self) -> None:
         self.stage_weights = tuple(float(w) for w in self.stage_weights)
@@ -299,6 +308,7 @@ class TrainingFreeConfig:
             )
         if self.num_replaced_blocks < 1:
             raise ValueError(f"training_free.num_replaced_blocks must be >= 1, got {self.num_replaced_blocks}")
+        _check_choice("training_free.image_token", self.image_token, ("vv", "original"))
         for name in ("templates", "normal_states", "abnormal_states"):
             values = tuple(getattr(self, name))
             setattr(self, name, values)
@@ -350,6 +360,8 @@ class KAnoCLIPConfig:
                 continue
             dropped = _OLD_KEYS.get(version, {}).get(key, ())
             fields = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items() if k not in dropped}
+            if key == "vv" and "image_token" not in fields:  # saved before the field: trained with CLIP's own CLS
+                fields["image_token"] = "original"
             try:
                 kwargs[key] = sub(**fields)
             except (TypeError, ValueError) as exc:

@@ -47,11 +47,23 @@ from kanoclip.knowledge import Description, KnowledgeBase
 from kanoclip.modeling.model import KAnoCLIPModel, KAnoCLIPOutput
 from kanoclip.modeling.prompts import mean_direction
 from kanoclip.modeling.vv_attention import VisualFeatures
-from kanoclip.precision import int8_vision_copy, precision_at_load
-from kanoclip.references import References, ReferenceSet, bank_from_stages, f1_max_threshold, fuse, reference_maps
+from kanoclip.precision import full_precision, int8_vision_copy, precision_at_load
+from kanoclip.references import (
+    References,
+    ReferenceSet,
+    Scoring,
+    f1_max_threshold,
+    fuse,
+    identity_difference,
+    model_identity,
+    reference_maps,
+)
 
 MAX_CLASS_CHARS = 1000  # longer names are cut before tokenising (the tokenizer cuts to 77 tokens anyway)
-_SHARED_PASS_KEYS = {"backbone", "image_size", "vv.stage_layers", "vv.position_interpolation"}
+_SHARED_PASS_KEYS = {
+    "backbone", "image_size", "vv.stage_layers", "vv.position_interpolation", "vv.image_token",
+    "training_free.image_token",
+}  # fmt: skip
 # Held while a backbone is looked up in, loaded into or quantised into a backbone cache: two models
 # built at once on one cache (or its int8 copy) load it once.
 _BACKBONE_CACHE_LOCK = threading.Lock()
@@ -90,10 +102,8 @@ class KAnoCLIP(nn.Module):
         # keyed by (class, digest of its descriptions): a per-call knowledge base never changes another's entries
         self._text_cache: LRUCache[tuple[str, str], _ClassText] = LRUCache(max_classes)
         self._knowledge_cache: LRUCache[tuple[str, str], torch.Tensor] = LRUCache(max_classes)
+        self._weights_digest: str | None = None  # of the trained weights, for the references' provenance
         self.reference_store = References(self.reference_fingerprint())  # add_references fills it
-        # Held while a class's references or threshold are read, merged and written back into a store
-        # (any store: the model's or a session's), so concurrent additions to one class lose none.
-        self._references_lock = threading.Lock()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -147,7 +157,7 @@ class KAnoCLIP(nn.Module):
             model.checkpoint_name = str(checkpoint)
         if references is not None:
             model.reference_store = References.load(
-                references, fingerprint=model.reference_fingerprint(), device=model.device
+                references, identity=model.reference_fingerprint(), device=model.device
             )
         return model.eval()  # like transformers' from_pretrained: ready for inference
 
@@ -214,7 +224,7 @@ class KAnoCLIP(nn.Module):
 
         Used by sweeps (``kanoclip eval --sweep``), which run every variant on one backbone forward
         per image; so a variant may not change what that forward computes (``backbone``,
-        ``image_size``, ``vv.stage_layers``, ``vv.position_interpolation``) nor the shapes of the
+        ``image_size``, ``vv.stage_layers``, ``vv.position_interpolation``, the image token) nor the shapes of the
         trained parts.
 
         Args:
@@ -320,13 +330,17 @@ class KAnoCLIP(nn.Module):
         and inference); the description features on the knowledge base, device and dtype only.
         """
         self._text_cache.clear()
+        self._weights_digest = None  # the references' scores follow the weights (kanoclip.references)
         if descriptions:
             self._knowledge_cache.clear()
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # .to()/.cuda()/.half() end here: cached text features belong to the old device and dtype
         self._invalidate(descriptions=True)
-        return super()._apply(fn, recurse)
+        module = super()._apply(fn, recurse)
+        if "reference_store" in self.__dict__:  # the references follow the model to its device
+            self.reference_store.to(self.device)
+        return module
 
     def set_knowledge(self, knowledge: KnowledgeBase) -> None:
         """Use another knowledge base (e.g. after editing it in the app)."""
@@ -369,8 +383,9 @@ class KAnoCLIP(nn.Module):
         else:  # inference: each class's text features are computed once and cached
             text = torch.stack([self._class_text(c, knowledge).state for c in classes])[index]
         out = replace(self.model(visual, text, sigma=sigma), prompts=prompts, classes=classes)
-        store = self.reference_store if references is None else references
-        sets = [store.get(c) for c in class_names]
+        store = self._store(references)
+        serving = {c: store.serving(c, self) for c in classes}  # brought up to date for this model
+        sets = [serving[c] for c in class_names]
         if any(refs is not None and refs.count for refs in sets):
             out = self._with_references(out, visual, sets, sigma)
         return out
@@ -382,21 +397,23 @@ class KAnoCLIP(nn.Module):
         config, size = self.config, self.image_size
         sigma = config.scoring.sigma if sigma is None else sigma
         weights = self.model.stage_weight_values()
-        reference_map = torch.zeros_like(out.anomaly_map)
-        anomaly_map, score = out.anomaly_map.clone(), out.score.clone()
+        reference_map = torch.zeros_like(out.anomaly_map, dtype=torch.float32)
+        anomaly_map, score = out.anomaly_map.float().clone(), out.score.float().clone()
         groups: dict[int, list[int]] = {}
         for i, refs in enumerate(sets):
             if refs is not None and refs.count:
                 groups.setdefault(id(refs), []).append(i)
-        for rows in groups.values():
-            bank = sets[rows[0]].bank  # type: ignore[union-attr]
-            idx = torch.tensor(rows, device=self.device)
-            ref = reference_maps(
-                [s[idx] for s in visual.stages], bank, weights, visual.grid, size, sigma, chunk=config.references.chunk
-            )  # fmt: skip
-            reference_map[idx] = ref
-            anomaly_map[idx] = fuse(out.anomaly_map[idx], ref, config.references.weight)
-            score[idx] = fuse(out.score[idx], ref.flatten(1).amax(dim=1), config.references.weight)
+        with full_precision(self.device):  # the search and the fusion in fp32, as the maps, under any autocast
+            for rows in groups.values():
+                bank = sets[rows[0]].bank  # type: ignore[union-attr]
+                idx = torch.tensor(rows, device=self.device)
+                ref = reference_maps(
+                    [s[idx] for s in visual.stages], bank, weights, visual.grid, size, sigma,
+                    chunk=config.references.chunk,
+                )  # fmt: skip
+                reference_map[idx] = ref
+                anomaly_map[idx] = fuse(anomaly_map[idx], ref, config.references.weight)
+                score[idx] = fuse(score[idx], ref.flatten(1).amax(dim=1), config.references.weight)
         counts = [refs.count if refs is not None else 0 for refs in sets]
         return replace(out, anomaly_map=anomaly_map, score=score, reference_map=reference_map, reference_counts=counts)
 
@@ -480,16 +497,84 @@ class KAnoCLIP(nn.Module):
         return _ClassText(state=state, guidance_texts=guidance_texts, guidance_features=F.normalize(guidance, dim=-1))
 
     # ------------------------------------------------------------------ normal references (k-shot)
+    # The store (kanoclip.references) owns the sets, their provenance and their recomputation;
+    # these methods give it what only the model knows.
     def reference_fingerprint(self) -> dict[str, Any]:
-        """What reference features depend on: saved references load only where these match."""
-        return {
-            "backbone": self.backbone_name,
-            "image_size": self.image_size,
+        """What reference features depend on (:func:`~kanoclip.references.model_identity`): sets serve,
+        and saved ones load into, only a model with the same."""
+        return model_identity(
+            backbone=self.backbone_name,
+            image_size=self.image_size,
+            vv_length=self.model.num_replaced_blocks(),
+            stage_layers=self.model.visual.stage_layers,
+            stages_read=[j for j, w in enumerate(self.model.stage_weight_values()) if w > 0],
+            position_interpolation=self.config.vv.position_interpolation,
+            image_token=self.model.image_token,
+            precision=self.precision,
+        )
+
+    def reference_scoring(self, class_name: str) -> Scoring:
+        """How this model scores ``class_name``'s references: the scoring fingerprint and the values it holds."""
+        config = self.config
+        if self._weights_digest is None:  # emptied by _invalidate (new weights)
+            digest = hashlib.sha256()
+            for key, value in sorted(self.model.trainable_state_dict().items()) if self.trained else ():
+                digest.update(key.encode() + value.detach().float().cpu().numpy().tobytes())
+            self._weights_digest = digest.hexdigest()[:16] if self.trained else "training-free"
+        text = self._class_text(class_name).state.detach().float().cpu().numpy().tobytes()
+        weights = tuple(self.model.stage_weight_values())
+        # the sections that shape the learned head's computation (e.g. bicmci.residual_logits) beside its weights
+        head = {k: v for k, v in config.to_dict().items() if k in ("bicmci", "adapter", "scoring")}
+        head["scoring"] = {k: v for k, v in head["scoring"].items() if k != "threshold"}
+        fingerprint = {
             "mode": self.mode,
-            "num_replaced_blocks": self.model.num_replaced_blocks(),
-            "stage_layers": list(self.model.visual.stage_layers),
-            "position_interpolation": self.config.vv.position_interpolation,
+            "weights": self._weights_digest,
+            "text": hashlib.sha256(text).hexdigest()[:16],  # the prompts, or the ensemble with the KB's descriptions
+            "stage_weights": list(weights),
+            "sigma": config.scoring.sigma,
+            "temperature": config.scoring.temperature,
+            "weight": config.references.weight,
+            "margin": config.references.margin,
+            "head": hashlib.sha256(json.dumps(head, sort_keys=True, default=str).encode()).hexdigest()[:16],
         }
+        if not self.trained:
+            model = "the training-free model"
+        else:
+            model = f"checkpoint {self.checkpoint_name}" if self.checkpoint_name else "unsaved trained weights"
+            model += f" (weights {self._weights_digest[:8]})"
+        return Scoring(
+            fingerprint, model, weights, self.image_size, config.scoring.sigma, config.references.weight,
+            config.references.margin, config.references.chunk,
+        )  # fmt: skip
+
+    @torch.inference_mode()
+    def score_features(self, class_name: str, visual: VisualFeatures) -> torch.Tensor:
+        """Each image's own score without references, ``(B,)``, from its CLIP-VV features (references' scores)."""
+        if self.training:
+            self.eval()
+        text = self._class_text(class_name).state[None].expand(visual.global_feature.shape[0], -1, -1)
+        return self.model(visual, text).score
+
+    def _store(self, store: References | None) -> References:
+        """``store`` (default the model's own), refused when it was built for another model."""
+        store = self.reference_store if store is None else store
+        differs = identity_difference(store.identity, self.reference_fingerprint())
+        if differs:
+            raise InputError(f"these references were built for another model ({differs}); build them with this one")
+        return store
+
+    def _snapshot(self, store: References, classes: Sequence[str]) -> References:
+        """The sets of ``classes`` in ``store``, brought up to date for this model, in a store of their own.
+
+        One call reads each class's set once: a concurrent :meth:`add_references` or :meth:`calibrate`
+        changes a later call, never the maps of this one apart from its threshold.
+        """
+        snapshot = References(store.identity)
+        for name in dict.fromkeys(classes):
+            refs = store.serving(name, self)
+            if refs is not None:
+                snapshot.keep(refs)
+        return snapshot
 
     def add_references(
         self, class_name: str, images: Sequence[ImageInput], *, store: References | None = None
@@ -497,7 +582,8 @@ class KAnoCLIP(nn.Module):
         """Add k >= 1 normal images of ``class_name`` as references; detect then fuses their map.
 
         With k >= 2 in all, the class's threshold is set from them (leave-one-out, see
-        :mod:`kanoclip.references`); a later :meth:`calibrate` overrides it.
+        :mod:`kanoclip.references`) and recomputed whenever the model changes; it replaces a
+        :meth:`calibrate` threshold, and the set's ``note`` says so.
 
         Args:
             class_name: the class, as for :meth:`detect`.
@@ -512,48 +598,23 @@ class KAnoCLIP(nn.Module):
             ImageError: an image cannot be decoded (named; nothing is added).
             InputError: no images, too many, or NaN/Inf arrays.
         """
-        store = self.reference_store if store is None else store
+        store = self._store(store)
         name = self.canonical_class(class_name)[0]
         if isinstance(images, (str, bytes, os.PathLike, np.ndarray, Image.Image)) or not len(images):
             raise InputError("images must be a non-empty list of normal images (paths, PIL images, arrays or bytes)")
-        self._check_reference_limit(store.get(name), name, len(images))
+        limit = self.config.references.max_per_class
+        store.check_room(name, len(images), limit)  # before the encoding; checked again as they are added
         decoded = [load_image(_finite(image)) for image in images]  # all decoded before any is added
-        stages, model_scores, grid = self._reference_features(name, decoded)
-        # The forward passes above run concurrently; the merge reads the class's set again under the
-        # lock, so a concurrent addition to the same class is kept, not overwritten.
-        with self._references_lock:
-            old = store.get(name)
-            self._check_reference_limit(old, name, len(images))
-            if old is not None and old.count:
-                stages = [torch.cat([b, n]) for b, n in zip(old.bank, stages)]
-                model_scores = old.model_scores + model_scores
-            names = (old.image_names if old is not None else []) + [describe(image) for image in images]
-            refs = ReferenceSet(name, stages, names, grid=grid, model_scores=model_scores)
-            if refs.count >= 2:
-                refs.threshold = self._leave_one_out_threshold(refs)
-                refs.calibration = f"leave-one-out on its {refs.count} references"
-            store.sets[name] = refs
-        return refs
-
-    def _check_reference_limit(self, old: ReferenceSet | None, name: str, adding: int) -> None:
-        """Refuse ``adding`` more references of ``name`` beyond ``references.max_per_class``."""
-        have, limit = (old.count if old is not None else 0), self.config.references.max_per_class
-        if have + adding > limit:
-            raise InputError(
-                f"{have + adding} references for {name!r} exceed the limit of {limit} per class "
-                f"(references.max_per_class): each takes memory for all its patch features; keep the most typical"
-            )
+        visual = self._reference_features(decoded)
+        return store.add(name, visual, [describe(image) for image in images], self, max_per_class=limit)
 
     def references(self, class_name: str, *, store: References | None = None) -> ReferenceSet | None:
-        """The class's references and threshold, or None."""
-        store = self.reference_store if store is None else store
-        return store.get(self.canonical_class(class_name)[0])
+        """The class's references and threshold, up to date for this model, or None."""
+        return self._store(store).serving(self.canonical_class(class_name)[0], self)
 
     def remove_references(self, class_name: str, *, store: References | None = None) -> None:
         """Forget the class's references and its calibrated threshold."""
-        store = self.reference_store if store is None else store
-        with self._references_lock:
-            store.sets.pop(self.canonical_class(class_name)[0], None)
+        (self.reference_store if store is None else store).remove(self.canonical_class(class_name)[0])
 
     def save_references(self, folder: str | os.PathLike[str]) -> Path:
         """Write the model's references to ``folder`` (load them with ``from_pretrained(references=folder)``)."""
@@ -566,67 +627,51 @@ class KAnoCLIP(nn.Module):
         labels: Sequence[int] | None = None,
         *,
         store: References | None = None,
+        batch_size: int = 8,
     ) -> float:
         """Set and return the class's threshold from validation images.
 
         With ``labels`` (0 normal, 1 anomalous): the F1-max threshold of their scores. Without:
         every image is taken as normal, and the threshold is their largest score plus
-        ``references.margin``. The scores are the model's own, with the class's references if it has some.
+        ``references.margin``. The scores are the model's own, with the class's references if it
+        has some. Images are decoded and scored ``batch_size`` at a time, and only their scores
+        kept. Such a threshold cannot be recomputed: a change of the model (or new references)
+        drops it, with a note.
         """
-        store = self.reference_store if store is None else store
+        store = self._store(store)
         name = self.canonical_class(class_name)[0]
         if isinstance(images, (str, bytes, os.PathLike, np.ndarray, Image.Image)) or not len(images):
             raise InputError("calibration needs a non-empty list of images")
         if labels is not None and len(labels) != len(images):
             raise InputError(f"got {len(images)} images but {len(labels)} labels; give one label (0 or 1) per image")
-        scores = np.array([d.score for d in self.detect_batch([_finite(i) for i in images], name, references=store)])
+        if batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        refs = store.serving(name, self)
+        basis = refs.image_names if refs is not None else []
+        scores = []
+        for start in range(0, len(images), batch_size):
+            chunk = [load_image(_finite(image)) for image in images[start : start + batch_size]]
+            out, _ = self.infer(chunk, [name] * len(chunk), references=store)
+            scores += out.score.float().clamp(0, 1).cpu().tolist()
+        margin = self.config.references.margin
         if labels is None:
-            threshold = float(min(scores.max() + self.config.references.margin, 1.0))
-            how = f"on {len(images)} normal images (largest score + {self.config.references.margin})"
+            threshold, source = float(min(max(scores) + margin, 1.0)), "normal"
+            how = f"on {len(images)} normal images (largest score + {margin})"
         else:
-            threshold = f1_max_threshold(scores, np.asarray(labels))
+            threshold, source = f1_max_threshold(np.array(scores), np.asarray(labels)), "labelled"
             how = f"on {len(images)} labelled images (F1-max)"
-        with self._references_lock:  # a new set, so a detect reading the old one sees it whole
-            old = store.get(name) or ReferenceSet(name, [], [])
-            store.sets[name] = replace(old, threshold=threshold, calibration=how)
+        store.set_threshold(name, threshold, source=source, how=how, scorer=self, basis=basis)  # type: ignore[arg-type]
         return threshold
 
     @torch.inference_mode()
-    def _reference_features(
-        self, class_name: str, images: Sequence[Image.Image], batch: int = 8
-    ) -> tuple[list[torch.Tensor], list[float], tuple[int, int]]:
-        """Decoded images -> (their memory bank, n_stages x (k·L, C); each one's own score without references;
-        the grid)."""
-        stages, scores = [], []
-        for start in range(0, len(images), batch):
-            visual = self.encode_image(self.pixel_values(images[start : start + batch]))
-            out = self.forward(
-                visual, [class_name] * visual.stages[0].shape[0], references=References(self.reference_fingerprint())
-            )
-            stages.append(visual.stages)
-            scores += out.score.tolist()
-        return bank_from_stages([torch.cat(parts) for parts in zip(*stages)]), scores, visual.grid
-
-    @torch.inference_mode()
-    def _leave_one_out_threshold(self, refs: ReferenceSet) -> float:
-        """The largest leave-one-out fused score of a class's references, plus the margin.
-
-        Each reference's patches (its rows of the bank) are matched against the other references'
-        only; its own score without references was kept when it was added.
-        """
-        config, (h, w) = self.config, refs.grid
-        per = h * w
-        rows = torch.arange(refs.count * per, device=self.device)
-        fused = []
-        for i in range(refs.count):
-            own = [stage[i * per : (i + 1) * per].float()[None] for stage in refs.bank]  # n x (1, L, C)
-            exclude = (rows // per == i)[None]  # (1, k·L)
-            ref = reference_maps(
-                own, refs.bank, self.model.stage_weight_values(), refs.grid, self.image_size, config.scoring.sigma,
-                chunk=config.references.chunk, exclude=exclude,
-            )  # fmt: skip
-            fused.append(fuse(refs.model_scores[i], float(ref.max()), config.references.weight))
-        return float(min(max(fused) + config.references.margin, 1.0))
+    def _reference_features(self, images: Sequence[Image.Image], batch: int = 8) -> VisualFeatures:
+        """Decoded images -> their CLIP-VV features (``batch`` at a time), kept by the store."""
+        parts = [self.encode_image(self.pixel_values(images[s : s + batch])) for s in range(0, len(images), batch)]
+        return VisualFeatures(
+            global_feature=torch.cat([p.global_feature for p in parts]),
+            stages=[torch.cat(stage) for stage in zip(*(p.stages for p in parts))],
+            grid=parts[0].grid,
+        )
 
     # ------------------------------------------------------------------ detection API
     @torch.inference_mode()
@@ -680,6 +725,12 @@ class KAnoCLIP(nn.Module):
         :attr:`knowledge`) is the knowledge base of this call only (e.g. an app visitor's own copy):
         the model's is left as it is.
         """
+        if isinstance(images, (str, bytes, os.PathLike, Image.Image)) or (
+            isinstance(images, np.ndarray) and images.ndim <= 3  # one image's array, not a (B, H, W, 3) batch
+        ):
+            raise InputError(
+                "images: a list is expected (of paths, PIL images, arrays or bytes); for one image use detect"
+            )
         class_names = class_per_image(images, class_names)
         if not images:
             return []
@@ -734,10 +785,9 @@ class KAnoCLIP(nn.Module):
         Returns:
             One :class:`~kanoclip.detection.Detection` per image.
         """
-        store = self.reference_store if references is None else references
         resolved = [self.canonical_class(name, knowledge) for name in class_names]
         classes = [c for c, _ in resolved]
-        store = References(store.fingerprint, {c: refs for c in dict.fromkeys(classes) if (refs := store.get(c))})
+        store = self._snapshot(self._store(references), classes)
         out = self.forward(visual, classes, sigma=sigma, references=store, knowledge=knowledge)
         # One device-to-host copy of each output per batch, not one per image (on a GPU, many
         # small copies and synchronisations would cost more than the maps themselves).
@@ -749,13 +799,13 @@ class KAnoCLIP(nn.Module):
         sources = [describe(image) for image in images] if sources is None else sources
         detections = []
         for i, (pil, (name, known)) in enumerate(zip(images, resolved)):
-            refs = store.get(name)
+            refs = store.stored(name)
             count = out.reference_counts[i] if out.reference_counts else 0
             default = self.config.scoring.threshold
             if threshold is not None:
                 chosen, note = float(threshold), f"threshold {float(threshold):.3f}, given by the caller"
-            elif refs is not None and refs.calibrated:
-                chosen, note = float(refs.threshold), refs.describe(default)  # type: ignore[arg-type]
+            elif refs is not None:
+                chosen, note = float(refs.threshold if refs.calibrated else default), refs.describe(default)
             else:
                 chosen, note = default, f"default threshold {default:.3f} (not calibrated)"
             size = (pil.height, pil.width)

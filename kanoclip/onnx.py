@@ -41,7 +41,7 @@ from torch import nn
 from kanoclip.detection import Detection, class_per_image, upsample_maps
 from kanoclip.errors import CheckpointError, InputError, KAnoCLIPError, first_line
 from kanoclip.images import ImageInput, describe, load_image, preprocess
-from kanoclip.knowledge.classes import normalize
+from kanoclip.knowledge.classes import canonical_name, normalize
 
 if TYPE_CHECKING:
     from kanoclip.detector import KAnoCLIP
@@ -106,26 +106,31 @@ class ExportGraph(nn.Module):
 
 
 class ReferenceTables(nn.Module):
-    """Every exported class's memory bank in one table per stage, each row tagged with its class.
+    """Every exported class's memory bank, one ``(K, N, C)`` table per stage read, padded to the largest.
 
-    An image matches only its own class's rows (the others are excluded as in a leave-one-out
-    search, :func:`kanoclip.references.reference_maps`), so one graph serves every class and the
-    banks need no padding; the images of a class without references keep the model's map and score.
+    Each image gathers its own class's bank (row ``class_index``) and is matched against those rows
+    only, the padding excluded (:func:`kanoclip.references.reference_maps` with per-image banks):
+    its cost does not grow with the other classes' references. The images of a class without
+    references keep the model's map and score. Stages the model does not read (weight 0) hold no table.
     """
 
     def __init__(self, sets: Sequence[ReferenceSet | None], weight: float, chunk: int, sigma: float) -> None:
         super().__init__()
-        stages = max((len(r.bank) for r in sets if r is not None and r.count), default=0)
-        banks = [[r.bank[j].float() for r in sets if r is not None and r.count] for j in range(stages)]
-        owners = [k for k, r in enumerate(sets) if r is not None and r.count for _ in range(r.bank[0].shape[0])]
-        self.n_stages = stages
-        for j, parts in enumerate(banks):
-            self.register_buffer(f"bank{j}", torch.cat(parts))
-        device = banks[0][0].device if banks else torch.device("cpu")  # the tables sit beside the banks
-        self.register_buffer("row_class", torch.tensor(owners, dtype=torch.int64, device=device))
-        self.register_buffer(
-            "has_references", torch.tensor([r is not None and r.count > 0 for r in sets], device=device)
-        )
+        held = [r for r in sets if r is not None and r.count]
+        self.read = [j for j, stage in enumerate(held[0].bank) if stage is not None]
+        rows = max(r.bank[self.read[0]].shape[0] for r in held)  # type: ignore[union-attr]
+        self.n_stages = len(held[0].bank)
+        device = held[0].bank[self.read[0]].device  # every table sits beside the banks (a CUDA model's too)
+        for j in self.read:
+            table = torch.zeros(len(sets), rows, held[0].bank[j].shape[1], device=device)  # type: ignore[union-attr]
+            for k, r in enumerate(sets):
+                if r is not None and r.count:
+                    table[k, : r.bank[j].shape[0]] = r.bank[j].float()  # type: ignore[union-attr]
+            self.register_buffer(f"bank{j}", table)
+        counts = [r.bank[self.read[0]].shape[0] if r is not None and r.count else 0 for r in sets]  # type: ignore[union-attr]
+        counted = torch.tensor(counts, device=device)
+        self.register_buffer("padding", torch.arange(rows, device=device)[None, :] >= counted[:, None])  # (K, N)
+        self.register_buffer("has_references", counted > 0)
         self.weight, self.chunk, self.sigma = weight, chunk, sigma
 
     def forward(
@@ -138,8 +143,8 @@ class ReferenceTables(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         from kanoclip.references import fuse, reference_maps
 
-        exclude = self.row_class[None, :] != class_index[:, None]  # (B, N): other classes' rows
-        bank = [getattr(self, f"bank{j}") for j in range(self.n_stages)]
+        exclude = self.padding[class_index]  # (B, N): the padding of each image's own bank
+        bank = [getattr(self, f"bank{j}")[class_index] if j in self.read else None for j in range(self.n_stages)]
         ref = reference_maps(
             visual.stages, bank, model.stage_weight_values(), visual.grid, model.image_size, self.sigma,
             chunk=self.chunk, exclude=exclude,
@@ -191,8 +196,14 @@ def export_onnx(
         The path of the graph.
 
     Raises:
-        InputError: no classes, or an empty class name.
+        InputError: no classes, an empty class name, or an int8 model (its quantised layers do not
+            export; load the model with ``precision="fp32"``).
     """
+    if detector.precision == "int8":
+        raise InputError(
+            "an int8 model cannot be exported: an export is fp32; load the model with precision='fp32' to export it",
+            argument="precision",
+        )
     _require("onnx")
     _require("onnxscript")  # the exporter translates through it
     if isinstance(classes, str):
@@ -207,7 +218,9 @@ def export_onnx(
         detector.eval()
     model = detector.model
     store = detector.reference_store if references is None else references
-    sets = [store.get(name) for name in names]
+    # up to date for this model; the leave-one-out thresholds are computed in fp32 from the very bank
+    # the graph holds, as the graph computes (the sidecar's thresholds)
+    sets = [detector.references(name, store=store) for name in names]
     config = detector.config
     reference_tables = (
         ReferenceTables(sets, config.references.weight, config.references.chunk, config.scoring.sigma)
@@ -248,6 +261,10 @@ def export_onnx(
             name: r.threshold if r is not None and r.calibrated else threshold for name, r in zip(names, sets)
         },
         "references": {name: r.count if r is not None else 0 for name, r in zip(names, sets)},
+        "calibration": {
+            name: r.describe(threshold) if r is not None else "default (not calibrated)" for name, r in zip(names, sets)
+        },
+        "reference_precision": store.identity["precision"],  # the backbone's when the references were encoded
         "image_size": size,
         "image_mean": list(detector.image_mean),
         "image_std": list(detector.image_std),
@@ -351,6 +368,8 @@ class OnnxDetector:
         if not isinstance(class_name, str) or not class_name.strip():
             raise InputError("class name is empty; type what the image shows, e.g. 'bottle'")
         index = self._index.get(normalize(class_name))
+        if index is None:  # an alias the knowledge base's resolver accepts ("metal nut" -> metal_nut)
+            index = self._index.get(normalize(canonical_name(class_name) or ""))
         if index is None:
             raise InputError(
                 f"class {class_name!r} is not in this export; it holds {', '.join(self.classes)} "

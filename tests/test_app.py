@@ -429,6 +429,21 @@ def test_bad_references_get_the_apps_message_and_add_nothing(
     assert verdict["label"].endswith("default threshold 0.500 (not calibrated)") and len(gallery) == 6
 
 
+def test_a_session_holds_at_most_max_session_references_over_all_classes(
+    tiny_backbone: Path, bottle_dir: Path, tmp_path: Path
+) -> None:
+    running = launch(app_config(tmp_path, tiny_backbone, max_session_references=3))
+    try:
+        client, good = running.client(), good_bottles(bottle_dir)
+        add_references(client, good[:2])
+        with pytest.raises(AppError) as excinfo:
+            add_references(client, good[2:4], class_name="screw")
+        assert "4 reference images over all classes exceed the limit of 3" in error_text(excinfo)
+        assert "**Normal references of `screw`:** 1 " in add_references(client, good[2:3], class_name="screw")
+    finally:
+        running.demo.close()
+
+
 def test_saved_references_serve_every_session_without_its_own(
     tiny_backbone: Path, tiny_model, bottle_dir: Path, bottle_image: Path, tmp_path: Path
 ) -> None:

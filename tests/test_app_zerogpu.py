@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -35,21 +36,26 @@ def test_a_gpu_functions_result_comes_back_on_the_cpu_and_its_input_goes_to_the_
     """On fake CUDA: a function that builds references on the GPU, as ``add_references`` does,
     returns them with CPU tensors only, and ``move`` takes a session's CPU store to the GPU."""
 
+    def reference_set(name: str, device: str) -> ReferenceSet:
+        features = [torch.randn(4, 8, device=device).half() for _ in range(2)]  # 1 image of a 2x2 grid
+        return ReferenceSet(name, features, torch.randn(1, 8, device=device).half(), [f"{name}.png"], grid=(2, 2))
+
     @gpu
     def build(store: References) -> tuple[ReferenceSet, References]:
         on_device = move(store, "cuda")
-        bank = [torch.randn(4, 8, device="cuda").half() for _ in range(2)]
-        on_device.sets["bottle"] = ReferenceSet("bottle", bank, ["a.png"], threshold=0.4, grid=(2, 2))
-        assert {t.device.type for r in on_device.sets.values() for t in r.bank} == {"cuda"}
-        return on_device.sets["bottle"], on_device
+        on_device.keep(replace(reference_set("bottle", "cuda"), threshold=0.4))
+        assert {t.device.type for c in on_device.classes for t in on_device.stored(c).bank} == {"cuda"}
+        return on_device.stored("bottle"), on_device
 
     with fake_cuda():
-        session = References({"backbone": "tiny"}, {"screw": ReferenceSet("screw", [torch.randn(4, 8)], ["s.png"])})
-        assert crossing_devices(session) == ["cpu"]  # what goes in
+        session = References({"backbone": "tiny"})
+        session.keep(reference_set("screw", "cpu"))
+        assert set(crossing_devices(session)) == {"cpu"}  # what goes in
         result = build(session)
         devices = crossing_devices(result)
-        assert devices == ["cpu"] * 5 and result[0].threshold == 0.4 and result[0].grid == (2, 2)
-        assert session.sets.keys() == {"screw"}  # the caller's store is left as it was
+        assert set(devices) == {"cpu"}
+        assert result[0].threshold == 0.4 and result[0].grid == (2, 2)
+        assert session.classes == ["screw"]  # the caller's store is left as it was
         bare = move(build.__wrapped__(session), "cuda")  # the function without the boundary:
         assert set(crossing_devices(bare)) == {"cuda:0"}  # the check finds the GPU tensors
 

@@ -233,7 +233,40 @@ def test_an_export_with_references_equals_the_torch_model_with_them(
         assert g.score == pytest.approx(w.score, abs=TOL) and g.reference_count == w.reference_count
         np.testing.assert_allclose(g.anomaly_map, w.anomaly_map, atol=TOL, rtol=0)
     assert [g.reference_count for g in got] == [3, 0, 0]
-    assert got[0].threshold == pytest.approx(refs.threshold) and got[1].threshold == model.config.scoring.threshold
+    assert got[1].threshold == model.config.scoring.threshold
+    # the sidecar's threshold is the fp32 leave-one-out one: the same images added to a fresh fp32 model
+    torch.manual_seed(0)
+    fresh = build(backbone=str(tiny_backbone), device="cpu", precision="fp32").eval()
+    expected = fresh.add_references("bottle", [str(p) for p in good]).threshold
+    assert got[0].threshold == pytest.approx(expected, abs=1e-6) and refs.threshold == pytest.approx(expected, abs=1e-6)
+
+
+def test_each_image_is_matched_only_against_its_own_classs_bank(tiny_backbone, bottle_dir, two_images, tmp_path):
+    """Two classes with references of different counts: each image's map is its own class's only."""
+    model = KAnoCLIP.from_pretrained(backbone=str(tiny_backbone), device="cpu")
+    good = sorted((bottle_dir / "test" / "good").glob("*.png"))
+    model.add_references("bottle", [str(p) for p in good[:3]])
+    model.add_references("magnetic tile", [str(two_images[1])])  # the tile itself: its own map is ~0
+    detector = OnnxDetector(export_onnx(model, CLASSES, tmp_path / "two.onnx"))
+    images, names = [str(two_images[1]), str(two_images[1])], ["magnetic tile", "bottle"]
+    got, want = detector.detect_batch(images, names), model.detect_batch(images, names)
+    for g, w in zip(got, want):
+        assert g.score == pytest.approx(w.score, abs=TOL) and g.reference_count == w.reference_count
+    assert want[0].reference_map.max() <= 1e-3 < want[1].reference_map.max()  # bottle rows never matched the tile
+    assert got[0].score < got[1].score
+
+
+def test_aliases_are_accepted_and_int8_is_refused(tiny_backbone, exported, bottle_image):
+    model, path = exported
+    detector = OnnxDetector(path)
+    assert detector.class_index("Magnetic-Tile") == detector.class_index("magnetic_tile") == 1
+    # catalogue aliases, as the knowledge base resolves them for the torch model
+    assert model.canonical_class("magnetic tiles")[0] == model.canonical_class("MTD")[0] == "magnetic_tile"
+    assert detector.detect(bottle_image, "magnetic tiles").class_name == detector.classes[1]
+    assert detector.class_index("MTD") == 1
+    int8 = KAnoCLIP.from_pretrained(backbone=str(tiny_backbone), device="cpu", precision="int8")
+    with pytest.raises(InputError, match="an int8 model cannot be exported.*precision='fp32'"):
+        export_onnx(int8, ["bottle"], path.parent / "int8.onnx")
 
 
 def test_reference_tables_of_cuda_banks_stay_on_cuda():
@@ -250,7 +283,7 @@ def test_reference_tables_of_cuda_banks_stay_on_cuda():
     model = types.SimpleNamespace(stage_weight_values=lambda: [0.5, 0.5], image_size=16)
     with fake_cuda() as (_, calls):
         bank = [torch.randn(8, 16, device="cuda").half() for _ in range(2)]  # 2 images of a 2x2 grid
-        tables = ReferenceTables([ReferenceSet("bottle", bank, ["a", "b"], grid=(2, 2)), None], 0.5, 4, 1.0)
+        tables = ReferenceTables([ReferenceSet("bottle", bank, None, ["a", "b"], grid=(2, 2)), None], 0.5, 4, 1.0)
         assert {b.device.type for b in tables.buffers()} == {"cuda"}
         visual = VisualFeatures(torch.randn(2, 16, device="cuda"), [torch.randn(2, 4, 16, device="cuda")] * 2, (2, 2))
         index = torch.tensor([0, 1], device="cuda")

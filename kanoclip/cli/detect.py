@@ -187,9 +187,11 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     class_name, known = model.canonical_class(args.class_name)  # an empty class name fails before any work
     if args.reference:  # every process adds the same references (a deterministic encoding)
-        model.add_references(class_name, [str(path) for path, _ in find_images(args.reference)])
-    if args.calibrate:
-        model.calibrate(class_name, *calibration_images(args.calibrate))
+        refs = model.add_references(class_name, [str(path) for path, _ in find_images(args.reference)])
+        if refs.note and procs.is_main:
+            print(f"kanoclip detect: --reference: {refs.note}", file=sys.stderr)
+    if args.calibrate:  # --batch-size images at a time; only their scores are kept
+        model.calibrate(class_name, *calibration_images(args.calibrate), batch_size=args.batch_size)
     if not known and procs.is_main:
         near = model.knowledge.suggest(class_name)
         hint = f"did you mean --class {' or '.join(near)}? Otherwise pass" if near else "pass"

@@ -45,10 +45,10 @@ def run_build(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from kanoclip.cli.detect import find_images
-    from kanoclip.references import INDEX_NAME
+    from kanoclip.references import TENSORS_NAME
 
     out = Path(args.out).expanduser()
-    if args.references is None and (out / INDEX_NAME).is_file():
+    if args.references is None and (out / TENSORS_NAME).is_file():
         args.references = str(out)  # add to what the folder holds
     model = load_model(args)
     paths = [path for path, _ in find_images(args.inputs)]
@@ -60,29 +60,25 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
-    from kanoclip.cli.options import read_json_file
-    from kanoclip.errors import InputError
-    from kanoclip.references import FORMAT, INDEX_NAME
+    from kanoclip.references import read_index
 
-    index = read_json_file(str(Path(args.folder).expanduser() / INDEX_NAME), "references folder")
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise InputError(f"{args.folder} is not a kanoclip references folder")
+    index = read_index(args.folder)  # the one in the tensors file: what loading reads
     rows = [
         {
             "class": c["class"],
             "count": len(c["image_names"]),
             "threshold": c["threshold"],
             "calibration": c["calibration"],
+            "scored_by": c["scored_by"],  # the model the threshold was computed for; recomputed for another
         }
         for c in index["classes"]
     ]
     if args.json:
-        print(json.dumps({"fingerprint": index["fingerprint"], "classes": rows}, indent=2))
+        print(json.dumps({"identity": index["identity"], "classes": rows}, indent=2))
         return 0
-    print("built for: " + ", ".join(f"{k}={v}" for k, v in index["fingerprint"].items()))
+    print("built for: " + ", ".join(f"{k}={v}" for k, v in index["identity"].items()))
     for row in rows:
         threshold = "default" if row["threshold"] is None else f"{row['threshold']:.3f} ({row['calibration']})"
-        print(f"{row['class']}: {row['count']} references, threshold {threshold}")
+        print(f"{row['class']}: {row['count']} references, threshold {threshold}, computed for {row['scored_by']}")
     return 0

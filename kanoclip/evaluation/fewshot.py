@@ -5,12 +5,16 @@
 * for each class and each (k, seed), k normal references are drawn at random (seeded with the
   seed, k and the class name) from the class's **normal training images** where the dataset
   publishes a train split (MVTec-AD, VisA, MPDD, BTAD: ``load_train_normals``); where it does not
-  (HeadCT, MTD, ...), they are drawn from the **test split's normal images and left out of that
-  run's test set**;
+  (HeadCT, MTD, ...), each seed first holds out max(k) of the **test split's normal images**, the
+  k references of each k are drawn from those, and every row of that seed (each k, and a
+  zero-shot row of its own) is scored on the same remaining test images;
 * the model detects the test set with those references (:mod:`kanoclip.references`: fused map
   and score), and the six metrics are computed as :func:`~kanoclip.evaluation.evaluate.evaluate` does;
 * each metric is reported per class and per dataset (the mean over classes) as the mean ± std over
-  the seeds (std with ``ddof=0``; 0 with one seed), beside the zero-shot figures.
+  the seeds (std with ``ddof=0``; 0 with one seed), beside the zero-shot figures. The zero-shot row
+  is the model with no references (also when it was loaded with some: ``--references``), on the
+  whole test set, as plain ``evaluate``; a dataset with a class without a train split also gets the
+  zero-shot row on the k-shot rows' test images (``zero_shot_same_images``), mean ± std over the seeds.
 
 Every run makes its own backbone pass over the test set (the references change nothing upstream of
 the fusion, but one pass for all runs would hold every run's S×S maps at once).
@@ -73,15 +77,20 @@ def few_shot(
         observer: called with each class's zero-shot predictions (see :func:`evaluate`).
 
     Returns:
-        ``{"zero_shot": evaluate's result, "shots": {k: {"datasets": {KIND: {"classes": {name:
+        ``{"zero_shot": evaluate's result (no references), "zero_shot_same_images": {KIND: as a k's entry}
+        (datasets with a class without a train split), "shots": {k: {"datasets": {KIND: {"classes": {name:
         {metric: {"mean", "std", "runs"}}}, "mean": {metric: {"mean", "std", "runs"}}}}}}, "protocol": ...}``.
     """
     shots = sorted(set(int(k) for k in shots))
     if not shots or shots[0] < 1 or seeds < 1:
         raise InputError(f"shots must be whole numbers >= 1 and seeds >= 1, got shots={shots}, seeds={seeds}")
     listed = [(kind, root, load_dataset(kind, root)) for kind, root in datasets]
-    runs_total = len(shots) * seeds
-    total = sum(len(samples) for *_, samples in listed) * (1 + runs_total)
+    pools_of = [load_train_normals(kind or samples[0].dataset, root) for kind, root, samples in listed]
+    untrained = sum(  # images of the classes without a train split: also scored zero-shot once per seed
+        len(group) for (*_, samples), pools in zip(listed, pools_of)
+        for name, group in group_by_class(samples).items() if name not in pools
+    )  # fmt: skip
+    total = sum(len(samples) for *_, samples in listed) * (1 + len(shots) * seeds) + untrained * seeds
     done = 0
 
     def on_batch(count: int) -> None:
@@ -90,63 +99,72 @@ def few_shot(
         if progress is not None:
             progress(done, total)
 
+    bare = model.variant({})  # the same model and weights with no references: the zero-shot rows
     zero = evaluate(
-        model,
+        bare,
         datasets,
         batch_size=batch_size,
         progress=lambda d, _t: progress(d, total) if progress else None,
         observer=observer,
     )
     done = sum(len(samples) for *_, samples in listed)
-    out: dict[str, Any] = {"zero_shot": zero, "shots": {}, "protocol": {"shots": shots, "seeds": seeds, "pools": {}}}
-    for k in shots:
-        out["shots"][k] = {"datasets": {}}
-    for (kind, root, samples), key in zip(listed, zero["datasets"]):
-        pools = load_train_normals(kind or samples[0].dataset, root)
-        per_run: dict[int, list[dict[str, dict[str, Any]]]] = {k: [] for k in shots}
+    out: dict[str, Any] = {
+        "zero_shot": zero, "zero_shot_same_images": {}, "shots": {k: {"datasets": {}} for k in shots},
+        "protocol": {"shots": shots, "seeds": seeds, "pools": {}},
+    }  # fmt: skip
+    for (_kind, _root, samples), pools, key in zip(listed, pools_of, zero["datasets"]):
+        per_run: dict[int, list[dict[str, dict[str, Any]]]] = {k: [{} for _ in range(seeds)] for k in (0, *shots)}
         for class_name, group in group_by_class(samples).items():
-            source = "train" if class_name in pools else "test"
-            out["protocol"]["pools"][f"{key}/{class_name}"] = source
-            for k in shots:
-                for seed in range(seeds):
-                    row = _run(model, class_name, group, pools.get(class_name), k, seed, batch_size, on_batch)
-                    if seed >= len(per_run[k]):
-                        per_run[k].append({})
-                    per_run[k][seed][class_name] = row
-        for k in shots:
-            runs = per_run[k]  # one {class: metrics} per seed
+            pool = pools.get(class_name)
+            out["protocol"]["pools"][f"{key}/{class_name}"] = "train" if pool is not None else "test"
+            for seed in range(seeds):
+                if pool is None:  # no train split: hold out max(k) test normals; every row scores the rest
+                    pool_here, test = _held_out(class_name, group, shots[-1], seed)
+                    per_run[0][seed][class_name] = _score(bare, class_name, test, [], batch_size, on_batch)
+                else:
+                    pool_here, test = pool, group
+                    per_run[0][seed][class_name] = zero["datasets"][key]["classes"][class_name]
+                for k in shots:
+                    if k > len(pool_here):
+                        raise InputError(
+                            f"class {class_name!r} has {len(pool_here)} normal training images; k={k} is more"
+                        )
+                    chosen = draw_references(pool_here, k, seed, class_name)
+                    per_run[k][seed][class_name] = _score(bare, class_name, test, chosen, batch_size, on_batch)
+        for k, runs in per_run.items():  # one {class: metrics} per seed
             classes = {name: _spread([run[name] for run in runs]) for name in runs[0]}
-            means = _spread([_mean(list(run.values())) for run in runs])
-            out["shots"][k]["datasets"][key] = {"classes": classes, "mean": means}
+            entry = {"classes": classes, "mean": _spread([_mean(list(run.values())) for run in runs])}
+            if k:
+                out["shots"][k]["datasets"][key] = entry
+            elif any(pools.get(name) is None for name in runs[0]):
+                out["zero_shot_same_images"][key] = entry
     return out
 
 
-def _run(
+def _held_out(class_name: str, group: list[Sample], k: int, seed: int) -> tuple[list[Path], list[Sample]]:
+    """(the seed's max(k) held-out test normals, the test images left) of a class without a train split."""
+    normals = [s.image for s in group if s.label == 0]
+    if k >= len(normals):
+        raise InputError(
+            f"class {class_name!r} has {len(normals)} normal test images and no train split: "
+            f"k={k} would leave none to test"
+        )
+    held = draw_references(normals, k, seed, class_name)
+    return held, [s for s in group if s.image not in set(held)]
+
+
+def _score(
     model: Any,
     class_name: str,
-    group: list[Sample],
-    pool: list[Path] | None,
-    k: int,
-    seed: int,
+    test: list[Sample],
+    chosen: list[Path],
     batch_size: int,
     on_batch: Callable[[int], None],
 ) -> dict[str, Any]:
-    """One (k, seed) run on one class: draw, add the references to a fresh store, detect, score."""
-    if pool is None:  # no train split: draw from the test normals and leave them out of this run's test set
-        normals = [s.image for s in group if s.label == 0]
-        if k >= len(normals):
-            raise InputError(
-                f"class {class_name!r} has {len(normals)} normal test images and no train split: "
-                f"k={k} would leave none to test"
-            )
-        chosen = draw_references(normals, k, seed, class_name)
-        test = [s for s in group if s.image not in set(chosen)]
-    else:
-        if k > len(pool):
-            raise InputError(f"class {class_name!r} has {len(pool)} normal training images; k={k} is more")
-        chosen, test = draw_references(pool, k, seed, class_name), group
+    """One run on one class: the ``chosen`` references (none: zero-shot) in a fresh store, detect, score."""
     store = References(model.reference_fingerprint())
-    model.add_references(class_name, [str(p) for p in chosen], store=store)
+    if chosen:
+        model.add_references(class_name, [str(p) for p in chosen], store=store)
     scores, maps = predict({"": model}, test, batch_size=batch_size, on_batch=on_batch, references=store)[""]
     labels, masks = class_ground_truth(test, model.image_size)
     counts = {"n_normal": int((labels == 0).sum()), "n_anomalous": int((labels == 1).sum())}
@@ -180,13 +198,17 @@ def format_few_shot_report(results: dict[str, Any], model: Any) -> str:
     lines += [
         f"- k normal references per class, {protocol['seeds']} seed(s) each: "
         "from the train split's normal images where the "
-        "dataset has one, else from the test split's (left out of that run's test set)",
+        "dataset has one, else from max(k) test normals held out per seed (every row of the seed scores the rest)",
         "",
         "| dataset | setting | " + " | ".join(_HEADERS) + " |",
         "|---|---|" + "---:|" * len(_HEADERS),
     ]
     for key, dataset in results["zero_shot"]["datasets"].items():
         lines.append(f"| {key} | zero-shot | " + " | ".join(_cell(dataset["mean"][m]) for m in METRIC_KEYS) + " |")
+        same = results.get("zero_shot_same_images", {}).get(key)
+        if same is not None:  # a class without a train split: zero-shot on the k-shot rows' test images
+            row = " | ".join(_pm(same["mean"][m]) for m in METRIC_KEYS)
+            lines.append(f"| {key} | zero-shot, k-shot's test images | {row} |")
         for k, entry in results["shots"].items():
             mean = entry["datasets"][key]["mean"]
             lines.append(f"| {key} | {k}-shot | " + " | ".join(_pm(mean[m]) for m in METRIC_KEYS) + " |")

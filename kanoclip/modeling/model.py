@@ -180,6 +180,11 @@ class KAnoCLIPModel(nn.Module):
             return self.visual.depth - self.visual.first_replaced + 1
         return self.config.training_free.num_replaced_blocks
 
+    @property
+    def image_token(self) -> str:
+        """The CLS token of the global feature in this mode: ``vv.image_token`` or ``training_free.image_token``."""
+        return self.config.vv.image_token if self.trained else self.config.training_free.image_token
+
     def stage_weight_values(self) -> list[float]:
         """Eq. 9's weights over the stages, summing to 1: equal when trained, the config's otherwise.
 
@@ -227,7 +232,7 @@ class KAnoCLIPModel(nn.Module):
             ValueError: a length is outside [1, depth].
         """
         with torch.no_grad(), backbone_autocast(self.precision, self.device):
-            paths = self.visual.features(pixel_values.to(self.device), replaced)
+            paths = self.visual.features(pixel_values.to(self.device), replaced, self.image_token)
         return {
             n: VisualFeatures(
                 global_feature=f.global_feature.float(), stages=[s.float() for s in f.stages], grid=f.grid

@@ -270,7 +270,9 @@ class CLIPVV:
         """
         return self.features(pixel_values, [num_replaced_blocks])[num_replaced_blocks]
 
-    def features(self, pixel_values: torch.Tensor, replaced: Sequence[int | None]) -> dict[int | None, VisualFeatures]:
+    def features(
+        self, pixel_values: torch.Tensor, replaced: Sequence[int | None], image_token: str = "original"
+    ) -> dict[int | None, VisualFeatures]:
         """Features for several V-V path lengths from one forward of the original path.
 
         Each V-V path reads only the original path (its start state and each block's ``V_l``),
@@ -279,10 +281,13 @@ class CLIPVV:
         Args:
             pixel_values: (B, 3, S, S), normalised; the grid is S // patch size a side.
             replaced: V-V path lengths (numbers of replaced blocks; None: the config's).
+            image_token: the global feature: ``"original"``, the original path's CLS (CLIP's image
+                feature), or ``"vv"``, each V-V path's CLS after its last stage (the paper's S_l[0];
+                the original one when the V-V path is disabled).
 
         Returns:
-            ``{length: VisualFeatures}`` for each requested length: ``global_feature`` (B, C)
-            (shared), ``stages`` n x (B, L, C) with L = (S // patch size)², ``grid`` (h, w).
+            ``{length: VisualFeatures}`` for each requested length: ``global_feature`` (B, C),
+            ``stages`` n x (B, L, C) with L = (S // patch size)², ``grid`` (h, w).
 
         Raises:
             ValueError: a length is outside [1, depth].
@@ -295,7 +300,7 @@ class CLIPVV:
             hidden = vision.pre_layrnorm(self._embed(pixel_values, grid))
             last = vision.encoder(inputs_embeds=hidden).last_hidden_state
         global_feature = self.visual_projection(vision.post_layernorm(last[:, 0]))  # = get_image_features
-        return {n: self._path(captured, first, global_feature, grid) for n, first in firsts.items()}
+        return {n: self._path(captured, first, global_feature, grid, image_token) for n, first in firsts.items()}
 
     def _path(
         self,
@@ -303,6 +308,7 @@ class CLIPVV:
         first: int,
         global_feature: torch.Tensor,
         grid: tuple[int, int],
+        image_token: str = "original",
     ) -> VisualFeatures:
         """One V-V path, starting at block ``first``, from the captured original forward."""
         stages = {
@@ -317,6 +323,8 @@ class CLIPVV:
                 state = state + self._vv_attention(layer, captured.values[layer])
                 if layer in self.stage_layers:
                     stages[layer] = state[:, 1:]
+            if image_token == "vv":  # S_l[0]: the V-V path's CLS after its last stage
+                global_feature = self.project(state[:, 0])
         # One LN + projection over all stages' tokens (per-token ops, so the same as one each).
         projected = self.project(torch.cat([stages[layer] for layer in self.stage_layers], dim=1))
         return VisualFeatures(
