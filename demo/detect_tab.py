@@ -387,7 +387,9 @@ def build_detect_tab(ctx: AppContext, visitor: gr.State) -> DetectTab:
         store, refs, whose = serving_references(model, session, name)
         chosen = chosen_threshold(model, refs, t, calibrated)
         progress(0.3, desc="detecting")
-        serving = References(store.fingerprint, {} if refs is None else {refs.class_name: refs})  # what crosses
+        serving = References(store.identity)  # what crosses: the class's set alone
+        if refs is not None:
+            serving.keep(refs)
         det = run_detection(model_choice, pil, name, chosen, s, serving, state.kb, owner, ctx.knowledge.versioned())
         progress(0.8, desc="drawing")
         outputs = render(model, pil, det, from_slider=chosen is not None, references=whose).outputs()

@@ -6,6 +6,7 @@ Numbers computed on the tiny random backbone are plumbing, never accuracy.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The tiny test models gain nothing from intra-op threads, and with servers and subprocesses
 # sharing 2 cores, oversubscribed OpenMP threads make them ~30x slower. Set before torch loads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Gradio's upload folder is shared by every app on the machine by default, and an app's shutdown
+# empties it (delete_cache): each test process (and the apps it starts) gets its own.
+os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="kanoclip-tests-gradio-"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KANOCLIP_SHARED_DIR", REPO.parent / "shared"))
