@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kanoclip.detection import Detection, class_per_image, upsample_maps
@@ -122,11 +123,14 @@ class ReferenceTables(nn.Module):
         self.n_stages = len(held[0].bank)
         device = held[0].bank[self.read[0]].device  # every table sits beside the banks (a CUDA model's too)
         for j in self.read:
-            table = torch.zeros(len(sets), rows, held[0].bank[j].shape[1], device=device)  # type: ignore[union-attr]
-            for k, r in enumerate(sets):
-                if r is not None and r.count:
-                    table[k, : r.bank[j].shape[0]] = r.bank[j].float()  # type: ignore[union-attr]
-            self.register_buffer(f"bank{j}", table)
+            width = held[0].bank[j].shape[1]  # type: ignore[union-attr]
+            padded = [  # each class's rows, zero-padded to ``rows`` (masked by ``padding`` below)
+                F.pad(r.bank[j].float(), (0, 0, 0, rows - r.bank[j].shape[0]))  # type: ignore[union-attr]
+                if r is not None and r.count
+                else torch.zeros(rows, width, device=device)
+                for r in sets
+            ]
+            self.register_buffer(f"bank{j}", torch.stack(padded))  # (K, rows, C)
         counts = [r.bank[self.read[0]].shape[0] if r is not None and r.count else 0 for r in sets]  # type: ignore[union-attr]
         counted = torch.tensor(counts, device=device)
         self.register_buffer("padding", torch.arange(rows, device=device)[None, :] >= counted[:, None])  # (K, N)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from unittest import mock
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -137,8 +138,17 @@ class FakeCuda(TorchFunctionMode):
 
 @contextlib.contextmanager
 def fake_cuda() -> Iterator[tuple[FakeTensorMode, FakeCuda]]:
-    """Inside: ``torch.device("cuda")`` works; real tensors met by an op become fake CPU tensors."""
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, FakeCuda() as calls:
+    """Inside: ``torch.device("cuda")`` works; real tensors met by an op become fake CPU tensors.
+
+    The device answers capability queries as a compute capability 9.0 GPU (an H100) would, so
+    ``precision="auto"`` resolves there as on a real one (bf16).
+    """
+    with (
+        FakeTensorMode(allow_non_fake_inputs=True) as mode,
+        FakeCuda() as calls,
+        mock.patch("torch.cuda.get_device_capability", return_value=(9, 0)),
+        mock.patch("torch.cuda.is_bf16_supported", return_value=True),
+    ):
         yield mode, calls
 
 
