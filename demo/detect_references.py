@@ -17,7 +17,7 @@ from PIL import Image
 
 from demo.components import class_name_text, decode_upload, required_class_name, user_errors
 from demo.gpu import gpu, move
-from demo.state import AppContext, Session, compute_slot
+from demo.state import AppContext, ModelRegistry, Session, compute_slot
 from kanoclip import KAnoCLIP
 from kanoclip.errors import InputError
 from kanoclip.knowledge import KnowledgeBase
@@ -105,9 +105,8 @@ def describe_references(
     return references_markdown(model, session, name, problem)
 
 
-def add_references_handler(ctx: AppContext) -> Callable[..., tuple[str, None, Stores]]:
-    """The ``/add_references`` handler: the uploaded good images into the session's references of the class."""
-    config, registry = ctx.config, ctx.registry
+def add_references_call(registry: ModelRegistry) -> Callable[..., ReferenceSet]:
+    """The reference images' model call, marked for the GPU boundary (:func:`demo.gpu.gpu`)."""
 
     @gpu
     def run_add_references(
@@ -122,6 +121,13 @@ def add_references_handler(ctx: AppContext) -> Callable[..., tuple[str, None, St
         model = registry.get(model_choice, shared, owner=owner)
         with compute_slot(model):
             return model.add_references(class_name, images, store=move(store, model.device))
+
+    return run_add_references
+
+
+def add_references_handler(ctx: AppContext) -> Callable[..., tuple[str, None, Stores]]:
+    """The ``/add_references`` handler: the uploaded good images into the session's references of the class."""
+    config, run_add_references = ctx.config, add_references_call(ctx.registry)
 
     @user_errors
     def add_references(

@@ -42,7 +42,7 @@ from demo.components import (
 from demo.detect_references import Stores, build_references_panel, serving_references, session_for
 from demo.gpu import gpu, move
 from demo.memory import MemoryKeeper
-from demo.state import AppContext, Session, describe_model, model_choices, serve_detection
+from demo.state import AppContext, ModelRegistry, Session, describe_model, model_choices, serve_detection
 from kanoclip import KAnoCLIP
 from kanoclip.config import ScoringConfig
 from kanoclip.detection import Detection, upsample_maps
@@ -215,10 +215,8 @@ def chosen_threshold(model: KAnoCLIP, refs: ReferenceSet | None, slider: float, 
 
 
 # ---------------------------------------------------------------------------- the handler
-def detect_handler(ctx: AppContext) -> Callable[..., tuple[Any, ...]]:
-    """The ``/detect`` handler: one detection with the session's references and knowledge base."""
-    registry = ctx.registry
-    memory = MemoryKeeper()  # a public Space runs for weeks: keep glibc's freed pages from piling up
+def detection_call(registry: ModelRegistry) -> Callable[..., Detection]:
+    """The Detect tab's model call, marked for the GPU boundary (:func:`demo.gpu.gpu`)."""
 
     @gpu
     def run_detection(
@@ -244,6 +242,14 @@ def detect_handler(ctx: AppContext) -> Callable[..., tuple[Any, ...]]:
             model, image, class_name, threshold=threshold, sigma=sigma, references=move(references, model.device),
             knowledge=knowledge,
         )  # fmt: skip
+
+    return run_detection
+
+
+def detect_handler(ctx: AppContext) -> Callable[..., tuple[Any, ...]]:
+    """The ``/detect`` handler: one detection with the session's references and knowledge base."""
+    run_detection = detection_call(ctx.registry)
+    memory = MemoryKeeper()  # a public Space runs for weeks: keep glibc's freed pages from piling up
 
     @user_errors
     def detect(
