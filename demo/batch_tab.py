@@ -10,7 +10,8 @@ Serving rules: the images are decoded here and detected in chunks of :data:`CHUN
 ``detect_batch``, each chunk under :func:`~demo.state.compute_slot` (so one visitor's batch does
 not hold the model for the whole request) and inside the ``gpu`` boundary. The visitor's own
 normal references and calibrated threshold are used (the Detect tab's session state), else the
-app's shared ones, else the default threshold.
+app's shared ones, else the default threshold; and the visitor's own knowledge base on a public
+app (:class:`~demo.state.Session`), else the shared one.
 
 Limits: at most ``AppConfig.max_batch`` images per request (``KANOCLIP_MAX_BATCH``, default 32),
 counted before any is decoded; a zip is checked with :func:`~demo.uploads.check_zip` under
@@ -38,10 +39,11 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from demo.components import required_class_name, user_errors
-from demo.detect_tab import DetectTab, ModelKey, decode, gallery_size, serving_references, session_store
+from demo.components import decode_upload, required_class_name, user_errors
+from demo.detect_references import Stores, serving_references, session_for
+from demo.detect_tab import DetectTab, gallery_size
 from demo.gpu import gpu, move
-from demo.state import AppContext, compute_slot, describe_model
+from demo.state import AppContext, Session, compute_slot, describe_model
 from demo.uploads import MB, ZipLimits, check_zip, skipped_entry
 from kanoclip import KAnoCLIP
 from kanoclip.data.sample import is_image
@@ -70,7 +72,7 @@ class BatchImage:
         """The RGB image; :class:`ImageError` naming this image by its own name."""
         source = self.read()
         if isinstance(source, str):
-            return decode(source)  # names an uploaded file by its name, not the server's path
+            return decode_upload(source)  # names an uploaded file by its name, not the server's path
         try:
             return load_image(source)
         except ImageError as exc:
@@ -200,7 +202,8 @@ class BatchTab:
 
 
 def build_batch_tab(ctx: AppContext, detect: DetectTab) -> BatchTab:
-    """The Batch tab; it shares the Detect tab's model choice and the session's references (``detect.stores``)."""
+    """The Batch tab; it shares the Detect tab's model choice, the session's references (``detect.stores``) and
+    the visitor's own knowledge base (``detect.visitor``)."""
     config, registry = ctx.config, ctx.registry
     csv_files = CsvFiles()
 
@@ -210,20 +213,25 @@ def build_batch_tab(ctx: AppContext, detect: DetectTab) -> BatchTab:
         images: list[Image.Image],
         class_name: str,
         store: References,
+        knowledge: KnowledgeBase | None,
+        owner: bool,
         shared: tuple[int, KnowledgeBase],
     ) -> list[Detection]:
         """One chunk's forward pass (the GPU work of a request), under the compute slot; references
-        come and go on the CPU, the knowledge base with its version (:mod:`demo.gpu`)."""
-        model = registry.get(model_choice, shared)
+        come and go on the CPU, the shared knowledge base with its version (:mod:`demo.gpu`); the
+        visitor's own ``knowledge`` base (None: the shared one) serves this call only."""
+        model = registry.get(model_choice, shared, owner=owner)
         with compute_slot(model):
-            return model.detect_batch(images, class_name, references=move(store, model.device))
+            return model.detect_batch(images, class_name, references=move(store, model.device), knowledge=knowledge)
 
     @user_errors
     def detect_many(
         files: list[str] | None,
         class_name: str | None,
         model_choice: str | None = config.start_choice,
-        stores: dict[ModelKey, References] | None = None,
+        stores: Stores | None = None,
+        state: Session | None = None,
+        profile: gr.OAuthProfile | None = None,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[Any, ...]:
         """Detect every uploaded image (or every image of an uploaded zip) of one class, sorted by score."""
@@ -232,8 +240,9 @@ def build_batch_tab(ctx: AppContext, detect: DetectTab) -> BatchTab:
         name = required_class_name(class_name)
         images, skipped = collect_images(list(files), config.max_batch)
         progress(0.0, desc="loading the model")
-        model = registry.get(model_choice)
-        session = session_store({} if stores is None else stores, registry.key(model_choice), model)
+        state = state or Session()
+        owner = state.is_owner(config.access, profile)
+        model, session = session_for(ctx, model_choice, stores, owner)
         store, refs, whose = serving_references(model, session, name)
         results: list[Inspected] = []
         bad: list[str] = []
@@ -248,7 +257,9 @@ def build_batch_tab(ctx: AppContext, detect: DetectTab) -> BatchTab:
                     bad.append(str(exc))
             if not decoded:
                 continue
-            detections = run_batch(model_choice, [pil for _, pil in decoded], name, store, ctx.knowledge.versioned())
+            detections = run_batch(
+                model_choice, [pil for _, pil in decoded], name, store, state.kb, owner, ctx.knowledge.versioned()
+            )
             results += [Inspected.of(n, pil, det) for (n, pil), det in zip(decoded, detections)]
             note = detections[0].threshold_note
             del decoded, detections
@@ -297,7 +308,7 @@ def build_batch_tab(ctx: AppContext, detect: DetectTab) -> BatchTab:
                 csv_file = gr.File(label="The table as CSV", interactive=False, elem_id="batch-csv")
         button.click(
             detect_many,
-            inputs=[files, class_name, detect.model, detect.stores],
+            inputs=[files, class_name, detect.model, detect.stores, detect.visitor],
             outputs=[summary, gallery, table, csv_file],
             api_name="detect_many",
             concurrency_limit=config.concurrency,

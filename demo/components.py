@@ -7,11 +7,14 @@ import html
 import inspect
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
-from kanoclip.errors import InputError, KAnoCLIPError
+from kanoclip.errors import ImageError, InputError, KAnoCLIPError
+from kanoclip.images import load_image
 from kanoclip.knowledge import KnowledgeBase
 from kanoclip.knowledge import classes as catalog
 
@@ -92,6 +95,16 @@ def image_input(**kwargs: Any) -> gr.Image:
 
     component.preprocess = preprocess  # type: ignore[method-assign]
     return component
+
+
+def decode_upload(image: str | Image.Image) -> Image.Image:
+    """:func:`load_image`, naming an uploaded file by its name only (not the server's cache path)."""
+    try:
+        return load_image(image)
+    except ImageError as exc:
+        if isinstance(image, str):
+            raise ImageError(str(exc).replace(image, Path(image).name)) from None
+        raise
 
 
 def class_name_text(value: Any) -> str:

@@ -24,6 +24,7 @@ import datetime as dt
 import os
 import urllib.parse
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
@@ -199,27 +200,67 @@ def generate_descriptions(
     return lambda kb: kb.add_llm(name, texts, provenance)
 
 
-def build_knowledge_tab(ctx: AppContext, class_inputs: list[gr.Dropdown], session: gr.State) -> None:
-    """The tab; ``session`` is the app's per-visitor :class:`~demo.state.Session` state."""
-    store, config = ctx.knowledge, ctx.config
+# ---------------------------------------------------------------------------- the panels
+def whose(owner: bool) -> str:
+    """Who an edit serves: everyone (an owner's) or the visitor's own detections."""
+    return "every loaded model uses them now" if owner else "your own detections use them (this session only)"
 
-    def owner_of(state: Session | None, profile: gr.OAuthProfile | None) -> bool:
-        return config.access.is_owner(state is not None and state.signed_in, profile)
 
-    def whose(owner: bool) -> str:
-        return "every loaded model uses them now" if owner else "your own detections use them (this session only)"
+@dataclass
+class KnowledgeView:
+    """The components that show the knowledge base, refreshed together after every change."""
 
-    def refreshed(kb: KnowledgeBase, class_name: str | None, message: str, state: Session) -> tuple[Any, ...]:
+    counts: gr.Dataframe
+    class_name: gr.Dropdown
+    llm_text: gr.Textbox
+    table: gr.Dataframe
+    note: gr.Markdown
+    class_inputs: list[gr.Dropdown]  # the other tabs' class boxes
+    session: gr.State
+
+    def outputs(self) -> list[Any]:
+        """The outputs of every change: the views, every class box, then the session."""
+        return [self.counts, self.llm_text, self.table, self.note, self.class_name, *self.class_inputs, self.session]
+
+    def refreshed(self, kb: KnowledgeBase, class_name: str | None, message: str, state: Session) -> tuple[Any, ...]:
+        """The values of :meth:`outputs` after a change to ``kb``, with ``message`` in the note."""
         llm, table, note = class_view(kb, class_name)
         # this tab's dropdown shows each class with its dataset; the other tabs' keep plain names,
         # so that a typed name stays what their box shows
-        updates = [dropdown_update(class_choices(kb)), *(dropdown_update(kb.classes()) for _ in class_inputs)]
+        updates = [dropdown_update(class_choices(kb)), *(dropdown_update(kb.classes()) for _ in self.class_inputs)]
         return (counts_table(kb), llm, table, f"{message} {note}".strip(), *updates, state)
+
+
+def build_class_panel(
+    ctx: AppContext, counts: gr.Dataframe, class_inputs: list[gr.Dropdown], session: gr.State
+) -> KnowledgeView:
+    """The class box, its general descriptions (editable, *Apply edits*) and its provenance table, wired."""
+    store, access = ctx.knowledge, ctx.config.access
+    class_name = gr.Dropdown(
+        choices=class_choices(store.snapshot()),
+        value=None,
+        allow_custom_value=True,
+        label="Class (dataset)",
+        elem_id="kb-class",
+    )
+    llm_text = gr.Textbox(
+        label="General descriptions: LLM, built-in, hand-written (one per line; edit, then Apply)",
+        lines=8,
+        elem_id="kb-llm",
+    )
+    apply_button = gr.Button("Apply edits", variant="primary")
+    table = gr.Dataframe(
+        headers=DESCRIPTION_COLUMNS,
+        label="All descriptions of the class, with provenance",
+        wrap=True,
+        interactive=False,
+    )
+    note = gr.Markdown(elem_id="kb-note")
+    view = KnowledgeView(counts, class_name, llm_text, table, note, class_inputs, session)
 
     @user_errors
     def select(class_name: str | None, state: Session | None) -> tuple[Any, ...]:
-        llm, table, note = class_view((state or Session()).knowledge(store), class_name)
-        return llm, table, note
+        return class_view((state or Session()).knowledge(store), class_name)
 
     @user_errors
     def apply(
@@ -228,18 +269,43 @@ def build_knowledge_tab(ctx: AppContext, class_inputs: list[gr.Dropdown], sessio
         name = required_class_name(class_name, "pick or type the class whose descriptions you edit")
         lines = _lines(text)
         state = state or Session()
-        owner = owner_of(state, profile)
+        owner = state.is_owner(access, profile)
         _, kb = state.edit(store, owner, lambda kb: kb.set_general(name, lines))
         count = len(set(lines))
         message = f"Applied: `{name}` has {count} general descriptions (new lines are hand-written); {whose(owner)}."
-        return refreshed(kb, name, message, state)
+        return view.refreshed(kb, name, message, state)
+
+    class_name.change(select, inputs=[class_name, session], outputs=[llm_text, table, note], api_visibility="private")
+    apply_button.click(apply, inputs=[class_name, llm_text, session], outputs=view.outputs(), api_name="kb_apply")
+    return view
+
+
+def build_save_panel(ctx: AppContext, session: gr.State) -> None:
+    """The path box and *Save* (the owner's on a public app), wired."""
+    store, config = ctx.knowledge, ctx.config
+    with gr.Row():
+        path = gr.Textbox(
+            value=config.default_kb_path(),
+            label="Save to (.json under the knowledge-base folder, or the --kb file)"
+            + (" — the owner's" if config.public else ""),
+            scale=3,
+        )
+        save_button = gr.Button("Save", scale=1)
+    saved = gr.Markdown()
 
     @user_errors
     def save(path: str | None, state: Session | None, profile: gr.OAuthProfile | None) -> str:
-        if not owner_of(state, profile):
+        if not (state or Session()).is_owner(config.access, profile):
             raise owner_only("saving the knowledge base", config.access)
         written = store.save(path)
         return f"Saved the knowledge base to `{written}`."
+
+    save_button.click(save, inputs=[path, session], outputs=saved, api_name="kb_save")
+
+
+def wire_load(ctx: AppContext, upload: gr.File, view: KnowledgeView) -> None:
+    """Loading an uploaded knowledge base: the owner's replaces the shared one, a visitor's is their own."""
+    store, access = ctx.knowledge, ctx.config.access
 
     @user_errors
     def load(
@@ -249,13 +315,22 @@ def build_knowledge_tab(ctx: AppContext, class_inputs: list[gr.Dropdown], sessio
             raise InputError("no file: upload a knowledge-base .json file")
         kb = KnowledgeBase.load(file)
         state = state or Session()
-        if owner_of(state, profile):
+        if state.is_owner(access, profile):
             store.replace(kb)
             state.kb = None
         else:
             state.kb = kb
         message = f"Loaded a knowledge base with {len(kb.classes())} classes."
-        return refreshed(state.knowledge(store), class_name, message, state)
+        return view.refreshed(state.knowledge(store), class_name, message, state)
+
+    upload.upload(
+        load, inputs=[upload, view.class_name, view.session], outputs=view.outputs(), api_visibility="private"
+    )
+
+
+def generate_handler(ctx: AppContext, view: KnowledgeView) -> Callable[..., tuple[Any, ...]]:
+    """The ``/kb_generate`` handler: new descriptions from an LLM / VQA endpoint into the session's knowledge base."""
+    store, config = ctx.knowledge, ctx.config
 
     @user_errors
     def generate(
@@ -273,7 +348,7 @@ def build_knowledge_tab(ctx: AppContext, class_inputs: list[gr.Dropdown], sessio
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[Any, ...]:
         state = state or Session()
-        owner = owner_of(state, profile)
+        owner = state.is_owner(config.access, profile)
         limit = min(MAX_GENERATED, config.access.limits.max_generated) if config.public else MAX_GENERATED
         with open_client(config.access, owner, endpoint, url, model, key_env, typed_key) as client:
             progress(0.1, desc=f"asking {client.model} at {recorded_endpoint(client.url)}")
@@ -281,16 +356,68 @@ def build_knowledge_tab(ctx: AppContext, class_inputs: list[gr.Dropdown], sessio
                 client, state.knowledge(store), class_name or "", kind, int(n or 0), image, limit
             )
         added, kb = state.edit(store, owner, change)
-        return refreshed(kb, class_name, f"Generated {added} new {kind} descriptions; {whose(owner)}.", state)
+        return view.refreshed(kb, class_name, f"Generated {added} new {kind} descriptions; {whose(owner)}.", state)
 
-    snapshot = store.snapshot()
+    return generate
+
+
+def build_generate_panel(ctx: AppContext, view: KnowledgeView) -> None:
+    """The *Generate descriptions* accordion (endpoint, URL, model, key, count, VQA image), wired."""
+    config = ctx.config
+    endpoints = [e.name for e in config.access.endpoints]
+    with gr.Accordion("Generate descriptions with an LLM / VQA endpoint (OpenAI-compatible)", open=False):
+        with gr.Row():
+            kind = gr.Radio(["LLM", "VQA"], value="LLM", label="Kind")
+            endpoint = gr.Dropdown(
+                choices=endpoints,
+                value=endpoints[0] if endpoints else "",
+                label="Configured endpoint (used when the URL is empty)",
+                allow_custom_value=True,  # an unknown name gets the app's own message
+                visible=bool(endpoints),
+            )
+            url = gr.Textbox(
+                label="Endpoint URL (empty: the configured endpoint)",
+                placeholder="http://127.0.0.1:11434/v1",
+                scale=2,
+                visible=not config.public or config.access.visitor_urls or bool(config.access.owner_token),
+            )
+            model = gr.Textbox(label="Model (for a typed URL)", placeholder="llama3.1")
+            key_env = gr.Textbox(
+                value="" if config.public else DEFAULT_KEY_ENV,
+                label="API key environment variable (on the server)",
+                visible=not config.public,
+            )
+            typed_key = gr.Textbox(
+                label="Your API key for a typed URL (this request only; never stored)", type="password"
+            )
+            n = gr.Number(
+                value=5,
+                precision=0,
+                minimum=1,
+                maximum=config.access.limits.max_generated if config.public else MAX_GENERATED,
+                label="How many",
+            )
+        image = image_input(label="Image (VQA only)", height=200, sources=["upload", "clipboard"])
+        generate_button = gr.Button("Generate")
+    generate_button.click(
+        generate_handler(ctx, view),
+        inputs=[view.class_name, kind, url, model, key_env, n, image, endpoint, typed_key, view.session],
+        outputs=view.outputs(),
+        api_name="kb_generate",
+        concurrency_limit=2,
+    )
+
+
+# ---------------------------------------------------------------------------- the tab
+def build_knowledge_tab(ctx: AppContext, class_inputs: list[gr.Dropdown], session: gr.State) -> None:
+    """The tab; ``session`` is the app's per-visitor :class:`~demo.state.Session` state."""
+    config = ctx.config
     scope = (
         "On this public app your edits, uploads and generated descriptions are yours: they serve your own "
         "detections in this session only; the owner edits and saves the shared one."
         if config.public
         else "It is shared by every model of this app; edits apply at once. Save it to keep it."
     )
-    endpoints = [e.name for e in config.access.endpoints]
     with gr.Tab("Knowledge", id="knowledge"):
         gr.Markdown(
             "The **LLM-VQA knowledge base** guides the prompts (KnPL): per class, general anomaly descriptions "
@@ -300,7 +427,7 @@ def build_knowledge_tab(ctx: AppContext, class_inputs: list[gr.Dropdown], sessio
         with gr.Row():
             with gr.Column(scale=2):
                 counts = gr.Dataframe(
-                    counts_table(snapshot),
+                    counts_table(ctx.knowledge.snapshot()),
                     label="Classes: descriptions per source",
                     interactive=False,
                     max_height=420,
@@ -309,81 +436,7 @@ def build_knowledge_tab(ctx: AppContext, class_inputs: list[gr.Dropdown], sessio
                 )
                 upload = gr.File(label="Load a knowledge-base .json", file_types=[".json"], type="filepath")
             with gr.Column(scale=3):
-                class_name = gr.Dropdown(
-                    choices=class_choices(snapshot),
-                    value=None,
-                    allow_custom_value=True,
-                    label="Class (dataset)",
-                    elem_id="kb-class",
-                )
-                llm_text = gr.Textbox(
-                    label="General descriptions: LLM, built-in, hand-written (one per line; edit, then Apply)",
-                    lines=8,
-                    elem_id="kb-llm",
-                )
-                apply_button = gr.Button("Apply edits", variant="primary")
-                table = gr.Dataframe(
-                    headers=DESCRIPTION_COLUMNS,
-                    label="All descriptions of the class, with provenance",
-                    wrap=True,
-                    interactive=False,
-                )
-                note = gr.Markdown(elem_id="kb-note")
-                with gr.Row():
-                    path = gr.Textbox(
-                        value=config.default_kb_path(),
-                        label="Save to (.json under the knowledge-base folder, or the --kb file)"
-                        + (" — the owner's" if config.public else ""),
-                        scale=3,
-                    )
-                    save_button = gr.Button("Save", scale=1)
-                saved = gr.Markdown()
-        with gr.Accordion("Generate descriptions with an LLM / VQA endpoint (OpenAI-compatible)", open=False):
-            with gr.Row():
-                kind = gr.Radio(["LLM", "VQA"], value="LLM", label="Kind")
-                endpoint = gr.Dropdown(
-                    choices=endpoints,
-                    value=endpoints[0] if endpoints else "",
-                    label="Configured endpoint (used when the URL is empty)",
-                    allow_custom_value=True,  # an unknown name gets the app's own message
-                    visible=bool(endpoints),
-                )
-                url = gr.Textbox(
-                    label="Endpoint URL (empty: the configured endpoint)",
-                    placeholder="http://127.0.0.1:11434/v1",
-                    scale=2,
-                    visible=not config.public or config.access.visitor_urls or bool(config.access.owner_token),
-                )
-                model = gr.Textbox(label="Model (for a typed URL)", placeholder="llama3.1")
-                key_env = gr.Textbox(
-                    value="" if config.public else DEFAULT_KEY_ENV,
-                    label="API key environment variable (on the server)",
-                    visible=not config.public,
-                )
-                typed_key = gr.Textbox(
-                    label="Your API key for a typed URL (this request only; never stored)", type="password"
-                )
-                n = gr.Number(
-                    value=5,
-                    precision=0,
-                    minimum=1,
-                    maximum=config.access.limits.max_generated if config.public else MAX_GENERATED,
-                    label="How many",
-                )
-            image = image_input(label="Image (VQA only)", height=200, sources=["upload", "clipboard"])
-            generate_button = gr.Button("Generate")
-
-        class_outputs = [counts, llm_text, table, note, class_name, *class_inputs, session]
-        class_name.change(
-            select, inputs=[class_name, session], outputs=[llm_text, table, note], api_visibility="private"
-        )
-        apply_button.click(apply, inputs=[class_name, llm_text, session], outputs=class_outputs, api_name="kb_apply")
-        save_button.click(save, inputs=[path, session], outputs=saved, api_name="kb_save")
-        upload.upload(load, inputs=[upload, class_name, session], outputs=class_outputs, api_visibility="private")
-        generate_button.click(
-            generate,
-            inputs=[class_name, kind, url, model, key_env, n, image, endpoint, typed_key, session],
-            outputs=class_outputs,
-            api_name="kb_generate",
-            concurrency_limit=2,
-        )
+                view = build_class_panel(ctx, counts, class_inputs, session)
+                build_save_panel(ctx, session)
+        wire_load(ctx, upload, view)
+        build_generate_panel(ctx, view)

@@ -1,7 +1,8 @@
 """The Live tab (a webcam stream) and the Video tab (a recorded clip): detection on moving pictures.
 
 Both detect as the Detect tab does: with the class, model, threshold slider / "use the calibrated
-threshold" box and the session's normal references chosen there (:class:`demo.detect_tab.DetectTab`).
+threshold" box and the session's normal references chosen there (:class:`demo.detect_tab.DetectTab`),
+and with the visitor's own knowledge base on a public app (:class:`demo.state.Session`).
 
 **Live.** The webcam streams a frame every :data:`LIVE_EVERY` seconds; each processed frame shows
 the map over the frame, the raw score, the verdict, that frame's latency, the frame rate actually
@@ -36,17 +37,10 @@ import pandas as pd
 from PIL import Image
 
 from demo.components import class_name_text, required_class_name, user_errors
-from demo.detect_tab import (
-    SCORING,
-    DetectTab,
-    ModelKey,
-    check_controls,
-    chosen_threshold,
-    serving_references,
-    session_store,
-)
+from demo.detect_references import Stores, serving_references, session_for
+from demo.detect_tab import SCORING, DetectTab, check_controls, chosen_threshold
 from demo.gpu import gpu, move
-from demo.state import AppContext, compute_slot
+from demo.state import AppContext, Session, compute_slot
 from kanoclip.detection import Detection
 from kanoclip.errors import InputError
 from kanoclip.knowledge import KnowledgeBase
@@ -180,9 +174,8 @@ def build_live_tabs(ctx: AppContext, detect: DetectTab) -> None:
     config, registry = ctx.config, ctx.registry
     folders = OutputFolders()
 
-    def serving(model_choice: str | None, stores: dict[ModelKey, References] | None, name: str):
-        model = registry.get(model_choice)
-        session = session_store({} if stores is None else stores, registry.key(model_choice), model)
+    def serving(model_choice: str | None, stores: Stores | None, name: str, owner: bool):
+        model, session = session_for(ctx, model_choice, stores, owner)
         return (model, *serving_references(model, session, name))
 
     @gpu
@@ -192,12 +185,17 @@ def build_live_tabs(ctx: AppContext, detect: DetectTab) -> None:
         name: str,
         threshold: float | None,
         store: References,
+        knowledge: KnowledgeBase | None,
+        owner: bool,
         shared: tuple[int, KnowledgeBase],
     ) -> Detection:
-        """One webcam frame's model call (the only GPU work of a live step)."""
-        model = registry.get(model_choice, shared)
+        """One webcam frame's model call (the only GPU work of a live step), with the visitor's own
+        ``knowledge`` base (None: the shared one)."""
+        model = registry.get(model_choice, shared, owner=owner)
         with compute_slot(model):
-            return model.detect(frame, name, threshold=threshold, references=move(store, model.device))
+            return model.detect(
+                frame, name, threshold=threshold, references=move(store, model.device), knowledge=knowledge
+            )
 
     @user_errors
     def live_frame(
@@ -207,8 +205,10 @@ def build_live_tabs(ctx: AppContext, detect: DetectTab) -> None:
         threshold: float,
         calibrated: bool,
         smoothing: float,
-        stores: dict[ModelKey, References] | None,
+        stores: Stores | None,
         live: LiveSession | None,
+        state: Session | None = None,
+        profile: gr.OAuthProfile | None = None,
     ) -> tuple[Any, ...]:
         """One streamed webcam frame -> overlay, raw score, status line, running chart, the session."""
         live = live if isinstance(live, LiveSession) else LiveSession()
@@ -218,10 +218,13 @@ def build_live_tabs(ctx: AppContext, detect: DetectTab) -> None:
             return gr.skip(), gr.skip(), hint, gr.skip(), live
         t, _ = check_controls(threshold, None)
         started = time.perf_counter()
-        model, store, refs, _ = serving(model_choice, stores, name)
+        state = state or Session()
+        owner = state.is_owner(config.access, profile)
+        model, store, refs, _ = serving(model_choice, stores, name, owner)
         det = run_frame(
-            model_choice, frame, name, chosen_threshold(model, refs, t, calibrated), store, ctx.knowledge.versioned()
-        )
+            model_choice, frame, name, chosen_threshold(model, refs, t, calibrated), store, state.kb, owner,
+            ctx.knowledge.versioned(),
+        )  # fmt: skip
         latency = time.perf_counter() - started
         weight = min(max(float(smoothing or 0.0), 0.0), 0.95)
         value = live.record(det.score, det.threshold, weight, time.perf_counter())
@@ -239,18 +242,20 @@ def build_live_tabs(ctx: AppContext, detect: DetectTab) -> None:
         video: VideoConfig,
         overlay: Path,
         progress: gr.Progress,
+        knowledge: KnowledgeBase | None,
+        owner: bool,
         shared: tuple[int, KnowledgeBase],
     ) -> VideoResult:
-        """A clip's decoding, model calls and encoding."""
-        model = registry.get(model_choice, shared)
+        """A clip's decoding, model calls and encoding, with the visitor's own ``knowledge`` (None: the shared one)."""
+        model = registry.get(model_choice, shared, owner=owner)
         store = move(store, model.device)
 
         def tick(row) -> None:
             progress((row.frame + 1, None), desc=f"frame {row.frame} ({row.time:.1f} s)", unit="frames")
 
         return detect_video(
-            model, path, name, config=video, threshold=threshold, references=store, overlay=overlay,
-            on_frame=tick, guard=lambda: compute_slot(model),
+            model, path, name, config=video, threshold=threshold, references=store, knowledge=knowledge,
+            overlay=overlay, on_frame=tick, guard=lambda: compute_slot(model),
         )  # fmt: skip
 
     @user_errors
@@ -261,7 +266,9 @@ def build_live_tabs(ctx: AppContext, detect: DetectTab) -> None:
         threshold: float = SCORING.threshold,
         calibrated: bool = True,
         stride: float = 1,
-        stores: dict[ModelKey, References] | None = None,
+        stores: Stores | None = None,
+        state: Session | None = None,
+        profile: gr.OAuthProfile | None = None,
         progress: gr.Progress = gr.Progress(),
     ) -> tuple[Any, ...]:
         """A recorded clip -> summary, overlay video, score plot, flagged frames, per-frame table, CSV."""
@@ -274,12 +281,14 @@ def build_live_tabs(ctx: AppContext, detect: DetectTab) -> None:
         except (TypeError, ValueError):
             raise InputError(f"stride {stride!r} must be a whole number of frames, 1 or more") from None
         progress(0.0, desc="loading the model")
-        model, store, refs, whose = serving(model_choice, stores, name)
+        state = state or Session()
+        owner = state.is_owner(config.access, profile)
+        model, store, refs, whose = serving(model_choice, stores, name, owner)
         folder = folders.new()
         stem = Path(video).stem or "clip"
         result = run_clip(
             model_choice, video, name, chosen_threshold(model, refs, t, calibrated), store, video_config,
-            folder / f"{stem}.overlay.mp4", progress, ctx.knowledge.versioned(),
+            folder / f"{stem}.overlay.mp4", progress, state.kb, owner, ctx.knowledge.versioned(),
         )  # fmt: skip
         if result.stopped:
             gr.Warning(result.stopped)
@@ -321,7 +330,7 @@ def build_live_tabs(ctx: AppContext, detect: DetectTab) -> None:
         webcam.stream(
             live_frame,
             inputs=[webcam, detect.class_name, detect.model, detect.threshold, detect.calibrated, smoothing,
-                    detect.stores, live],
+                    detect.stores, live, detect.visitor],
             outputs=[overlay, score, status, chart, live],
             stream_every=LIVE_EVERY,
             time_limit=config.live_time_limit,
@@ -354,7 +363,16 @@ def build_live_tabs(ctx: AppContext, detect: DetectTab) -> None:
                 csv_file = gr.File(label="Per-frame CSV", elem_id="video-csv")
         run.click(
             detect_clip,
-            inputs=[clip, detect.class_name, detect.model, detect.threshold, detect.calibrated, stride, detect.stores],
+            inputs=[
+                clip,
+                detect.class_name,
+                detect.model,
+                detect.threshold,
+                detect.calibrated,
+                stride,
+                detect.stores,
+                detect.visitor,
+            ],
             outputs=[summary, overlay_video, plot, flagged, table, csv_file],
             api_name="detect_video",
             concurrency_limit=config.concurrency,

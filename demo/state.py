@@ -531,6 +531,10 @@ class Session:
     signed_in: bool = False  # gave the owner token (demo.access.AccessConfig.token_matches)
     kb: KnowledgeBase | None = None
 
+    def is_owner(self, access: AccessConfig, profile: object = None) -> bool:
+        """Whether this visitor is an owner: signed in with the token, or by their ``gr.OAuthProfile``."""
+        return access.is_owner(self.signed_in, profile)
+
     def knowledge(self, store: KnowledgeStore) -> KnowledgeBase:
         """The knowledge base this visitor sees: their own copy, else a snapshot of the shared one."""
         return self.kb.copy() if self.kb is not None else store.snapshot()

@@ -35,6 +35,7 @@ from kanoclip.fileio import atomic_write_text
 if TYPE_CHECKING:
     from kanoclip.detection import Detection
     from kanoclip.detector import KAnoCLIP
+    from kanoclip.knowledge import KnowledgeBase
     from kanoclip.references import References
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ogv")
@@ -254,6 +255,7 @@ def detect_video(
     threshold: float | None = None,
     sigma: float | None = None,
     references: References | None = None,
+    knowledge: KnowledgeBase | None = None,
     overlay: str | os.PathLike[str] | None = None,
     on_frame: Callable[[FrameScore], None] | None = None,
     guard: Callable[[], contextlib.AbstractContextManager] | None = None,
@@ -265,7 +267,8 @@ def detect_video(
         source: the clip's path.
         class_name: what the clip shows.
         config: stride, batch size and limits (default :class:`VideoConfig`).
-        threshold, sigma, references: as for :meth:`~kanoclip.KAnoCLIP.detect_batch`.
+        threshold, sigma, references, knowledge: as for :meth:`~kanoclip.KAnoCLIP.detect_batch`
+            (``knowledge``: the knowledge base of this call only, default the model's).
         overlay: write the overlay video here (None: no video).
         on_frame: called with each frame's score as soon as its batch is scored.
         guard: a context manager factory held around each batch's model call (the app passes
@@ -289,7 +292,12 @@ def detect_video(
     def score(batch: Sequence[DecodedFrame]) -> None:
         with guard():
             detections: list[Detection] = model.detect_batch(
-                [f.image for f in batch], class_name, threshold=threshold, sigma=sigma, references=references
+                [f.image for f in batch],
+                class_name,
+                threshold=threshold,
+                sigma=sigma,
+                references=references,
+                knowledge=knowledge,
             )
         for decoded, det in zip(batch, detections):
             row = FrameScore(decoded.index, decoded.time, det.score, det.is_anomalous, det.threshold)

@@ -153,6 +153,17 @@ def test_a_visitors_knowledge_edits_serve_only_their_own_detections(public_app: 
     assert "VANDALISED" not in llm_b
 
 
+def test_a_visitors_knowledge_edits_reach_their_batch_scores(public_app: Running, bottle_image: Path) -> None:
+    a, b = public_app.client(), public_app.client()
+    a.predict("bottle", "A bottle with a TEAR in its label.\nA bottle with a chipped rim.", api_name="/kb_apply")
+    image = handle_file(str(bottle_image))
+    score_a, score_b = (c.predict(image, "bottle", api_name="/detect")[1] for c in (a, b))
+    assert score_a != pytest.approx(score_b, abs=1e-4)  # premise: A's descriptions change A's score
+    for client, expected in ((a, score_a), (b, score_b)):
+        _, _, table, _ = client.predict([image], "bottle", api_name="/detect_many")
+        assert table["data"][0][1] == pytest.approx(expected, abs=1e-5)  # each with their own knowledge base
+
+
 # ---------------------------------------------------------------------------- owner-only actions
 def test_a_visitor_cannot_save_or_train(public_app: Running, trainer: ScriptedTrainer) -> None:
     visitor = public_app.client()
