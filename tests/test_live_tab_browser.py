@@ -57,7 +57,7 @@ def test_the_live_tab_scores_the_webcam_stream(camera_browser, app_url: str) -> 
         found = re.search(r"frame (\d+)", d.find_element(By.ID, "live-status").text)
         return int(found.group(1)) if found else 0
 
-    _wait(driver, lambda d: frames(d) >= 3, timeout=90, what="3 processed frames")
+    _wait(driver, lambda d: frames(d) >= 3, timeout=240, what="3 processed frames")
     status = driver.find_element(By.ID, "live-status").text
     score = float(re.search(r"score (\d\.\d+)", status).group(1))
     assert 0.0 <= score <= 1.0
