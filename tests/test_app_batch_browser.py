@@ -47,7 +47,9 @@ def test_batch_upload_gives_the_sorted_gallery(browser, app_url: str, bottle_dir
         what="the class",
     )
     driver.find_element(By.ID, "batch-button").click()
-    _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#batch-gallery img")) >= 3, timeout=240, what="3 maps")
+    _wait(
+        driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#batch-gallery img")) >= 3, timeout=240, what="3 maps"
+    )
     captions = _wait(
         driver,
         lambda d: (found := CAPTION.findall(d.find_element(By.ID, "batch-gallery").text)) and len(found) >= 3 and found,
