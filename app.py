@@ -27,7 +27,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    from kanoclip.config import PRECISIONS  # light: no torch
+    from kanoclip.config import INT8_ENGINES, PRECISIONS  # light: no torch
 
     on_space = bool(os.environ.get("SPACE_ID"))
     parser = argparse.ArgumentParser(description="KAnoCLIP web app (Gradio).")
@@ -62,6 +62,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "the backbone's precision; maps and scores are fp32 (env KANOCLIP_PRECISION; default auto: bf16 where the "
             "GPU or CPU has native bf16, fp16 on other GPUs, fp32 on other CPUs; int8, CPU only: the vision tower's "
             "linear layers quantised, for a machine with no GPU)"
+        ),
+    )
+    parser.add_argument(
+        "--int8-engine",
+        choices=INT8_ENGINES,
+        help=(
+            "what runs --precision int8 (env KANOCLIP_INT8_ENGINE; default auto: onnxruntime on an x86 CPU without "
+            "VNNI when installed, torch elsewhere)"
         ),
     )
     parser.add_argument(
@@ -118,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kb_dir=args.kb_dir,
         device=args.device,
         precision=args.precision,
+        int8_engine=args.int8_engine,
         training=False if args.no_training else None,
     )
     try:

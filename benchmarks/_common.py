@@ -33,6 +33,20 @@ def vit_l_backbone() -> Path:
     return folder
 
 
+def write_images(folder: Path, count: int, side: int) -> list[Path]:
+    """``count`` PNGs of ``side``-pixel random images, seeded by their index: no two share their bytes."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        pixels = np.random.default_rng(i).integers(0, 256, (side, side, 3), dtype=np.uint8)
+        paths.append(folder / f"{i:04d}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
 def median_seconds(fn: Callable[[], object], runs: int, warmup: int = 1) -> float:
     """Median wall time of ``fn`` over ``runs`` calls after ``warmup`` calls."""
     for _ in range(warmup):

@@ -2,12 +2,13 @@
 
 Overhead: the same 900x900 image content, but a distinct array on every run (so no cache keyed
 by image content could stand in for the work). ``model.detect`` in training-free and trained
-mode, with the backbone at each of ``--precisions`` (default fp32 and bf16; int8 on the CPU), against the bare
+mode, with the backbone at each of ``--precisions`` (default fp32 and bf16; int8 on the CPU, ``int8:torch`` or
+``int8:onnxruntime`` to name its engine, plain ``int8`` for the ``auto`` engine), against the bare
 fp32 CLIP vision forward (``CLIPImageProcessor`` + ``CLIPVisionModel``): medians of rounds that
 interleave all of them. The text features of a class are computed once and cached, so the
 warm-up call pays for them.
 
-    python benchmarks/bench_inference.py [--runs 5] [--batches 1,8,32] [--device cpu] [--precisions fp32,bf16,int8]
+    python benchmarks/bench_inference.py [--runs 5] [--batches 1,8,32] [--precisions fp32,bf16,int8:onnxruntime]
 """
 
 from __future__ import annotations
@@ -98,18 +99,16 @@ def main() -> None:
     results: dict = {"machine": machine()}
     shared: dict = {}  # one fp32 backbone in memory for every precision's model (int8: one quantised copy)
     models = {}
-    for p in args.precisions.split(","):
-        models[f"training-free/{p}"] = KAnoCLIP.from_pretrained(
-            backbone=str(folder), device=args.device, precision=p, backbone_cache=shared
-        )
-        models[f"trained/{p}"] = KAnoCLIP.for_training(
-            backbone=str(folder), device=args.device, precision=p, backbone_cache=shared
-        ).eval()
+    cells = {p: (p.partition(":")[0], p.partition(":")[2] or "auto") for p in args.precisions.split(",")}
+    for p, (precision, engine) in cells.items():
+        options = dict(device=args.device, precision=precision, int8_engine=engine, backbone_cache=shared)
+        models[f"training-free/{p}"] = KAnoCLIP.from_pretrained(backbone=str(folder), **options)
+        models[f"trained/{p}"] = KAnoCLIP.for_training(backbone=str(folder), **options).eval()
     model = models[next(m for m in models if m.startswith("trained/"))]  # the full path for throughput
     results["precisions"] = {  # what each requested precision became on this machine, on what, and why
-        p: {"in_force": c.resolved, "engine": c.engine, "reason": c.reason, "warning": c.warning}
-        for p in args.precisions.split(",")
-        for c in [explain_precision(p, torch.device(args.device))]
+        p: {"in_force": c.resolved, "engine": c.engine, "reason": c.reason or c.engine_reason, "warning": c.warning}
+        for p, (precision, engine) in cells.items()
+        for c in [explain_precision(precision, torch.device(args.device), engine)]
     }
     if not args.skip_overhead:
         bare = CLIPVisionModel.from_pretrained(folder).eval().to(args.device)

@@ -25,10 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from _common import REPO, TOKENIZER, machine, proc_status, vit_l_backbone, wait_for_app
+from _common import REPO, TOKENIZER, machine, proc_status, vit_l_backbone, wait_for_app, write_images
 
 IMAGE_SIDE = 48
 
@@ -40,16 +37,6 @@ def resident_mb(pid: int) -> float:
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def write_images(folder: Path, count: int) -> list[Path]:
-    """``count`` PNGs of random pixels (seeded by their index): no two share their bytes."""
-    paths = []
-    for i in range(count):
-        pixels = np.random.default_rng(i).integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8)
-        paths.append(folder / f"{i:04d}.png")
-        Image.fromarray(pixels).save(paths[-1])
-    return paths
 
 
 def main() -> None:
@@ -77,7 +64,7 @@ def main() -> None:
         else:
             folder = make_random_backbone(tmp / "backbone", TOKENIZER, architecture=args.architecture)
         (tmp / "images").mkdir()
-        images = write_images(tmp / "images", args.calls)
+        images = write_images(tmp / "images", args.calls, IMAGE_SIDE)
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("KANOCLIP_")},
             "GRADIO_ANALYTICS_ENABLED": "False",

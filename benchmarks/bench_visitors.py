@@ -28,21 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from _common import REPO, TOKENIZER, machine, vit_l_backbone, wait_for_app
-
-
-def write_images(folder: Path, count: int, side: int) -> list[Path]:
-    """``count`` PNGs of random pixels (seeded by their index), one per client."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        pixels = np.random.default_rng(i).integers(0, 256, (side, side, 3), dtype=np.uint8)
-        paths.append(folder / f"{i:03d}.png")
-        Image.fromarray(pixels).save(paths[-1])
-    return paths
+from _common import REPO, TOKENIZER, machine, vit_l_backbone, wait_for_app, write_images
 
 
 def visitors_per_second(url: str, images: list[Path], clients: int, requests: int) -> dict:
@@ -66,7 +52,7 @@ def visitors_per_second(url: str, images: list[Path], clients: int, requests: in
     return {
         "visitors_per_s": round(clients * requests / seconds, 2),
         "mean_latency_s": round(sum(latencies) / len(latencies), 3),
-        "seconds": round(seconds, 2),
+        "seconds": round(seconds, 3),
     }
 
 

@@ -77,7 +77,7 @@ def build_app(
             batch = build_batch_tab(ctx, detect)
             build_live_tabs(ctx, detect)  # Live (webcam) and Video (recorded clips)
             build_knowledge_tab(ctx, [detect.class_name, batch.class_name], session)
-            prompts_model = build_prompts_tab(ctx, ctx.knowledge.snapshot().classes())
+            prompts_model = build_prompts_tab(ctx, ctx.knowledge.snapshot().classes(), session)
             model_lists = [detect.model, prompts_model]
             train_tab = None
             if config.training and ZERO_GPU:  # it trains in a background thread: no GPU there (demo.gpu)

@@ -39,7 +39,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from demo.components import decode_upload, required_class_name, user_errors
+from demo.components import class_dropdown, decode_upload, required_class_name, user_errors
 from demo.detect_references import Stores, serving_references, session_for
 from demo.detect_tab import DetectTab, gallery_size
 from demo.gpu import gpu, move
@@ -287,14 +287,8 @@ def build_batch_tab(ctx: AppContext, detect: DetectTab) -> BatchTab:
                 files = gr.File(
                     file_count="multiple", type="filepath", label="Images or one zip", elem_id="batch-files"
                 )
-                class_name = gr.Dropdown(
-                    choices=ctx.knowledge.snapshot().classes(),
-                    value=None,
-                    allow_custom_value=True,
-                    label="Class name",
-                    info="What every image shows; pick a known class or type any name.",
-                    elem_id="batch-class",
-                )
+                classes = ctx.knowledge.snapshot().classes()
+                class_name = class_dropdown(classes, "every image shows", elem_id="batch-class")
                 button = gr.Button("Inspect all", variant="primary", elem_id="batch-button")
             with gr.Column(scale=3, min_width=420):
                 summary = gr.Markdown(elem_id="batch-summary")

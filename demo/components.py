@@ -137,6 +137,30 @@ def unknown_class_hint(kb: KnowledgeBase, name: str) -> str:
     return f" Did you mean {', '.join(f'`{n}`' for n in near)}?" if near else ""
 
 
+def class_dropdown(choices: list[str], what: str = "the image shows", **kwargs: Any) -> gr.Dropdown:
+    """The class-name box every tab has: pick a known class or type any name.
+
+    Args:
+        choices: the known classes.
+        what: the end of its hint ("What <what>; ...").
+        **kwargs: more ``gr.Dropdown`` arguments (``value``, ``elem_id``, ``scale``, ...).
+    """
+    options = {"value": None, "label": "Class name", "info": f"What {what}; pick a known class or type any name."}
+    return gr.Dropdown(choices=choices, allow_custom_value=True, **{**options, **kwargs})
+
+
+def model_dropdown(choices: list[str], value: str, **kwargs: Any) -> gr.Dropdown:
+    """The model box every tab has: training-free, a listed checkpoint, or a hub id.
+
+    Args:
+        choices: the listed models (``demo.state.model_choices``).
+        value: the one selected at start.
+        **kwargs: more ``gr.Dropdown`` arguments (``elem_id``, ``scale``, ...).
+    """
+    options = {"label": "Model", "info": "training-free, a checkpoint under checkpoints/, or a hub id (user/name)."}
+    return gr.Dropdown(choices=choices, value=value, allow_custom_value=True, **{**options, **kwargs})
+
+
 def dropdown_update(choices: list[str] | list[tuple[str, str]], value: str | None = None) -> dict[str, Any]:
     """A dropdown update with new choices (keeping the current value unless ``value`` is given)."""
     return gr.update(choices=choices) if value is None else gr.update(choices=choices, value=value)

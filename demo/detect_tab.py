@@ -32,9 +32,11 @@ import pandas as pd
 from PIL import Image
 
 from demo.components import (
+    class_dropdown,
     decode_upload,
     dropdown_update,
     image_input,
+    model_dropdown,
     required_class_name,
     unknown_class_hint,
     user_errors,
@@ -306,24 +308,9 @@ def build_input_panel(ctx: AppContext) -> DetectInputs:
     """The image, class name, model (with its refresh button), threshold, calibrated and σ controls."""
     config = ctx.config
     image = image_input(label="Image (upload, paste or webcam)", height=340, elem_id="detect-image")
-    class_name = gr.Dropdown(
-        choices=ctx.knowledge.snapshot().classes(),
-        value=None,
-        allow_custom_value=True,
-        label="Class name",
-        info="What the image shows; pick a known class or type any name.",
-        elem_id="detect-class",
-    )
+    class_name = class_dropdown(ctx.knowledge.snapshot().classes(), elem_id="detect-class")
     with gr.Row():
-        model = gr.Dropdown(
-            choices=model_choices(config),
-            value=config.start_choice,
-            allow_custom_value=True,
-            label="Model",
-            info="training-free, a checkpoint under checkpoints/, or a hub id (user/name).",
-            scale=4,
-            elem_id="detect-model",
-        )
+        model = model_dropdown(model_choices(config), config.start_choice, scale=4, elem_id="detect-model")
         refresh = gr.Button("↻", scale=0, min_width=40, elem_id="detect-refresh")
     threshold = gr.Slider(0.0, 1.0, value=SCORING.threshold, step=0.01, label="Threshold (verdict and region)")
     calibrated = gr.Checkbox(

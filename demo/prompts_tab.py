@@ -12,9 +12,9 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from demo.components import dropdown_update, required_class_name, user_errors
+from demo.components import class_dropdown, dropdown_update, model_dropdown, required_class_name, user_errors
 from demo.gpu import gpu
-from demo.state import AppContext, compute_slot, describe_model, model_choices
+from demo.state import AppContext, Session, compute_slot, describe_model, model_choices
 from kanoclip import KAnoCLIP, KnowledgeBase
 from kanoclip.viz_prompts import PromptSet, pca_plot, prompt_set, set_kd_distances, similarity_heatmap
 
@@ -56,25 +56,28 @@ def kd_markdown(prompts: PromptSet) -> str:
     )
 
 
-def build_prompts_tab(ctx: AppContext, class_choices: list[str]) -> gr.Dropdown:
+def build_prompts_tab(ctx: AppContext, class_choices: list[str], session: gr.State) -> gr.Dropdown:
     config, registry = ctx.config, ctx.registry
 
     @gpu
-    def inspect_prompts(model_choice: str | None, class_name: str, knowledge: tuple[int, KnowledgeBase]) -> PromptSet:
+    def inspect_prompts(
+        model_choice: str | None, class_name: str, own: KnowledgeBase | None, knowledge: tuple[int, KnowledgeBase]
+    ) -> PromptSet:
         model = registry.get(model_choice, knowledge)  # already loaded by the caller
         with compute_slot(model):
-            return prompt_set(model, class_name)
+            return prompt_set(model, class_name, own)
 
     @user_errors
     def show(
-        model_choice: str | None, class_name: str | None, progress: gr.Progress = gr.Progress()
+        model_choice: str | None, class_name: str | None, state: Session, progress: gr.Progress = gr.Progress()
     ) -> tuple[Any, ...]:
         name = required_class_name(class_name, "type or pick a class, e.g. 'bottle'")
         progress(0.1, desc="loading the model")
         model = registry.get(model_choice)
-        resolved, _ = model.canonical_class(name)
+        resolved, _ = model.canonical_class(name, state.kb)
         progress(0.4, desc="encoding prompts")
-        prompts = inspect_prompts(model_choice, resolved, ctx.knowledge.versioned())
+        # the visitor's own knowledge base where they edited one, as their detections use
+        prompts = inspect_prompts(model_choice, resolved, state.kb, ctx.knowledge.versioned())
         header = describe_model(model)
         if model.mode == "training-free":
             header += "\n\n" + UNTRAINED_NOTE.format(std=model.config.prompts.ctx_init_std)
@@ -93,20 +96,11 @@ def build_prompts_tab(ctx: AppContext, class_choices: list[str]) -> gr.Dropdown:
             "form (`[N1..NK] <adjective> <class>`), and how they sit next to the knowledge-base descriptions."
         )
         with gr.Row():
-            model = gr.Dropdown(
-                choices=model_choices(config),
-                value=config.start_choice,
-                allow_custom_value=True,
-                label="Model",
-                scale=3,
-            )
-            class_name = gr.Dropdown(
-                choices=class_choices,
-                value=DEFAULT_CLASS if DEFAULT_CLASS in class_choices else None,
-                allow_custom_value=True,
-                label="Class",
-                scale=2,
-            )
+            model = model_dropdown(model_choices(config), config.start_choice, info=None, scale=3)
+            class_name = class_dropdown(
+                class_choices, value=DEFAULT_CLASS if DEFAULT_CLASS in class_choices else None, label="Class",
+                info=None, scale=2,
+            )  # fmt: skip
             button = gr.Button("Show prompts", variant="primary", scale=1, elem_id="prompts-button")
         header = gr.Markdown(elem_id="prompts-header")
         tokens = gr.Dataframe(
@@ -124,7 +118,7 @@ def build_prompts_tab(ctx: AppContext, class_choices: list[str]) -> gr.Dropdown:
         texts = gr.Dataframe(label="What the labels stand for", wrap=True, interactive=False)
         button.click(
             show,
-            inputs=[model, class_name],
+            inputs=[model, class_name, session],
             outputs=[header, tokens, heatmap, pca, kd, texts],
             api_name="prompts",
             concurrency_limit=config.concurrency,

@@ -79,6 +79,7 @@ class AppConfig:
     references: Path | None = None  # saved normal references shared by every visitor; None = none
     device: str = field(default_factory=lambda: os.environ.get("KANOCLIP_DEVICE", "auto"))
     precision: str = field(default_factory=lambda: os.environ.get("KANOCLIP_PRECISION", "auto"))  # the backbone's
+    int8_engine: str = field(default_factory=lambda: os.environ.get("KANOCLIP_INT8_ENGINE", "auto"))  # runs int8
     concurrency: int = field(default_factory=lambda: _env_int("KANOCLIP_CONCURRENCY", 2))
     max_models: int = field(default_factory=lambda: _env_int("KANOCLIP_MAX_MODELS", 2))
     max_batch: int = field(default_factory=lambda: _env_int("KANOCLIP_MAX_BATCH", 32))  # images per Batch request
@@ -274,8 +275,10 @@ def describe_model(model: KAnoCLIP) -> str:
         if model.mode == "training-free"
         else f"trained — checkpoint `{model.checkpoint_name}`"
     )
-    choice = explain_precision(model.model.requested_precision, model.device)
+    choice = explain_precision(model.model.requested_precision, model.device, model.model.requested_int8_engine)
     why = f"auto: {choice.reason}" if choice.reason else f"chosen with --precision {choice.requested}"
+    if choice.engine_reason:
+        why += f"; engine {choice.int8_engine}: {choice.engine_reason}"
     text = (
         f"**Mode:** {mode} · **Backbone:** `{model.backbone_name}` · **Device:** `{model.device}`"
         f" · **Precision:** backbone {choice.resolved} on {choice.engine} ({why}; {choice.hardware}), maps fp32"
@@ -364,6 +367,7 @@ class ModelRegistry:
                     backbone=backbone,
                     device=self.config.device,
                     precision=self.config.precision,
+                    int8_engine=self.config.int8_engine,
                     kb=kb.copy(),
                     backbone_cache=self._backbones,
                 )

@@ -23,6 +23,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from kanoclip.errors import ARG, BackboneError, first_line
 from kanoclip.hub import is_local_path, snapshot
+from kanoclip.modeling.vv_attention import TowerEngine
 
 RANDOM_INIT_KEY = "kanoclip_random_init"
 _ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt"]
@@ -43,6 +44,8 @@ class Backbone:
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
     random_init: bool
+    # what runs the vision tower instead of torch (the int8 onnxruntime engine, kanoclip.onnx_vision); None: torch
+    tower_engine: TowerEngine | None = None
 
 
 def resolve_backbone(backbone: str, *, cache_dir: str | os.PathLike[str] | None = None) -> Path:

@@ -20,6 +20,7 @@ from kanoclip.errors import CheckpointError
 
 DEFAULT_BACKBONE = "openai/clip-vit-large-patch14-336"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # the backbone's precision (kanoclip.precision)
+INT8_ENGINES = ("auto", "torch", "onnxruntime")  # what runs int8 (kanoclip.precision.resolve_int8_engine)
 BACKBONE_ENV = "KANOCLIP_BACKBONE"
 CONFIG_VERSION = 2
 # Version 1 had ``prompts.normal_template`` (the old training-free normal prompt), now replaced by

@@ -26,7 +26,7 @@ import json
 import os
 import threading
 from collections.abc import Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +47,7 @@ from kanoclip.knowledge import Description, KnowledgeBase
 from kanoclip.modeling.model import KAnoCLIPModel, KAnoCLIPOutput
 from kanoclip.modeling.prompts import mean_direction
 from kanoclip.modeling.vv_attention import VisualFeatures
+from kanoclip.onnx_vision import OnnxInt8Tower
 from kanoclip.precision import full_precision, int8_vision_copy, precision_at_load
 from kanoclip.references import (
     References,
@@ -76,6 +77,12 @@ class _ClassText:
     state: torch.Tensor  # (2, C) normalised [normal, abnormal]
     guidance_texts: list[tuple[str, str, str]]  # (text, source, state)
     guidance_features: torch.Tensor  # (G, C) normalised
+    # sha256 of ``state``'s values, taken once when built: the references' scoring fingerprint reads
+    # it on every detection with references, which would otherwise copy the features to the host each time
+    state_digest: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.state_digest = hashlib.sha256(self.state.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -118,6 +125,7 @@ class KAnoCLIP(nn.Module):
         cache_dir: str | None = None,
         backbone_cache: MutableMapping[tuple[str, str], Backbone] | None = None,
         precision: str = "auto",
+        int8_engine: str = "auto",
         overrides: Mapping[str, Any] | None = None,
         references: str | os.PathLike[str] | None = None,
     ) -> KAnoCLIP:
@@ -135,6 +143,8 @@ class KAnoCLIP(nn.Module):
                 training-free and a checkpoint) share one frozen backbone in memory.
             precision: the backbone's precision (:mod:`kanoclip.precision`; ``model.precision``
                 says which is in force).
+            int8_engine: what runs ``precision="int8"``: ``"auto"``, ``"torch"`` or ``"onnxruntime"``
+                (:func:`kanoclip.precision.resolve_int8_engine`; ``model.engine`` says which runs).
             overrides: dotted config paths applied on top of ``config`` or the checkpoint's, e.g.
                 ``{"training_free.stage_weights": (0, 0, 0, 1)}`` (:func:`kanoclip.config.with_overrides`).
             references: a folder of saved normal references (:meth:`save_references`), built
@@ -146,8 +156,8 @@ class KAnoCLIP(nn.Module):
         files = read_checkpoint(checkpoint, cache_dir=cache_dir) if checkpoint is not None else None
         cfg = config or (files.config if files else KAnoCLIPConfig())
         model = cls._build(
-            cfg, backbone, device, trained=files is not None, precision=precision, overrides=overrides,
-            cache_dir=cache_dir, backbone_cache=backbone_cache,
+            cfg, backbone, device, trained=files is not None, precision=precision, int8_engine=int8_engine,
+            overrides=overrides, cache_dir=cache_dir, backbone_cache=backbone_cache,
             knowledge=_knowledge_from(kb, files.folder if files else None),
         )  # fmt: skip
         if files is not None:
@@ -170,6 +180,7 @@ class KAnoCLIP(nn.Module):
         kb: str | os.PathLike[str] | KnowledgeBase | None = None,
         config: KAnoCLIPConfig | None = None,
         precision: str = "auto",
+        int8_engine: str = "auto",
         backbone_cache: MutableMapping[tuple[str, str], Backbone] | None = None,
     ) -> KAnoCLIP:
         """A trained-mode model with freshly initialised prompts, Bi-CMCI and adapter, to be trained.
@@ -178,7 +189,7 @@ class KAnoCLIP(nn.Module):
         """
         return cls._build(
             config or KAnoCLIPConfig(), backbone, device, trained=True, precision=precision,
-            knowledge=_knowledge_from(kb, None), backbone_cache=backbone_cache,
+            int8_engine=int8_engine, knowledge=_knowledge_from(kb, None), backbone_cache=backbone_cache,
         )  # fmt: skip
 
     @classmethod
@@ -190,6 +201,7 @@ class KAnoCLIP(nn.Module):
         *,
         trained: bool,
         precision: str,
+        int8_engine: str = "auto",
         knowledge: KnowledgeBase,
         overrides: Mapping[str, Any] | None = None,
         cache_dir: str | None = None,
@@ -205,19 +217,27 @@ class KAnoCLIP(nn.Module):
         config = replace(config, backbone=backbone or os.environ.get(BACKBONE_ENV) or config.backbone)
         torch_device = resolve_device(device)
         # a precision the device cannot run fails before loading; a slow one says so in one line
-        int8 = precision_at_load(precision, torch_device).resolved == "int8"
+        engine = precision_at_load(precision, torch_device, int8_engine).int8_engine  # None unless int8
         fp32_key = (config.backbone, str(torch_device))
-        # an int8 backbone is a quantised copy, cached apart: models sharing the fp32 one never see it
-        key = (config.backbone, f"{torch_device}:int8") if int8 else fp32_key
+        # an int8 backbone is cached apart (a quantised copy, or the fp32 one with its onnxruntime engine):
+        # models sharing the fp32 one never see it
+        key = (config.backbone, f"{torch_device}:int8-{engine}") if engine else fp32_key
         cache = backbone_cache if backbone_cache is not None else {}
         with _BACKBONE_CACHE_LOCK:
             loaded = cache.get(key)
             if loaded is None:
                 loaded = cache.get(fp32_key) or load_backbone(config.backbone, device=torch_device, cache_dir=cache_dir)
-                if int8:
+                if engine == "torch":
                     loaded = replace(loaded, model=int8_vision_copy(loaded.model))
+                elif engine == "onnxruntime":
+                    loaded = replace(loaded, tower_engine=OnnxInt8Tower(loaded.model))
                 cache[key] = loaded
-        return cls(_model_on(loaded, config, trained=trained, precision=precision), loaded, knowledge).to(torch_device)
+        model = _model_on(loaded, config, trained=trained, precision=precision, int8_engine=int8_engine)
+        if loaded.tower_engine is not None:  # its graph now (minutes on a first build), not on the first image
+            loaded.tower_engine.prepare(
+                model.visual, model.image_size, [model.num_replaced_blocks()], model.image_token
+            )
+        return cls(model, loaded, knowledge).to(torch_device)
 
     def variant(self, overrides: Mapping[str, Any]) -> KAnoCLIP:
         """A model that differs from this one by config ``overrides`` and shares its backbone and weights.
@@ -243,7 +263,10 @@ class KAnoCLIP(nn.Module):
             config = with_overrides(self.config, overrides)
         except ValueError as exc:
             raise InputError(f"config override: {exc}") from None
-        model = _model_on(self._backbone, config, trained=self.trained, precision=self.model.requested_precision)
+        model = _model_on(
+            self._backbone, config, trained=self.trained, precision=self.model.requested_precision,
+            int8_engine=self.model.requested_int8_engine,
+        )  # fmt: skip
         other = type(self)(model, self._backbone, self.knowledge).to(self.device)
         if self.trained:
             try:
@@ -317,6 +340,11 @@ class KAnoCLIP(nn.Module):
     def precision(self) -> str:
         """The backbone's precision in force on the current device: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"int8"``."""
         return self.model.precision
+
+    @property
+    def engine(self) -> str:
+        """What runs the vision tower: ``"torch"`` or ``"onnxruntime"`` (int8 on :mod:`kanoclip.onnx_vision`)."""
+        return self.model.engine
 
     def train(self, mode: bool = True) -> KAnoCLIP:
         if mode != self.training:  # the learned parts may change (or have changed) meanwhile
@@ -510,7 +538,8 @@ class KAnoCLIP(nn.Module):
             stages_read=[j for j, w in enumerate(self.model.stage_weight_values()) if w > 0],
             position_interpolation=self.config.vv.position_interpolation,
             image_token=self.model.image_token,
-            precision=self.precision,
+            # the engine's rounding differs: "int8 (onnxruntime)" references serve only that engine
+            precision=self.precision if self.model.tower_engine is None else f"{self.precision} ({self.model.engine})",
         )
 
     def reference_scoring(self, class_name: str) -> Scoring:
@@ -521,7 +550,6 @@ class KAnoCLIP(nn.Module):
             for key, value in sorted(self.model.trainable_state_dict().items()) if self.trained else ():
                 digest.update(key.encode() + value.detach().float().cpu().numpy().tobytes())
             self._weights_digest = digest.hexdigest()[:16] if self.trained else "training-free"
-        text = self._class_text(class_name).state.detach().float().cpu().numpy().tobytes()
         weights = tuple(self.model.stage_weight_values())
         # the sections that shape the learned head's computation (e.g. bicmci.residual_logits) beside its weights
         head = {k: v for k, v in config.to_dict().items() if k in ("bicmci", "adapter", "scoring")}
@@ -529,7 +557,7 @@ class KAnoCLIP(nn.Module):
         fingerprint = {
             "mode": self.mode,
             "weights": self._weights_digest,
-            "text": hashlib.sha256(text).hexdigest()[:16],  # the prompts, or the ensemble with the KB's descriptions
+            "text": self._class_text(class_name).state_digest,  # the prompts, or the ensemble with the descriptions
             "stage_weights": list(weights),
             "sigma": config.scoring.sigma,
             "temperature": config.scoring.temperature,
@@ -870,12 +898,15 @@ def _knowledge_from(kb: str | os.PathLike[str] | KnowledgeBase | None, checkpoin
     return KnowledgeBase.builtin()
 
 
-def _model_on(backbone: Backbone, config: KAnoCLIPConfig, *, trained: bool, precision: str) -> KAnoCLIPModel:
+def _model_on(
+    backbone: Backbone, config: KAnoCLIPConfig, *, trained: bool, precision: str, int8_engine: str = "auto"
+) -> KAnoCLIPModel:
     """The pure model on a loaded backbone (a config that does not fit it is one clear line)."""
     try:
         return KAnoCLIPModel(
             backbone.model, backbone.tokenizer, config, trained=trained,
-            image_size=config.image_size or backbone.image_size, precision=precision,
+            image_size=config.image_size or backbone.image_size, precision=precision, int8_engine=int8_engine,
+            tower_engine=backbone.tower_engine,
         )  # fmt: skip
     except ValueError as exc:
         raise InputError(f"the config does not fit backbone {backbone.name!r}: {exc}") from None

@@ -66,7 +66,7 @@ def sidecar_path(path: str | os.PathLike[str]) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _require(module: str) -> Any:
+def require(module: str) -> Any:
     """Import onnx / onnxruntime, or one line naming the extra that provides them."""
     import importlib
 
@@ -167,6 +167,51 @@ def _exported_bytes(graph: ExportGraph) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def export_graph(
+    module: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic_shapes: dict[str, dict[int, Any]],
+    *,
+    opset: int | None = None,
+    weight_bytes: int | None = None,
+) -> Any:
+    """``torch.onnx.export`` as kanoclip's graphs need it (the export here and the int8 engine's).
+
+    The default (torch.export) exporter, non-strict, so CLIP-VV's forward hooks run as Python while
+    the graph is recorded and what they capture is traced like any tensor. Weights go to
+    ``<path>.data`` when they would pass protobuf's 2 GiB cap.
+
+    Args:
+        module: what to export, in eval mode.
+        example: example inputs, positionally.
+        path: the ``.onnx`` file to write.
+        input_names, output_names: the graph's names for them.
+        dynamic_shapes: per input name, its dynamic axes (``{0: torch.export.Dim("batch")}``).
+        opset: the ONNX opset (None: the exporter's default).
+        weight_bytes: the size of the weights the graph holds (None: the module's parameters and buffers).
+
+    Returns:
+        The exporter's ``ONNXProgram``.
+    """
+    if weight_bytes is None:
+        weight_bytes = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    # onnxscript's optimiser logs a warning per attention block that it leaves a Split as it is
+    folding_log = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = folding_log.level
+    folding_log.setLevel(logging.ERROR)
+    try:
+        return torch.onnx.export(
+            module, example, str(path), input_names=list(input_names), output_names=list(output_names),
+            dynamic_shapes=dynamic_shapes, opset_version=opset, external_data=weight_bytes > SINGLE_FILE_BYTES,
+            verbose=False,
+        )  # fmt: skip
+    finally:
+        folding_log.setLevel(level)
+
+
 def class_tables(detector: KAnoCLIP, classes: Sequence[str]) -> dict[str, torch.Tensor]:
     """The per-class tensors an export bakes in, keyed by :meth:`KAnoCLIPModel.forward`'s argument.
 
@@ -208,8 +253,8 @@ def export_onnx(
             "an int8 model cannot be exported: an export is fp32; load the model with precision='fp32' to export it",
             argument="precision",
         )
-    _require("onnx")
-    _require("onnxscript")  # the exporter translates through it
+    require("onnx")
+    require("onnxscript")  # the exporter translates through it
     if isinstance(classes, str):
         classes = [classes]
     if not classes:
@@ -240,21 +285,13 @@ def export_onnx(
     batch = torch.export.Dim("batch")
     requested = model.requested_precision
     model.requested_precision = "fp32"  # an export is fp32: no autocast region is traced
-    # onnxscript's optimiser logs a warning per attention block that it leaves a Split as it is
-    folding_log = logging.getLogger("onnxscript.optimizer._constant_folding")
-    level = folding_log.level
-    folding_log.setLevel(logging.ERROR)
     try:
-        # The default (torch.export) exporter: non-strict, so CLIP-VV's forward hooks run as
-        # Python while the graph is recorded and what they capture is traced like any tensor.
-        program = torch.onnx.export(
-            graph, example, str(path), input_names=[IMAGE_INPUT, CLASS_INPUT], output_names=list(OUTPUTS),
-            dynamic_shapes={"pixel_values": {0: batch}, "class_index": {0: batch}}, opset_version=opset,
-            external_data=_exported_bytes(graph) > SINGLE_FILE_BYTES, verbose=False,
+        program = export_graph(
+            graph, example, path, [IMAGE_INPUT, CLASS_INPUT], list(OUTPUTS),
+            {"pixel_values": {0: batch}, "class_index": {0: batch}}, opset=opset, weight_bytes=_exported_bytes(graph),
         )  # fmt: skip
     finally:
         model.requested_precision = requested
-        folding_log.setLevel(level)
     threshold = detector.config.scoring.threshold
     sidecar = {
         "format": FORMAT,
@@ -339,7 +376,7 @@ class OnnxDetector:
     def __init__(
         self, path: str | os.PathLike[str], *, providers: Sequence[str] | None = None, session_options: Any = None
     ) -> None:
-        ort = _require("onnxruntime")
+        ort = require("onnxruntime")
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
         self.path = Path(path).expanduser()

@@ -15,12 +15,24 @@
 * ``"fp16"``: fp16 autocast, on CUDA or on the CPU;
 * ``"int8"``: CPU only: the vision tower's linear layers (every block's q/k/v/out projections and
   MLP) quantised dynamically, int8 weights per output channel and int8 activations scaled at
-  run time, with no calibration (:func:`int8_vision_copy`). For a CPU with no GPU (a
-  free Space, a factory PC): the matrix products run on int8 instructions (VNNI/AMX where the CPU
-  has them, AVX2 otherwise). The patch embedding (a convolution), the layer norms, the attention's
-  softmax and the visual projection stay fp32, as does the text tower: it runs once per class, its
-  features are cached, and the prompts are learned through it, so quantising it would buy little
-  speed and change what training sees.
+  run time, with no calibration. For a CPU with no GPU (a free Space, a factory PC): the matrix
+  products run on int8 instructions (VNNI/AMX where the CPU has them, AVX2 otherwise). The patch
+  embedding (a convolution), the layer norms, the attention's softmax and the visual projection
+  stay fp32, as does the text tower: it runs once per class, its features are cached, and the
+  prompts are learned through it, so quantising it would buy little speed and change what
+  training sees. Two engines run it (``int8_engine``, :func:`resolve_int8_engine`):
+
+  - ``"torch"``: torch's dynamic int8 kernels on a quantised copy of the tower (:func:`int8_vision_copy`);
+  - ``"onnxruntime"``: the tower exported and quantised to an ONNX graph run by onnxruntime's
+    MLAS kernels (:mod:`kanoclip.onnx_vision`; the ``[onnx]`` extra), built once and kept on disk;
+  - ``"auto"`` (default): onnxruntime on an x86 CPU without VNNI where it is installed (measured
+    there: the tower at 0.36x its fp32 time against torch's 0.54x, ``docs/performance.md`` §9),
+    torch elsewhere (on an AVX512-VNNI CPU torch's int8 ran ``detect`` at 0.27x, §6; onnxruntime
+    was not measured there). Without onnxruntime on such a CPU, ``auto`` runs torch and says in
+    one line at load what to install.
+
+  Both keep everything a :class:`~kanoclip.detection.Detection` holds: only the tower's forward
+  moves; projections, maps, guidance, references and thresholds stay in torch.
 
 An explicit ``bf16`` or ``fp16`` on hardware without native support for it still runs, and says
 so in one line when the model is loaded (the ``kanoclip`` logger; :func:`precision_at_load`):
@@ -47,6 +59,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import importlib.util
 import logging
 import os
 import platform
@@ -59,7 +72,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
-from kanoclip.config import PRECISIONS
+from kanoclip.config import INT8_ENGINES, PRECISIONS
 from kanoclip.errors import InputError
 
 if TYPE_CHECKING:
@@ -79,6 +92,9 @@ CPU_FLAGS = (
 AUTO_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 NATIVE_BF16_FLAGS = AUTO_BF16_FLAGS | {"bf16"}  # "bf16": Arm's (Graviton 3, Neoverse V1 and newer)
 NATIVE_FP16_FLAGS = frozenset({"avx512_fp16", "amx_fp16", "fphp"})
+# int8 dot-product instructions: where they are, torch's int8 was measured fast enough (docs/performance.md §6)
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+ONNX_EXTRA = "pip install 'kanoclip[onnx]'"
 TF32_ENV = "KANOCLIP_ALLOW_TF32"
 
 
@@ -185,6 +201,48 @@ def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "
     return precision  # type: ignore[return-value]
 
 
+def onnxruntime_installed() -> bool:
+    """Whether the ``[onnx]`` extra's packages (onnxruntime, onnx, onnxscript) can be imported."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx", "onnxscript"))
+
+
+def resolve_int8_engine(int8_engine: str) -> tuple[Literal["torch", "onnxruntime"], str]:
+    """What runs ``precision="int8"`` on this CPU, and why.
+
+    The rule for ``"auto"``: onnxruntime on an x86 CPU with AVX2 and no VNNI (``avx512_vnni``,
+    ``avx_vnni``, ``amx_int8``) when the ``[onnx]`` extra is installed, measured faster than
+    torch's int8 there; torch on a CPU with VNNI (measured fast enough there, onnxruntime not
+    measured), on other CPUs (neither measured) and where onnxruntime is not installed.
+
+    Args:
+        int8_engine: one of :data:`~kanoclip.config.INT8_ENGINES`.
+
+    Returns:
+        ``(engine, reason)``: ``"torch"`` or ``"onnxruntime"``, and a short reason for logs and the app.
+
+    Raises:
+        InputError: an unknown value, or ``"onnxruntime"`` without the ``[onnx]`` extra.
+    """
+    if int8_engine not in INT8_ENGINES:
+        raise InputError(f"int8_engine must be one of {', '.join(INT8_ENGINES)}, got {int8_engine!r}")
+    installed = onnxruntime_installed()
+    if int8_engine == "onnxruntime" and not installed:
+        raise InputError(
+            f"int8_engine 'onnxruntime' needs onnxruntime, onnx and onnxscript, which are not all installed; "
+            f"install them with {ONNX_EXTRA}, or use int8_engine 'torch'"
+        )
+    if int8_engine != "auto":
+        return int8_engine, f"chosen with int8_engine {int8_engine}"  # type: ignore[return-value]
+    flags = cpu_features().flags
+    if flags & VNNI_FLAGS:
+        return "torch", "VNNI on this CPU, where torch's int8 was measured fast"
+    if "avx2" not in flags:
+        return "torch", "neither engine was measured on this CPU"
+    if installed:
+        return "onnxruntime", "no VNNI on this CPU, where onnxruntime's int8 was measured faster than torch's"
+    return "torch", "onnxruntime is not installed"
+
+
 @dataclass(frozen=True)
 class PrecisionChoice:
     """The backbone's precision on a device, and why.
@@ -192,10 +250,13 @@ class PrecisionChoice:
     Attributes:
         requested: what was asked for (``"auto"`` or an explicit precision).
         resolved: what runs (:func:`resolve_precision`).
-        engine: what runs it (``"torch autocast"``, ``"torch dynamic int8 (x86 engine)"``...).
+        engine: what runs it (``"torch autocast"``, ``"onnxruntime int8 (MLAS)"``...).
         hardware: the device in words (the CPU's :meth:`CPUFeatures.summary`, or the GPU's name).
         reason: why ``auto`` chose ``resolved`` (None for an explicit precision).
-        warning: one line when ``resolved`` is expected to be slower than fp32 here, else None.
+        warning: one line when ``resolved`` is expected to be slower than fp32 here (or int8 slower
+            than it could be), else None.
+        int8_engine: for int8, ``"torch"`` or ``"onnxruntime"`` (:func:`resolve_int8_engine`), else None.
+        engine_reason: for int8, why that engine, else None.
     """
 
     requested: str
@@ -204,14 +265,17 @@ class PrecisionChoice:
     hardware: str
     reason: str | None
     warning: str | None
+    int8_engine: Literal["torch", "onnxruntime"] | None = None
+    engine_reason: str | None = None
 
 
-def explain_precision(precision: str, device: torch.device) -> PrecisionChoice:
+def explain_precision(precision: str, device: torch.device, int8_engine: str = "auto") -> PrecisionChoice:
     """:func:`resolve_precision` with the engine, the hardware and the reason, for logs and the app.
 
     Args:
         precision: one of :data:`PRECISIONS`.
         device: the model's device.
+        int8_engine: what runs int8 (:func:`resolve_int8_engine`; ignored for other precisions).
 
     Returns:
         The :class:`PrecisionChoice`.
@@ -220,6 +284,8 @@ def explain_precision(precision: str, device: torch.device) -> PrecisionChoice:
         InputError: as :func:`resolve_precision`.
     """
     resolved = resolve_precision(precision, device)
+    if int8_engine not in INT8_ENGINES:  # refused whatever the precision, so a typo never waits for int8
+        raise InputError(f"int8_engine must be one of {', '.join(INT8_ENGINES)}, got {int8_engine!r}")
     auto = precision == "auto"
     reason = warning = None
     if device.type == "cuda":
@@ -250,10 +316,21 @@ def explain_precision(precision: str, device: torch.device) -> PrecisionChoice:
                 f"precision {resolved!r} on this CPU ({hardware}): no native {resolved} instructions, it is "
                 "expected to be several times slower than fp32 here; use 'int8' for speed or 'fp32'"
             )
-    engine = {"int8": f"torch dynamic int8 ({torch.backends.quantized.engine} engine)", "fp32": "torch"}.get(
-        resolved, "torch autocast"
+    if resolved != "int8":
+        return PrecisionChoice(precision, resolved, "torch" if resolved == "fp32" else "torch autocast", hardware,
+                               reason, warning)  # fmt: skip
+    int8, engine_reason = resolve_int8_engine(int8_engine)
+    if engine_reason == "onnxruntime is not installed":
+        warning = (
+            "int8 runs on torch's kernels here: onnxruntime is not installed, whose int8 ran the vision tower at "
+            f"0.36x its fp32 time against torch's 0.54x on an AVX2 CPU without VNNI; install it with {ONNX_EXTRA}"
+        )
+    engine = (
+        "onnxruntime int8 (MLAS)"
+        if int8 == "onnxruntime"
+        else f"torch dynamic int8 ({torch.backends.quantized.engine} engine)"
     )
-    return PrecisionChoice(precision, resolved, engine, hardware, reason, warning)
+    return PrecisionChoice(precision, resolved, engine, hardware, reason, warning, int8, engine_reason)
 
 
 _fp32_lock = threading.Lock()
@@ -283,12 +360,13 @@ def keep_fp32_exact() -> bool:
         return True
 
 
-def precision_at_load(precision: str, device: torch.device) -> PrecisionChoice:
+def precision_at_load(precision: str, device: torch.device, int8_engine: str = "auto") -> PrecisionChoice:
     """What a model load does about precision: resolve it, warn in one line if slow, keep CUDA's fp32 exact.
 
     Args:
         precision: one of :data:`PRECISIONS`.
         device: the device the model is loaded on.
+        int8_engine: what runs int8 (:func:`resolve_int8_engine`).
 
     Returns:
         The :class:`PrecisionChoice`; its ``warning``, if any, went to the ``kanoclip`` logger
@@ -297,7 +375,7 @@ def precision_at_load(precision: str, device: torch.device) -> PrecisionChoice:
     Raises:
         InputError: as :func:`resolve_precision`, before anything is loaded.
     """
-    choice = explain_precision(precision, device)
+    choice = explain_precision(precision, device, int8_engine)
     if choice.warning:
         logger.warning(choice.warning)
     if device.type == "cuda":

@@ -273,8 +273,10 @@ class References:
             scoring = scorer.reference_scoring(class_name)
             if current.scored_with != scoring.fingerprint:
                 current = _rescored(current, scoring, scorer)
-            if current is not refs:
-                self._sets[class_name] = current
+                # kept rescored, on the store's own device: a visitor's store on the CPU stays there
+                # when a GPU serves it (only the copy this call returns is on the GPU)
+                home = refs.global_features.device if refs.global_features is not None else scorer.device
+                self._sets[class_name] = current.to(home)
             return current
 
     # ------------------------------------------------------------------ changing

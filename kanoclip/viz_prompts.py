@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from kanoclip.knowledge import KNOWLEDGE_SOURCES, SOURCE_LABELS
+from kanoclip.knowledge import KNOWLEDGE_SOURCES, SOURCE_LABELS, KnowledgeBase
 
 GROUP_COLORS = {
     "normal": "#1f77b4",
@@ -67,18 +67,26 @@ class PromptSet:
         return self.features[[i for i, g in enumerate(self.groups) if g in names]]
 
 
-def prompt_set(model, class_name: str) -> PromptSet:
+def prompt_set(model, class_name: str, knowledge: KnowledgeBase | None = None) -> PromptSet:
     """The features of ``class_name``'s learned prompts and knowledge-base descriptions.
 
     The learned prompts are the model's KnPL prompts with its current context vectors — random
     initialisation in training-free mode. Knowledge-base features are CLIP text features of the
     descriptions (generic ones for a class the knowledge base does not know).
+
+    Args:
+        model: a loaded :class:`kanoclip.KAnoCLIP`.
+        class_name: the class, canonical.
+        knowledge: whose descriptions (a visitor's own copy in the app; None: the model's).
+
+    Returns:
+        The :class:`PromptSet`.
     """
     learner = model.model.prompt_learner
     with torch.no_grad():
         prompts = learner([class_name])
-    descriptions = model.knowledge.descriptions(class_name)
-    kb = model.description_features(class_name)  # encoded once per class, shared with detection
+    descriptions = (knowledge or model.knowledge).descriptions(class_name)
+    kb = model.description_features(class_name, knowledge)  # encoded once per class, shared with detection
     texts = (
         learner.prompt_texts(class_name, False)
         + learner.prompt_texts(class_name, True)

@@ -21,6 +21,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Gradio's upload folder is shared by every app on the machine by default, and an app's shutdown
 # empties it (delete_cache): each test process (and the apps it starts) gets its own.
 os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="kanoclip-tests-gradio-"))
+# int8 graphs (kanoclip/onnx_vision.py) built by this process go to its own folder, never the user's cache
+os.environ.setdefault("KANOCLIP_CACHE_DIR", tempfile.mkdtemp(prefix="kanoclip-tests-cache-"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KANOCLIP_SHARED_DIR", REPO.parent / "shared"))
@@ -97,6 +99,17 @@ def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     require_shared(TOKENIZER)
     return make_random_backbone(tmp_path_factory.mktemp("tiny-clip"), TOKENIZER, architecture="tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The app with the tests' default settings (``test_app.app_config``) on the tiny backbone, for a
+    module's browser tests; closed after the module."""
+    from test_app import app_config, launch
+
+    running = launch(app_config(tmp_path_factory.mktemp("browser-app"), tiny_backbone))
+    yield running.url
+    running.demo.close()
 
 
 def put_in_hub_cache(folder: Path, repo_id: str, cache: Path) -> Path:

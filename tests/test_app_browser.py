@@ -73,15 +73,6 @@ def browser():
         yield driver
 
 
-@pytest.fixture(scope="module")
-def app_url(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory):
-    from test_app import app_config, launch
-
-    running = launch(app_config(tmp_path_factory.mktemp("browser-app"), tiny_backbone))
-    yield running.url
-    running.demo.close()
-
-
 def _shot(driver, name: str) -> Path:
     SHOTS.mkdir(parents=True, exist_ok=True)
     path = SHOTS / f"{name}.png"

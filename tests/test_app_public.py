@@ -153,6 +153,16 @@ def test_a_visitors_knowledge_edits_serve_only_their_own_detections(public_app: 
     assert "VANDALISED" not in llm_b
 
 
+def test_a_visitors_knowledge_edits_are_the_ones_their_prompts_tab_shows(public_app: Running) -> None:
+    a, b = public_app.client(), public_app.client()
+    own = ["A bottle with a SMEARED label.", "A bottle with a bent cap."]
+    a.predict("bottle", "\n".join(own), api_name="/kb_apply")
+    *_, texts_a = a.predict("training-free", "bottle", api_name="/prompts")
+    *_, texts_b = b.predict("training-free", "bottle", api_name="/prompts")
+    assert set(own) <= {row[2] for row in texts_a["data"]}  # A sees the descriptions A's detections use
+    assert not [row for row in texts_b["data"] if "SMEARED" in row[2]]  # B sees the shared ones
+
+
 def test_a_visitors_knowledge_edits_reach_their_batch_scores(public_app: Running, bottle_image: Path) -> None:
     a, b = public_app.client(), public_app.client()
     a.predict("bottle", "A bottle with a TEAR in its label.\nA bottle with a chipped rim.", api_name="/kb_apply")

@@ -8,14 +8,13 @@ in fp32: the map within 1e-5, the score within 1e-6.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from threads import in_threads
 
 from kanoclip import KAnoCLIP
 from kanoclip.detection import Detection
@@ -23,24 +22,6 @@ from kanoclip.references import References
 
 THREADS = 4
 MAP_TOLERANCE, SCORE_TOLERANCE = 1e-5, 1e-6
-
-
-def in_threads(jobs: list[Callable[[], object]], threads: int = THREADS) -> list:
-    """Each job once, spread over ``threads`` threads released together; results in job order."""
-    barrier = threading.Barrier(threads)
-    results: list = [None] * len(jobs)
-
-    def work(start: int) -> None:
-        barrier.wait()
-        for i in range(start, len(jobs), threads):
-            results[i] = jobs[i]()
-
-    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    return results
 
 
 def assert_same(got: Detection, expected: Detection, what: object) -> None:
@@ -72,7 +53,7 @@ def test_threads_sharing_one_model_get_what_a_lone_call_gets(model: KAnoCLIP, bo
                 jobs.append(lambda i=i, image=image: (i, model.detect(image, "bottle")))
             else:
                 jobs.append(lambda i=i, image=image: (i, model.detect_batch([image], "bottle")[0]))
-    for i, result in in_threads(jobs):
+    for i, result in in_threads(jobs, THREADS):
         assert result.reference_count == 2
         assert_same(result, alone[i], i)
 
@@ -92,7 +73,7 @@ def test_two_models_sharing_one_backbone_run_concurrently(tiny_backbone: Path, b
     assert len(cache) == 1 and all(m.model.clip is models[0].model.clip for m in models)
     pairs = [(m, i) for m in range(len(models)) for i in range(len(bottle_images))]
     alone = {(m, i): models[m].detect(bottle_images[i], "bottle") for m, i in pairs}
-    results = in_threads([lambda m=m, i=i: models[m].detect(bottle_images[i], "bottle") for m, i in pairs * 2])
+    results = in_threads([lambda m=m, i=i: models[m].detect(bottle_images[i], "bottle") for m, i in pairs * 2], THREADS)
     for (m, i), result in zip(pairs * 2, results):
         assert_same(result, alone[(m, i)], (m, i))
 
@@ -100,7 +81,9 @@ def test_two_models_sharing_one_backbone_run_concurrently(tiny_backbone: Path, b
 def test_concurrent_additions_to_one_class_lose_none(tiny_model: KAnoCLIP, good_bottle_paths: list[Path]) -> None:
     store = References(tiny_model.reference_fingerprint())
     images = good_bottle_paths[2:6]
-    in_threads([lambda image=image: tiny_model.add_references("bottle", [image], store=store) for image in images])
+    in_threads(
+        [lambda image=image: tiny_model.add_references("bottle", [image], store=store) for image in images], THREADS
+    )
     refs = store.stored("bottle")
     assert sorted(refs.image_names) == sorted(str(p) for p in images)  # none lost
     per = refs.grid[0] * refs.grid[1]

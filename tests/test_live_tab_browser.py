@@ -8,7 +8,6 @@ plumbing, not accuracy. A screenshot goes to test-output/screenshots/live.png.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 from test_app_browser import _shot, _tab, _wait, chromium
@@ -20,15 +19,6 @@ pytestmark = pytest.mark.browser
 def camera_browser():
     with chromium("--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream") as driver:
         yield driver
-
-
-@pytest.fixture(scope="module")
-def app_url(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory):
-    from test_app import app_config, launch
-
-    running = launch(app_config(tmp_path_factory.mktemp("live-app"), tiny_backbone))
-    yield running.url
-    running.demo.close()
 
 
 def test_the_live_tab_scores_the_webcam_stream(camera_browser, app_url: str) -> None:

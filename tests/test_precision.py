@@ -20,7 +20,14 @@ from kanoclip import KAnoCLIP
 from kanoclip import precision as precision_module
 from kanoclip.config import BiCMCIConfig, KAnoCLIPConfig
 from kanoclip.errors import InputError
-from kanoclip.precision import CPUFeatures, explain_precision, keep_fp32_exact, parse_cpuinfo, resolve_precision
+from kanoclip.precision import (
+    CPUFeatures,
+    explain_precision,
+    keep_fp32_exact,
+    parse_cpuinfo,
+    resolve_int8_engine,
+    resolve_precision,
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +35,17 @@ def config(tiny_backbone) -> KAnoCLIPConfig:
     return KAnoCLIPConfig(backbone=str(tiny_backbone), bicmci=BiCMCIConfig(dim=32, num_heads=2))
 
 
-def model_at(config: KAnoCLIPConfig, precision: str, trained: bool) -> KAnoCLIP:
+def model_at(config: KAnoCLIPConfig, precision: str, trained: bool, int8_engine: str = "auto") -> KAnoCLIP:
     torch.manual_seed(3)  # the same trainable weights for every precision
+    options = dict(config=config, device="cpu", precision=precision, int8_engine=int8_engine)
     if trained:
-        return KAnoCLIP.for_training(config=config, device="cpu", precision=precision).eval()
-    return KAnoCLIP.from_pretrained(config=config, device="cpu", precision=precision)
+        return KAnoCLIP.for_training(**options).eval()
+    return KAnoCLIP.from_pretrained(**options)
 
 
+needs_onnxruntime = pytest.mark.skipif(
+    not precision_module.onnxruntime_installed(), reason="needs the [onnx] extra: pip install -e '.[onnx]'"
+)
 AVX2_EPYC = CPUFeatures("AMD EPYC", frozenset({"fpu", "sse2", "avx", "fma", "avx2"}), "AVX2")
 AVX512_BF16 = CPUFeatures("Intel Xeon", frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"}), "AVX512")
 
@@ -205,8 +216,12 @@ def test_an_int8_model_quantises_a_copy_and_leaves_the_shared_fp32_backbone_alon
     image = Image.open(bottle_image).convert("RGB")
     fp32 = KAnoCLIP.from_pretrained(config=config, device="cpu", backbone_cache=cache)
     before = fp32.detect(image, "bottle").anomaly_map
-    int8 = KAnoCLIP.from_pretrained(config=config, device="cpu", precision="int8", backbone_cache=cache)
-    again = KAnoCLIP.from_pretrained(config=config, device="cpu", precision="int8", backbone_cache=cache)
+    int8 = KAnoCLIP.from_pretrained(
+        config=config, device="cpu", precision="int8", int8_engine="torch", backbone_cache=cache
+    )
+    again = KAnoCLIP.from_pretrained(
+        config=config, device="cpu", precision="int8", int8_engine="torch", backbone_cache=cache
+    )
     assert int8.precision == "int8" and fp32.precision == "fp32"
     # 8 blocks x (q, k, v, out, fc1, fc2) in the tiny backbone's vision tower
     quantized = vision_modules(int8, DynamicQuantizedLinear)
@@ -219,12 +234,14 @@ def test_an_int8_model_quantises_a_copy_and_leaves_the_shared_fp32_backbone_alon
     np.testing.assert_array_equal(fp32.detect(image, "bottle").anomaly_map, before)
 
 
+@pytest.mark.parametrize("int8_engine", ["torch", pytest.param("onnxruntime", marks=needs_onnxruntime)])
 @pytest.mark.parametrize("trained", [False, True])
-def test_int8_backbone_maps_follow_fp32_maps(config, bottle_image, trained):
+def test_int8_backbone_maps_follow_fp32_maps(config, bottle_image, trained, int8_engine):
     """Pearson r >= 0.98 between the int8 and fp32 maps of a real image, through the V-V path's
-    hook on the quantised ``v_proj`` and its calls of the quantised ``out_proj``; the maps differ
-    (the layers really ran in int8) and stay fp32. (r was 0.99997 and 0.999999 when written.)"""
-    fp32, int8 = model_at(config, "fp32", trained), model_at(config, "int8", trained)
+    quantised ``v_proj`` and ``out_proj``, on either engine; the maps differ (the layers really ran in
+    int8) and stay fp32. (r was 0.99997 and 0.999999 on torch, 0.9996 on onnxruntime, when written.)"""
+    fp32, int8 = model_at(config, "fp32", trained), model_at(config, "int8", trained, int8_engine)
+    assert int8.engine == int8_engine
     image = Image.open(bottle_image).convert("RGB")
     a, b = fp32.detect(image, "bottle").anomaly_map, int8.detect(image, "bottle").anomaly_map
     assert b.dtype == np.float32 and b.shape == a.shape
@@ -241,8 +258,37 @@ def test_the_app_header_says_which_precision_and_engine_run_and_why(config, cpu_
     auto = describe_model(KAnoCLIP.from_pretrained(config=config, device="cpu"))
     assert "backbone fp32 on torch (auto: no native bf16 on this CPU; AMD EPYC (avx2 fma; torch AVX2))" in auto
     assert "several times slower" not in auto  # (the random backbone has its own ⚠️ paragraph)
-    int8 = describe_model(KAnoCLIP.from_pretrained(config=config, device="cpu", precision="int8"))
-    assert "backbone int8 on torch dynamic int8" in int8 and "chosen with --precision int8" in int8
+    int8 = describe_model(KAnoCLIP.from_pretrained(config=config, device="cpu", precision="int8", int8_engine="torch"))
+    assert "backbone int8 on torch dynamic int8" in int8
+    assert "chosen with --precision int8; engine torch: chosen with int8_engine torch" in int8
     bf16 = describe_model(KAnoCLIP.from_pretrained(config=config, device="cpu", precision="bf16"))
     assert "chosen with --precision bf16" in bf16
     assert "\n\n⚠️ precision 'bf16' on this CPU (AMD EPYC (avx2 fma; torch AVX2)): no native bf16" in bf16
+
+
+def test_auto_runs_int8_on_onnxruntime_only_on_an_avx2_cpu_without_vnni_where_it_is_installed(cpu_is, monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision_module, "onnxruntime_installed", lambda: True)
+    cpu_is(AVX2_EPYC)
+    choice = explain_precision("int8", cpu)
+    assert (choice.int8_engine, choice.engine) == ("onnxruntime", "onnxruntime int8 (MLAS)")
+    assert "no VNNI on this CPU" in choice.engine_reason and choice.warning is None
+    cpu_is(AVX512_BF16)  # it has avx512_vnni
+    assert explain_precision("int8", cpu).int8_engine == "torch"
+    cpu_is(CPUFeatures("Graviton", frozenset({"asimd", "bf16"}), "DEFAULT"))  # neither engine measured: torch
+    assert resolve_int8_engine("auto") == ("torch", "neither engine was measured on this CPU")
+    assert explain_precision("int8", cpu, "onnxruntime").int8_engine == "onnxruntime"  # named: whatever the CPU
+    assert explain_precision("fp32", cpu, "onnxruntime").int8_engine is None  # only int8 has an engine
+
+
+def test_without_onnxruntime_int8_runs_on_torch_and_says_what_to_install_in_one_line(cpu_is, monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision_module, "onnxruntime_installed", lambda: False)
+    cpu_is(AVX2_EPYC)
+    choice = explain_precision("int8", cpu)
+    assert choice.int8_engine == "torch"
+    assert "\n" not in choice.warning and "pip install 'kanoclip[onnx]'" in choice.warning
+    with pytest.raises(InputError, match=r"int8_engine 'onnxruntime' needs onnxruntime.*kanoclip\[onnx\]'"):
+        explain_precision("int8", cpu, "onnxruntime")
+    with pytest.raises(InputError, match="int8_engine must be one of auto, torch, onnxruntime, got 'tensorrt'"):
+        explain_precision("fp32", cpu, "tensorrt")  # refused whatever the precision

@@ -16,7 +16,7 @@ from PIL import Image
 from kanoclip import KAnoCLIP
 from kanoclip.config import KAnoCLIPConfig, ReferenceConfig
 from kanoclip.errors import CheckpointError, ImageError, InputError
-from kanoclip.references import f1_max_threshold, nearest_distance
+from kanoclip.references import References, f1_max_threshold, nearest_distance
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +189,20 @@ def test_references_are_per_store(tiny_backbone, good):
     assert model.detect(good[0], "bottle", references=mine).reference_count == 2
     assert model.detect(good[0], "bottle", references=yours).reference_count == 0
     assert model.detect(good[0], "bottle").reference_count == 0 and model.references("bottle") is None
+
+
+def test_serving_on_another_device_leaves_the_stores_set_where_it_was(tiny_backbone, good):
+    """A visitor's store lives on the CPU while a GPU model serves it: the set handed out is on the
+    model's device, the one kept stays on the CPU (here the 'meta' device stands in for the GPU)."""
+    model = KAnoCLIP.from_pretrained(backbone=str(tiny_backbone), device="cpu")
+    store = References(model.reference_fingerprint())
+    kept = model.add_references("bottle", good[:2], store=store)
+
+    class OnMeta:  # the model's scoring, on another device
+        device = torch.device("meta")
+        reference_scoring = model.reference_scoring
+        score_features = model.score_features
+
+    served = store.serving("bottle", OnMeta())
+    assert served.global_features.device.type == "meta" and all(f.is_meta for f in served.features if f is not None)
+    assert store.stored("bottle") is kept and kept.global_features.device.type == "cpu"

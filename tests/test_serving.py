@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from threads import in_threads
 
 from kanoclip import KAnoCLIP
 from kanoclip.errors import InputError
@@ -24,26 +24,6 @@ def count_forwards(model: KAnoCLIP) -> Iterator[list[int]]:
         yield calls
     finally:
         handle.remove()
-
-
-def concurrently(jobs: list) -> list:
-    """Run each no-argument job in its own thread, all released together; results (or exceptions) in order."""
-    barrier = threading.Barrier(len(jobs))
-    results: list = [None] * len(jobs)
-
-    def work(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = jobs[i]()
-        except Exception as exc:  # noqa: BLE001 - returned to the test, which checks it
-            results[i] = exc
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +51,8 @@ def test_eight_concurrent_requests_take_fewer_forwards_and_each_gets_its_own_res
     alone = [model.detect(image, **request) for image, request in zip(bottle_images, requests)]
     batcher = MicroBatcher(model, BatchingConfig(max_batch_size=8, max_wait_ms=1000))
     with count_forwards(model) as forwards:
-        results = concurrently(
-            [lambda i=i: batcher.detect(bottle_images[i], **requests[i]) for i in range(len(requests))]
+        results = in_threads(
+            [lambda i=i: batcher.detect(bottle_images[i], **requests[i]) for i in range(len(requests))], catch=True
         )
     assert 1 <= len(forwards) < len(requests)  # batched: fewer backbone forwards than requests
     assert batcher.stats.forwards == len(forwards) and batcher.stats.requests == len(requests)
@@ -89,7 +69,7 @@ def test_eight_concurrent_requests_take_fewer_forwards_and_each_gets_its_own_res
 def test_a_bad_request_fails_only_its_caller(model: KAnoCLIP, bottle_images) -> None:
     batcher = MicroBatcher(model, BatchingConfig(max_batch_size=4, max_wait_ms=500))
     names = ["bottle", "   ", "bottle", "bottle"]
-    results = concurrently([lambda i=i: batcher.detect(bottle_images[i], names[i]) for i in range(4)])
+    results = in_threads([lambda i=i: batcher.detect(bottle_images[i], names[i]) for i in range(4)], catch=True)
     assert isinstance(results[1], InputError) and "class name is empty" in str(results[1])
     for i in (0, 2, 3):
         assert results[i].score == pytest.approx(model.detect(bottle_images[i], "bottle").score, abs=1e-5)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kanoclip.config import BACKBONE_ENV, PRECISIONS
+from kanoclip.config import BACKBONE_ENV, INT8_ENGINES, PRECISIONS
 from kanoclip.errors import InputError
 
 
@@ -61,6 +61,15 @@ def add_model_options(parser: argparse.ArgumentParser, *, checkpoint: bool = Tru
         help=(
             "the backbone's precision (int8: the CPU only); maps and scores are always fp32 "
             "(default: auto = bf16 where the GPU or CPU has native bf16, fp16 on other GPUs, fp32 on other CPUs)"
+        ),
+    )
+    parser.add_argument(
+        "--int8-engine",
+        default="auto",
+        choices=INT8_ENGINES,
+        help=(
+            "what runs --precision int8 (default: auto = onnxruntime on an x86 CPU without VNNI when the [onnx] "
+            "extra is installed, torch elsewhere); onnxruntime builds its graph once and keeps it on disk"
         ),
     )
     parser.add_argument(
@@ -123,6 +132,7 @@ def load_model(args: argparse.Namespace):
         device=args.device,
         kb=args.kb,
         precision=args.precision,
+        int8_engine=args.int8_engine,
         overrides=config_overrides(args),
         references=args.references,
     )

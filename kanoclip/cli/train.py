@@ -162,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         betas=args.betas,
         model=model,
         precision=args.precision,
+        int8_engine=args.int8_engine,
         deterministic=args.deterministic,
     )
     bars = _Bars()

@@ -39,7 +39,7 @@ from kanoclip.modeling.bicmci import BiCMCI
 from kanoclip.modeling.losses import kd_loss, total_loss
 from kanoclip.modeling.maps import combine_maps, global_score, similarity_probabilities, stage_grid_maps, upsample
 from kanoclip.modeling.prompts import PromptFeatures, PromptLearner, TextEncoder, mean_direction, state_ensemble
-from kanoclip.modeling.vv_attention import CLIPVV, VisualFeatures
+from kanoclip.modeling.vv_attention import CLIPVV, TowerEngine, VisualFeatures
 from kanoclip.precision import backbone_autocast, full_precision, resolve_precision
 
 TRAINABLE_MODULES = ("prompt_learner", "bicmci", "adapter")
@@ -85,6 +85,8 @@ class KAnoCLIPModel(nn.Module):
         trained: the mode (see the module docstring); fixed for the model's life.
         image_size: the input size S (``config.image_size`` or the backbone's native size).
         precision: the backbone's precision (:mod:`kanoclip.precision`).
+        int8_engine: what runs int8 (:func:`kanoclip.precision.resolve_int8_engine`).
+        tower_engine: what runs the vision tower instead of torch (:mod:`kanoclip.onnx_vision`; None: torch).
 
     Raises:
         ValueError: the config does not fit the backbone (stage weights, V-V path length).
@@ -99,12 +101,16 @@ class KAnoCLIPModel(nn.Module):
         trained: bool,
         image_size: int,
         precision: str = "auto",
+        int8_engine: str = "auto",
+        tower_engine: TowerEngine | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self._trained = trained
         self.image_size = image_size
         self.requested_precision = precision
+        self.requested_int8_engine = int8_engine
+        self.tower_engine = tower_engine
         self.clip = clip  # frozen: requires_grad False, kept in eval mode by train()
         self.visual = CLIPVV(clip, config.vv)
         self.text_encoder = TextEncoder(clip, tokenizer)
@@ -135,6 +141,11 @@ class KAnoCLIPModel(nn.Module):
     def precision(self) -> str:
         """The backbone's precision in force on the current device: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"int8"``."""
         return resolve_precision(self.requested_precision, self.device)
+
+    @property
+    def engine(self) -> str:
+        """What runs the vision tower: ``"torch"``, or the tower engine's name (``"onnxruntime"``)."""
+        return "torch" if self.tower_engine is None else self.tower_engine.name
 
     def train(self, mode: bool = True) -> KAnoCLIPModel:
         """``nn.Module.train`` for the trainable modules; the frozen backbone stays in eval mode.
@@ -232,7 +243,7 @@ class KAnoCLIPModel(nn.Module):
             ValueError: a length is outside [1, depth].
         """
         with torch.no_grad(), backbone_autocast(self.precision, self.device):
-            paths = self.visual.features(pixel_values.to(self.device), replaced, self.image_token)
+            paths = self.visual.features(pixel_values.to(self.device), replaced, self.image_token, self.tower_engine)
         return {
             n: VisualFeatures(
                 global_feature=f.global_feature.float(), stages=[s.float() for s in f.stages], grid=f.grid

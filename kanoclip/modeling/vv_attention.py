@@ -25,6 +25,10 @@ backbone) resize the position embeddings of the patch grid: bicubically like tra
 the patches itself and runs the library's ``pre_layrnorm``, encoder blocks and
 ``post_layernorm`` (the hooks above stay on the library's blocks).
 
+The tower's part (:meth:`CLIPVV.tokens`: everything up to each path's tokens) is apart from their
+post-layernorm and projection, so another runtime can run the tower: ``precision="int8"`` on
+onnxruntime exports exactly :meth:`CLIPVV.tokens` (:mod:`kanoclip.onnx_vision`, a ``TowerEngine``).
+
 Outputs (C = the joint embedding width, L = number of patches):
   * global feature ``(B, C)``: the original path's CLS through ``post_layernorm`` and the visual
     projection (= ``CLIPModel.get_image_features``);
@@ -40,6 +44,7 @@ import threading
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +130,24 @@ class VisualFeatures:
         """
         index = torch.as_tensor(list(rows), device=self.global_feature.device)
         return VisualFeatures(self.global_feature[index], [stage[index] for stage in self.stages], self.grid)
+
+
+@dataclass
+class PathTokens:
+    """One V-V path's tokens before post-layernorm and the visual projection (width = the tower's)."""
+
+    cls: torch.Tensor  # (B, width) the global feature's token: the original path's CLS, or S_l[0] ("vv")
+    stages: list[torch.Tensor]  # n_stages x (B, L, width) the stages' patch tokens
+
+
+class TowerEngine(Protocol):
+    """Something that runs :meth:`CLIPVV.tokens` for a view, e.g. on another runtime (kanoclip.onnx_vision)."""
+
+    name: str
+
+    def tokens(
+        self, visual: CLIPVV, pixel_values: torch.Tensor, replaced: Sequence[int | None], image_token: str
+    ) -> dict[int | None, PathTokens]: ...
 
 
 class CLIPVV:
@@ -271,7 +294,11 @@ class CLIPVV:
         return self.features(pixel_values, [num_replaced_blocks])[num_replaced_blocks]
 
     def features(
-        self, pixel_values: torch.Tensor, replaced: Sequence[int | None], image_token: str = "original"
+        self,
+        pixel_values: torch.Tensor,
+        replaced: Sequence[int | None],
+        image_token: str = "original",
+        engine: TowerEngine | None = None,
     ) -> dict[int | None, VisualFeatures]:
         """Features for several V-V path lengths from one forward of the original path.
 
@@ -284,10 +311,37 @@ class CLIPVV:
             image_token: the global feature: ``"original"``, the original path's CLS (CLIP's image
                 feature), or ``"vv"``, each V-V path's CLS after its last stage (the paper's S_l[0];
                 the original one when the V-V path is disabled).
+            engine: what runs the tower (:meth:`tokens`) instead of torch, e.g. the onnxruntime
+                int8 engine (:mod:`kanoclip.onnx_vision`); None: torch. The projection runs here either way.
 
         Returns:
             ``{length: VisualFeatures}`` for each requested length: ``global_feature`` (B, C),
             ``stages`` n x (B, L, C) with L = (S // patch size)², ``grid`` (h, w).
+
+        Raises:
+            ValueError: a length is outside [1, depth].
+        """
+        size = pixel_values.shape[-1]
+        grid = (size // self.patch_size, size // self.patch_size)
+        paths = (
+            self.tokens(pixel_values, replaced, image_token)
+            if engine is None
+            else engine.tokens(self, pixel_values, replaced, image_token)
+        )
+        return {n: self._projected(path, grid) for n, path in paths.items()}
+
+    def tokens(
+        self, pixel_values: torch.Tensor, replaced: Sequence[int | None], image_token: str = "original"
+    ) -> dict[int | None, PathTokens]:
+        """The tower's part of :meth:`features`: each path's tokens before post-layernorm and projection.
+
+        Args:
+            pixel_values: (B, 3, S, S), normalised.
+            replaced: V-V path lengths (None: the config's).
+            image_token: ``"original"`` or ``"vv"`` (see :meth:`features`).
+
+        Returns:
+            ``{length: PathTokens}``: ``cls`` (B, width), ``stages`` n x (B, L, width).
 
         Raises:
             ValueError: a length is outside [1, depth].
@@ -299,18 +353,10 @@ class CLIPVV:
         with self._capture(set(firsts.values()) if self.vv_enabled else set()) as captured:
             hidden = vision.pre_layrnorm(self._embed(pixel_values, grid))
             last = vision.encoder(inputs_embeds=hidden).last_hidden_state
-        global_feature = self.visual_projection(vision.post_layernorm(last[:, 0]))  # = get_image_features
-        return {n: self._path(captured, first, global_feature, grid, image_token) for n, first in firsts.items()}
+        return {n: self._path(captured, first, last[:, 0], image_token) for n, first in firsts.items()}
 
-    def _path(
-        self,
-        captured: _Capture,
-        first: int,
-        global_feature: torch.Tensor,
-        grid: tuple[int, int],
-        image_token: str = "original",
-    ) -> VisualFeatures:
-        """One V-V path, starting at block ``first``, from the captured original forward."""
+    def _path(self, captured: _Capture, first: int, cls: torch.Tensor, image_token: str = "original") -> PathTokens:
+        """One V-V path, starting at block ``first``, from the captured original forward (``cls``: its CLS)."""
         stages = {
             layer: captured.outputs[layer][:, 1:] for layer in self.stage_layers if not self.vv_enabled or layer < first
         }
@@ -324,9 +370,13 @@ class CLIPVV:
                 if layer in self.stage_layers:
                     stages[layer] = state[:, 1:]
             if image_token == "vv":  # S_l[0]: the V-V path's CLS after its last stage
-                global_feature = self.project(state[:, 0])
-        # One LN + projection over all stages' tokens (per-token ops, so the same as one each).
-        projected = self.project(torch.cat([stages[layer] for layer in self.stage_layers], dim=1))
+                cls = state[:, 0]
+        return PathTokens(cls=cls, stages=[stages[layer] for layer in self.stage_layers])
+
+    def _projected(self, path: PathTokens, grid: tuple[int, int]) -> VisualFeatures:
+        """Post-layernorm and projection of one path: the CLS (= ``get_image_features`` for the
+        original one) and all stages' tokens in one call (per-token ops, so the same as one each)."""
+        projected = self.project(torch.cat(path.stages, dim=1))
         return VisualFeatures(
-            global_feature=global_feature, stages=list(projected.chunk(len(self.stage_layers), dim=1)), grid=grid
+            global_feature=self.project(path.cls), stages=list(projected.chunk(len(path.stages), dim=1)), grid=grid
         )

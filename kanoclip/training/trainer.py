@@ -146,6 +146,7 @@ class TrainConfig:
     # and ``image_size`` above, when given, take precedence over the ones in it.
     model: KAnoCLIPConfig | None = None
     precision: str = "auto"  # the backbone's (kanoclip.precision); maps and losses are fp32
+    int8_engine: str = "auto"  # what runs precision "int8" (kanoclip.precision.resolve_int8_engine)
     # How often (in steps) the progress's running loss means are refreshed: reading them waits
     # for the device, so not at every step (also at each epoch's first and last step).
     log_every: int = 10
@@ -359,7 +360,12 @@ def _build_model(config: TrainConfig, device: torch.device) -> KAnoCLIP:
     if config.image_size is not None:
         model_config.image_size = config.image_size
     return KAnoCLIP.for_training(
-        backbone=config.backbone, device=device, kb=config.kb, config=model_config, precision=config.precision
+        backbone=config.backbone,
+        device=device,
+        kb=config.kb,
+        config=model_config,
+        precision=config.precision,
+        int8_engine=config.int8_engine,
     )
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
+from threads import in_threads
 
 from kanoclip.backbone import load_backbone
 from kanoclip.config import VVConfig
@@ -210,23 +209,6 @@ def test_vv_path_runs_at_a_bilinear_size(clip):
 
 
 # ---------------------------------------------------------------------------- concurrent calls
-def run_in_threads(jobs: list, count: int) -> list:
-    """Each job (a no-argument callable) ``count`` times, all started together behind a barrier."""
-    barrier = threading.Barrier(len(jobs))
-    results: list = [None] * len(jobs)
-
-    def work(i: int) -> None:
-        barrier.wait()
-        results[i] = [jobs[i]() for _ in range(count)]
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
-
-
 def test_concurrent_calls_on_views_sharing_a_backbone_get_their_own_features(clip):
     """Two views of one backbone (different V-V paths), 4 threads, each its own image: every
     thread's features equal its call run alone (the hooks fire in every thread's forward)."""
@@ -236,9 +218,9 @@ def test_concurrent_calls_on_views_sharing_a_backbone_get_their_own_features(cli
     jobs = [(views[i % 2], images[i]) for i in range(4)]
     with torch.no_grad():
         alone = [view(image) for view, image in jobs]
-        together = run_in_threads([lambda view=view, image=image: view(image) for view, image in jobs], count=5)
-    for expected, runs in zip(alone, together):
-        for got in runs:
-            torch.testing.assert_close(got.global_feature, expected.global_feature, atol=1e-6, rtol=0)
-            for a, b in zip(got.stages, expected.stages):
-                torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        together = in_threads([lambda view=view, image=image: view(image) for view, image in jobs] * 5, len(jobs))
+    for k, got in enumerate(together):  # thread k % 4 ran job k % 4 five times
+        expected = alone[k % len(jobs)]
+        torch.testing.assert_close(got.global_feature, expected.global_feature, atol=1e-6, rtol=0)
+        for a, b in zip(got.stages, expected.stages):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
