@@ -333,7 +333,7 @@ class ModelRegistry:
         ``owner``: the request comes from an owner, who may load a hub id that is not listed.
         """
         key = self.key(choice, owner=owner)
-        model = self._cached(key) or self._load(key, choice)
+        model = self._cached(key) or self._load(key, choice, owner=owner)
         if knowledge is not None:
             self._sync_knowledge(key, model, knowledge)
         return model
@@ -348,11 +348,21 @@ class ModelRegistry:
         if stale:
             model.set_knowledge(kb.copy())
 
-    def _load(self, key: tuple[str | None, str | None], choice: str | None) -> KAnoCLIP:
+    def _load(self, key: tuple[str | None, str | None], choice: str | None, *, owner: bool = False) -> KAnoCLIP:
         with self._load_lock:  # one load at a time; cached models stay usable meanwhile
             model = self._cached(key)
             if model is not None:
                 return model
+            with self._lock:
+                full = len(self._models) >= self.config.max_models
+            if full and self.config.public and not owner:
+                # a visitor's pick would evict a model other visitors are using: only the owner may
+                loaded = ", ".join(f"'{m.checkpoint_name or TRAINING_FREE}'" for m in self.loaded())
+                raise InputError(
+                    f"model {choice or TRAINING_FREE!r} is not loaded, and this public app already holds as many "
+                    f"models as it may (KANOCLIP_MAX_MODELS={self.config.max_models}), which a visitor's pick does "
+                    f"not replace; pick one of {loaded}"
+                )
             if self.loading_closed:
                 loaded = ", ".join(f"'{m.checkpoint_name or TRAINING_FREE}'" for m in self.loaded())
                 raise InputError(

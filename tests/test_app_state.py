@@ -59,3 +59,16 @@ def test_edits_reach_the_loaded_models_and_count_as_versions(two_checkpoints: Pa
     before = registry.knowledge.version
     registry.knowledge.edit(lambda kb: kb.set_general("space widget", ["a bent space widget"]))
     assert registry.knowledge.version == before + 1 and model.knowledge.resolve("space widget") == "space_widget"
+
+
+def test_on_a_public_app_a_visitors_pick_never_evicts_a_loaded_model(two_checkpoints: Path):
+    from demo.access import AccessConfig
+    from kanoclip.errors import InputError
+
+    registry = registry_of(two_checkpoints, max_models=1, access=AccessConfig(public=True))
+    first = registry.get("checkpoints/a")  # room: a visitor's pick loads it
+    with pytest.raises(InputError, match=r"holds as many models as it may \(KANOCLIP_MAX_MODELS=1\).*checkpoints/a'$"):
+        registry.get("checkpoints/b")
+    assert registry.loaded() == [first]  # the others' model is still there
+    assert registry.get("checkpoints/b", owner=True).checkpoint_name.endswith("checkpoints/b")  # the owner may
+    assert registry.loaded() != [first]

@@ -37,7 +37,19 @@ def kd_loss(knowledge: torch.Tensor, abnormal: torch.Tensor, normal: torch.Tenso
     return torch.clamp((wk - wa).norm(dim=-1) - (wk - wn).norm(dim=-1), min=0).mean()
 
 
-def focal_loss(prob: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, eps: float = 1e-6) -> torch.Tensor:
+def _batch_mean(per_image: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """The mean of ``per_image`` (B,) over the batch, or over the images of weight 1 (0 when there are none).
+
+    Weighting rather than selecting keeps shapes fixed and the GPU free of a host sync per step.
+    """
+    if weight is None:
+        return per_image.mean()
+    return (per_image * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def focal_loss(
+    prob: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, eps: float = 1e-6, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Binary focal loss (Lin et al.) ``−(1 − p_t)^γ · log(p_t)``, mean over pixels.
 
     Args:
@@ -45,6 +57,7 @@ def focal_loss(prob: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, eps
         target: (B, H, W) 0/1 ground truth (``> 0.5`` counts as positive).
         gamma: γ, the focusing exponent (0: binary cross-entropy).
         eps: the clamp that keeps the log finite.
+        weight: (B,) 0/1, the images that count (None: all).
 
     Returns:
         The scalar mean loss.
@@ -55,16 +68,19 @@ def focal_loss(prob: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, eps
     """
     prob = prob.clamp(eps, 1 - eps)
     p_t = torch.where(target > 0.5, prob, 1 - prob)
-    return (-((1 - p_t) ** gamma) * torch.log(p_t)).mean()
+    return _batch_mean((-((1 - p_t) ** gamma) * torch.log(p_t)).flatten(1).mean(dim=1), weight)
 
 
-def dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+def dice_loss(
+    prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Soft Dice loss ``1 − (2|P∩G| + ε) / (|P| + |G| + ε)`` per image, averaged over the batch.
 
     Args:
         prob: (B, H, W) predicted probabilities P.
         target: (B, H, W) 0/1 ground truth G.
         eps: ε, the smoothing term (an empty P and G give loss 0).
+        weight: (B,) 0/1, the images that count (None: all).
 
     Returns:
         The scalar mean loss.
@@ -77,7 +93,7 @@ def dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> tor
     """
     inter = (prob * target).flatten(1).sum(dim=1)
     total = prob.flatten(1).sum(dim=1) + target.flatten(1).sum(dim=1)
-    return (1 - (2 * inter + eps) / (total + eps)).mean()
+    return _batch_mean(1 - (2 * inter + eps) / (total + eps), weight)
 
 
 def global_loss(score: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -94,7 +110,11 @@ def global_loss(score: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
 
 
 def local_loss(
-    normal: torch.Tensor, abnormal: torch.Tensor, mask: torch.Tensor, focal_gamma: float = 2.0
+    normal: torch.Tensor,
+    abnormal: torch.Tensor,
+    mask: torch.Tensor,
+    focal_gamma: float = 2.0,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eq. 15: ``Focal(M^a, G) + Dice(M^n, 1 − G) + Dice(M^a, G)``.
 
@@ -103,14 +123,21 @@ def local_loss(
         abnormal: (B, H, W) M^a, the abnormal map in [0, 1].
         mask: (B, H, W) 0/1 ground truth G.
         focal_gamma: γ of the focal term.
+        weight: (B,) 0/1, the images that count (None: all).
 
     Returns:
         The scalar loss.
     """
-    return focal_loss(abnormal, mask, focal_gamma) + dice_loss(normal, 1 - mask) + dice_loss(abnormal, mask)
+    return (
+        focal_loss(abnormal, mask, focal_gamma, weight=weight)
+        + dice_loss(normal, 1 - mask, weight=weight)
+        + dice_loss(abnormal, mask, weight=weight)
+    )
 
 
-def stage_local_loss(stage_maps: torch.Tensor, mask: torch.Tensor, focal_gamma: float = 2.0) -> torch.Tensor:
+def stage_local_loss(
+    stage_maps: torch.Tensor, mask: torch.Tensor, focal_gamma: float = 2.0, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """AnomalyCLIP's per-layer reading of eq. 15: ``Σ_i L_local(M_i^n, M_i^a)`` over the stages.
 
     Args:
@@ -118,13 +145,14 @@ def stage_local_loss(stage_maps: torch.Tensor, mask: torch.Tensor, focal_gamma: 
             (``KAnoCLIPOutput.stage_maps``); each is upsampled to the mask's size like the model's maps.
         mask: (B, H, W) 0/1 ground truth.
         focal_gamma: γ of the focal term.
+        weight: (B,) 0/1, the images that count (None: all).
 
     Returns:
         The scalar sum over the n stages.
     """
     b, n = stage_maps.shape[:2]
     maps = upsample(stage_maps.flatten(1, 2), tuple(mask.shape[-2:])).view(b, n, 2, *mask.shape[-2:])
-    return sum(local_loss(maps[:, i, 0], maps[:, i, 1], mask, focal_gamma) for i in range(n))
+    return sum(local_loss(maps[:, i, 0], maps[:, i, 1], mask, focal_gamma, weight) for i in range(n))
 
 
 def total_loss(
@@ -165,13 +193,12 @@ def total_loss(
     if config.local_loss == "per_stage" and stage_maps is None:
         raise ValueError("total_loss: LossConfig.local_loss='per_stage' needs stage_maps (KAnoCLIPOutput.stage_maps)")
     g = global_loss(score, label)
-    if bool(has_mask.any()):
-        sel = has_mask.bool()
-        if config.local_loss == "per_stage":
-            loc = stage_local_loss(stage_maps[sel], mask[sel].float(), config.focal_gamma)
-        else:
-            loc = local_loss(normal[sel], abnormal[sel], mask[sel].float(), config.focal_gamma)
+    # weighted by has_mask rather than selected: no host sync per step (the mean is the same)
+    weight = has_mask.float()
+    mask = torch.where(has_mask.view(-1, 1, 1).bool(), mask.float(), 0.0)  # any values where there is none
+    if config.local_loss == "per_stage":
+        loc = stage_local_loss(stage_maps, mask, config.focal_gamma, weight)
     else:
-        loc = score.new_zeros(())
+        loc = local_loss(normal, abnormal, mask, config.focal_gamma, weight)
     total = config.alpha * kd + config.beta * g + config.gamma * loc
     return {"total": total, "kd": kd, "global": g, "local": loc}

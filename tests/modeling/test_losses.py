@@ -90,6 +90,13 @@ def test_total_loss_weights_and_mask_selection():
         has_mask=torch.tensor([False, False]),
     )
     assert float(none["local"]) == 0.0
+    # "any values where has_mask is False": even NaN there leaves the loss as it was
+    garbage = mask.clone()
+    garbage[1] = float("nan")
+    again = total_loss(
+        config, kd=kd, score=score, label=label, normal=normal, abnormal=abnormal, mask=garbage, has_mask=has_mask
+    )
+    torch.testing.assert_close(again["total"], expected)
 
 
 def _focal_by_hand(p_abnormal: float, n_pos: int, n_pix: int, gamma: float = 2.0) -> float:

@@ -86,7 +86,8 @@ def test_image_features_prompts_and_losses_stay_on_cuda_without_host_syncs(tiny_
     from fake_cuda import fake_cuda, to_fake_cuda
 
     from kanoclip import KAnoCLIP
-    from kanoclip.modeling.losses import global_loss, kd_loss, local_loss
+    from kanoclip.config import LossConfig
+    from kanoclip.modeling.losses import global_loss, kd_loss, local_loss, total_loss
 
     detector = KAnoCLIP.for_training(backbone=str(tiny_backbone), device="cpu")
     detector.model.train()  # before the move: transformers' train() asks a CUDA GPU for its capability
@@ -101,6 +102,14 @@ def test_image_features_prompts_and_losses_stay_on_cuda_without_host_syncs(tiny_
             global_loss(torch.rand(2, device="cuda"), torch.tensor([1.0, 0.0], device="cuda")),
             local_loss(*(torch.rand(2, size, size, device="cuda") for _ in range(3)), 2.0),
         ]
+        maps = [torch.rand(2, size, size, device="cuda") for _ in range(3)]
+        stage_maps = torch.rand(2, 4, 2, 4, 4, device="cuda")
+        for local in ("mean", "per_stage"):  # one image without a mask (HeadCT's): weighted, not selected
+            losses += total_loss(
+                LossConfig(local_loss=local), kd=losses[0], score=torch.rand(2, device="cuda"),
+                label=torch.tensor([1.0, 0.0], device="cuda"), normal=maps[0], abnormal=maps[1], mask=maps[2],
+                has_mask=torch.tensor([True, False], device="cuda"), stage_maps=stage_maps,
+            ).values()  # fmt: skip
         tensors = [visual.global_feature, *visual.stages, prompts.normal, prompts.abnormal, knowledge, *losses]
         assert {t.device.type for t in tensors} == {"cuda"}
     assert calls.syncs == []
