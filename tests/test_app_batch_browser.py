@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_app_browser import _shot, _tab, _wait, app_url, browser  # noqa: F401 - fixtures used by name
+from test_app_browser import _shot, _tab, _wait, browser  # noqa: F401 - fixtures used by name
 
 pytestmark = pytest.mark.browser
 
