@@ -152,24 +152,26 @@ def add_references_handler(ctx: AppContext) -> Callable[..., tuple[str, None, St
         stores = {} if stores is None else stores
         model, session = session_for(ctx, model_choice, stores, owner)
         canonical = model.canonical_class(name)[0]
-        have = model.references(canonical, store=session)
-        count, limit = (have.count if have is not None else 0), model.config.references.max_per_class
-        if config.public:
-            limit = min(limit, limits.max_references)
-        if count + len(files) > limit:  # checked before any image is decoded
-            room = f"upload at most {limit - count} more" if count < limit else "clear them first"
-            raise InputError(
-                f"{count + len(files)} reference images of {canonical!r} exceed the limit of {limit} per class; {room}"
-            )
-        images = [decode_upload(path) for path in files]  # every file decoded (and named when bad) before any is added
-        session.check_room(canonical, len(files), limit)  # the session's cap over all classes
-        # kept from the returned set where the call ran on a copy of the store (on ZeroGPU, in a
-        # worker whose changes would not come back); in-process the model merged it already, and a
-        # concurrent addition of this session may have merged after it
-        before = session.stored(canonical)
-        added = run_add_references(model_choice, canonical, images, session, owner, ctx.knowledge.versioned())
-        if session.stored(canonical) is before:
-            session.keep(added)
+        # one addition to this session's store at a time: each may run on a copy of it (below)
+        with session.writing():
+            have = model.references(canonical, store=session)
+            count, limit = (have.count if have is not None else 0), model.config.references.max_per_class
+            if config.public:
+                limit = min(limit, limits.max_references)
+            if count + len(files) > limit:  # checked before any image is decoded
+                room = f"upload at most {limit - count} more" if count < limit else "clear them first"
+                raise InputError(
+                    f"{count + len(files)} reference images of {canonical!r} exceed the limit of {limit} per class; "
+                    f"{room}"
+                )
+            images = [decode_upload(path) for path in files]  # all decoded (and named when bad) before any is added
+            session.check_room(canonical, len(files), limit)  # the session's cap over all classes
+            # kept from the returned set where the call ran on a copy of the store (on ZeroGPU, in a
+            # worker whose changes would not come back); in-process the model merged it already
+            before = session.stored(canonical)
+            added = run_add_references(model_choice, canonical, images, session, owner, ctx.knowledge.versioned())
+            if session.stored(canonical) is before:
+                session.keep(added)
         return describe_references(ctx, model, session, model_choice, canonical), None, stores
 
     return add_references

@@ -233,13 +233,27 @@ class References:
         self.max_images = max_images
         self._sets: dict[str, ReferenceSet] = {}
         self._lock = threading.RLock()
+        self._writer = threading.Lock()  # see writing()
 
-    def __getstate__(self) -> dict[str, Any]:  # a copy (pickle, deepcopy) gets a lock of its own
+    def __getstate__(self) -> dict[str, Any]:  # a copy (pickle, deepcopy) gets locks of its own
         with self._lock:
-            return {**self.__dict__, "_sets": dict(self._sets), "_lock": None}
+            return {**self.__dict__, "_sets": dict(self._sets), "_lock": None, "_writer": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _lock=threading.RLock())
+        self.__dict__.update(state, _lock=threading.RLock(), _writer=threading.Lock())
+
+    def writing(self) -> threading.Lock:
+        """The lock of a writer that works on a copy of this store and stores its result back.
+
+        The app's GPU path adds references in a worker, to a copy of a session's store (ZeroGPU
+        pickles it); the result comes back as a set to :meth:`keep`. Held from reading the class's
+        set to keeping the result, it makes two concurrent additions to one store chain, where the
+        later would otherwise replace the earlier. Readers (detections) never take it.
+
+        Returns:
+            The store's writer lock (a context manager).
+        """
+        return self._writer
 
     # ------------------------------------------------------------------ reading
     @property

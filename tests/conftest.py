@@ -19,8 +19,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # sharing 2 cores, oversubscribed OpenMP threads make them ~30x slower. Set before torch loads.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Gradio's upload folder is shared by every app on the machine by default, and an app's shutdown
-# empties it (delete_cache): each test process (and the apps it starts) gets its own.
-os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="kanoclip-tests-gradio-"))
+# empties it (delete_cache): each test process (and the apps it starts) gets its own. Assigned, not
+# defaulted: pytest-xdist's workers inherit the controller's environment, so a default would give
+# every worker the same folder, and one worker's app shutdown deleted another's uploads.
+os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="kanoclip-tests-gradio-")
 # int8 graphs (kanoclip/onnx_vision.py) built by this process go to its own folder, never the user's cache
 os.environ.setdefault("KANOCLIP_CACHE_DIR", tempfile.mkdtemp(prefix="kanoclip-tests-cache-"))
 

@@ -37,3 +37,28 @@ def test_a_sessions_own_references_win_and_are_described_as_its_own(tiny_model, 
     after = references_markdown(tiny_model, session, "bottle")
     assert f"**Normal references of `bottle`:** 2 ({SESSION_WHOSE})" in after
     assert tiny_model.references("bottle") is None  # the model's own (shared) store is untouched
+
+
+def test_two_concurrent_additions_to_one_session_on_copies_both_stay(tiny_backbone, tmp_path, good_bottle_paths):
+    """The GPU path adds each upload to a copy of the session's store (ZeroGPU pickles it; here a
+    pickle round trip stands in for the move) and keeps the set that comes back: two uploads at
+    once must chain, not have the later replace the earlier."""
+    import pickle
+
+    import pytest
+    from test_app import app_config
+    from threads import in_threads
+
+    import demo.detect_references as panel
+    from demo.state import AppContext
+
+    ctx = AppContext.create(app_config(tmp_path, tiny_backbone))
+    add = panel.add_references_handler(ctx)
+    stores: dict = {}
+    _, session = panel.session_for(ctx, None, stores)  # the session's store exists before both uploads
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(panel, "move", lambda value, device: pickle.loads(pickle.dumps(value)))
+        uploads = [[str(good_bottle_paths[0])], [str(good_bottle_paths[1]), str(good_bottle_paths[2])]]
+        in_threads([lambda files=files: add(files, "bottle", None, stores, None, None) for files in uploads])
+    kept = session.stored("bottle")
+    assert kept.count == 3  # 1 + 2: neither upload lost
