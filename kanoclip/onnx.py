@@ -98,7 +98,7 @@ class ExportGraph(nn.Module):
         self.references = references
 
     def forward(self, pixel_values: torch.Tensor, class_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        visual = self.model.encode_image(pixel_values)
+        visual = self.model.encode_image(pixel_values, precision="fp32")  # an export is fp32: no autocast traced
         rows = {name: getattr(self, name)[class_index] for name in self.table_names}
         out = self.model(visual, **rows)
         if self.references is None:
@@ -283,15 +283,10 @@ def export_onnx(
         torch.zeros(2, dtype=torch.int64, device=detector.device),
     )
     batch = torch.export.Dim("batch")
-    requested = model.requested_precision
-    model.requested_precision = "fp32"  # an export is fp32: no autocast region is traced
-    try:
-        program = export_graph(
-            graph, example, path, [IMAGE_INPUT, CLASS_INPUT], list(OUTPUTS),
-            {"pixel_values": {0: batch}, "class_index": {0: batch}}, opset=opset, weight_bytes=_exported_bytes(graph),
-        )  # fmt: skip
-    finally:
-        model.requested_precision = requested
+    program = export_graph(
+        graph, example, path, [IMAGE_INPUT, CLASS_INPUT], list(OUTPUTS),
+        {"pixel_values": {0: batch}, "class_index": {0: batch}}, opset=opset, weight_bytes=_exported_bytes(graph),
+    )  # fmt: skip
     threshold = detector.config.scoring.threshold
     sidecar = {
         "format": FORMAT,

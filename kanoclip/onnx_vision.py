@@ -141,13 +141,17 @@ class OnnxInt8Tower:
 
     # ------------------------------------------------------------------ what a graph depends on
     def weights_digest(self) -> str:
-        """sha256 of the vision tower's weights, recomputed when a weight tensor is replaced or changed in place."""
-        tensors = sorted(self.clip.vision_model.state_dict().items())
-        stamp = tuple((name, t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for name, t in tensors)
+        """sha256 of the vision tower's weights, recomputed when a weight tensor is replaced or changed in place.
+
+        Read on every call (the graph is looked up by it), so whether anything changed is judged from
+        each tensor's storage and version counter, and the bytes are hashed only when it did.
+        """
+        vision = self.clip.vision_model
+        stamp = tuple((t.data_ptr(), t._version, t.dtype, t.shape) for t in (*vision.parameters(), *vision.buffers()))
         with self._digest_lock:
             if self._digest is None or self._digest[0] != stamp:
                 digest = hashlib.sha256()
-                for name, t in tensors:
+                for name, t in sorted(vision.state_dict().items()):
                     digest.update(name.encode())
                     digest.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
                 self._digest = (stamp, digest.hexdigest())

@@ -216,25 +216,30 @@ class KAnoCLIPModel(nn.Module):
         return torch.tensor(self.stage_weight_values(), device=self.device)
 
     # ------------------------------------------------------------------ image side
-    def encode_image(self, pixel_values: torch.Tensor) -> VisualFeatures:
+    def encode_image(self, pixel_values: torch.Tensor, precision: str | None = None) -> VisualFeatures:
         """CLIP-VV features of a normalised batch for this mode's V-V path (frozen: no gradients).
 
         Args:
             pixel_values: ``(B, 3, S, S)``, normalised with the backbone's mean and std.
+            precision: the backbone's autocast for this call only (None: :attr:`precision`); an ONNX
+                export passes ``"fp32"`` rather than changing the setting other callers share.
 
         Returns:
             fp32 :class:`~kanoclip.modeling.vv_attention.VisualFeatures`; the backbone ran at :attr:`precision`:
             ``global_feature`` (B, C), ``stages`` n x (B, L, C), ``grid`` (h, w) with h * w == L.
         """
         n = self.num_replaced_blocks()
-        return self.encode_image_paths(pixel_values, [n])[n]
+        return self.encode_image_paths(pixel_values, [n], precision)[n]
 
-    def encode_image_paths(self, pixel_values: torch.Tensor, replaced: Sequence[int]) -> dict[int, VisualFeatures]:
+    def encode_image_paths(
+        self, pixel_values: torch.Tensor, replaced: Sequence[int], precision: str | None = None
+    ) -> dict[int, VisualFeatures]:
         """CLIP-VV features for several V-V path lengths from one backbone forward (sweeps use it).
 
         Args:
             pixel_values: ``(B, 3, S, S)``, normalised.
             replaced: the V-V path lengths wanted, each in [1, depth].
+            precision: as for :meth:`encode_image`.
 
         Returns:
             ``{length: fp32 VisualFeatures}``, each as :meth:`encode_image`'s.
@@ -242,8 +247,10 @@ class KAnoCLIPModel(nn.Module):
         Raises:
             ValueError: a length is outside [1, depth].
         """
-        with torch.no_grad(), backbone_autocast(self.precision, self.device):
-            paths = self.visual.features(pixel_values.to(self.device), replaced, self.image_token, self.tower_engine)
+        precision = self.precision if precision is None else precision
+        engine = self.tower_engine if precision == "int8" else None
+        with torch.no_grad(), backbone_autocast(precision, self.device):
+            paths = self.visual.features(pixel_values.to(self.device), replaced, self.image_token, engine)
         return {
             n: VisualFeatures(
                 global_feature=f.global_feature.float(), stages=[s.float() for s in f.stages], grid=f.grid
